@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""healthgpt-edge build driver: synth -> export -> (engines) -> verify, plus `reference` to run the PyTorch model.
+
+Every command reads local files only (no model hub). Run `python build.py COMMAND --help` for its options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from runtime.errors import UserError
+
+
+def cmd_synth(a):
+    from export.synth import synthesize
+
+    paths = synthesize(a.out, a.variant, a.size, a.seed)
+    print(f"[I] synthetic {a.variant} ({a.size}) checkpoint written to {paths.root}")
+
+
+def cmd_reference(a):
+    from export.reference import load_reference
+    from runtime.image import load_image, save_png
+
+    ref = load_reference(a.checkpoint, a.task)
+    image = load_image(a.image)
+    if a.task == "com":
+        print(ref.answer(image, a.prompt, a.max_new_tokens))
+    else:
+        out = a.out or Path("reference.png")
+        save_png(ref.generate_image(image, a.prompt, a.max_new_tokens, a.constrain_image_tokens), out)
+        print(f"[I] image written to {out}")
+
+
+def cmd_export(a):
+    from export.bundle import export_bundle
+
+    manifest = export_bundle(a.checkpoint, a.out, tuple(a.tasks.split(",")), a.dtype, a.max_context)
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"[I] bundle {a.out}: {len(manifest['graphs'])} graphs, {total / 2**20:.1f} MiB in all")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="build.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a random checkpoint in the exact release layout")
+    s.add_argument("--out", type=Path, required=True, help="directory to create (replaced if it exists)")
+    s.add_argument("--variant", choices=["m3", "l14"], default="m3", help="m3 = Phi-3-mini base, l14 = phi-4 base")
+    s.add_argument("--size", choices=["tiny", "real"], default="tiny",
+                   help="tiny: small widths, real geometry; real: the model's true widths with 2 decoder layers")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(run=cmd_synth)
+
+    r = sub.add_parser("reference", help="run the PyTorch reference on one image")
+    r.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (release layout)")
+    r.add_argument("--task", choices=["com", "gen"], default="com", help="com: answer; gen: generate an image")
+    r.add_argument("--image", type=Path, required=True, help="PNG/JPEG/TIFF/BMP or DICOM file")
+    r.add_argument("--out", type=Path, help="gen: PNG to write (default reference.png)")
+    r.add_argument("--max-new-tokens", type=int, default=None)
+    r.add_argument("--constrain-image-tokens", action="store_true",
+                   help="gen: only <idx_*> tokens, exactly 1024 (random weights never emit a full image otherwise)")
+    r.add_argument("prompt", help="question (com) or instruction (gen)")
+    r.set_defaults(run=cmd_reference)
+
+    e = sub.add_parser("export", help="checkpoint -> bundle of per-task ONNX graphs + manifest")
+    e.add_argument("--checkpoint", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True, help="bundle directory (replaced atomically)")
+    e.add_argument("--tasks", default="com,gen", help="comma-separated: com, gen (default both)")
+    e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="fp32 for CPU; fp16 for GPU (norms, softmax and LM head stay fp32)")
+    e.add_argument("--max-context", type=int, default=2048, help="KV cache length (prompt + generated tokens)")
+    e.set_defaults(run=cmd_export)
+
+    a = p.parse_args(argv)
+    if a.command == "reference" and a.max_new_tokens is None:
+        a.max_new_tokens = 1024 if a.task == "com" else 1100  # the reference demos' defaults
+    try:
+        a.run(a)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

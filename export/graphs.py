@@ -1,0 +1,136 @@
+"""Export-friendly torch modules, one per graph in export/specs.py, built from the loaded reference.
+
+The decoder is our own Phi-3 forward (not HF's) so that it can read a static, preallocated KV cache and emit only the
+new rows; its numerics follow HF's eager Phi-3 (fp32 RMSNorm and softmax, rotate_half RoPE with fp32 inv_freq).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from export.hlora import FoldedHLora, HLoraLinear
+from export.reference import HealthGPT
+
+
+class VisionGraph(nn.Module):
+    """CLIP embeddings + pre-LN + the blocks the task reads (the rest pruned), CLS dropped, projector."""
+
+    def __init__(self, ref: HealthGPT):
+        super().__init__()
+        vm = ref.clip.vision_model
+        self.embeddings, self.pre_layrnorm = vm.embeddings, vm.pre_layrnorm
+        self.blocks = vm.encoder.layers[: ref.cfg.clip_blocks(len(vm.encoder.layers))]
+        self.projector = ref.projector
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        h = self.pre_layrnorm(self.embeddings(pixel_values.to(self.projector[0].weight.dtype)))
+        for block in self.blocks:
+            h = block(h, None, None)[0]
+        return self.projector(h[:, 1:])  # [1, 576, hidden]
+
+
+class EmbedGraph(nn.Module):
+    def __init__(self, ref: HealthGPT):
+        super().__init__()
+        self.table = ref.llm.model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.table(input_ids)
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HF Phi3RMSNorm: statistics in fp32, weight applied after casting back."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Block(nn.Module):
+    """One Phi-3 layer's weights, shared with the reference (not copied); H-LoRA linears folded for export."""
+
+    def __init__(self, layer: nn.Module, fold_hlora: bool):
+        super().__init__()
+
+        def fold(m):
+            return FoldedHLora(m) if fold_hlora and isinstance(m, HLoraLinear) else m
+
+        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.qkv, self.o = fold(layer.self_attn.qkv_proj), fold(layer.self_attn.o_proj)
+        self.gate_up, self.down = fold(layer.mlp.gate_up_proj), fold(layer.mlp.down_proj)
+
+
+class DecoderGraph(nn.Module):
+    """inputs_embeds [1,S,H], past_length [1], cache [1,kvh,MAX,d] x 2L -> logits [1,V], new rows [1,kvh,S,d] x 2L."""
+
+    def __init__(self, ref: HealthGPT, max_context: int, fold_hlora: bool = True):
+        super().__init__()
+        cfg = ref.llm.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.window = cfg.sliding_window  # HF 4.57: key j is seen by query i iff i - window < j <= i
+        self.max_context = max_context
+        self.blocks = nn.ModuleList(Block(layer, fold_hlora) for layer in ref.llm.model.layers)
+        self.norm, self.lm_head = ref.llm.model.norm, ref.llm.lm_head
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float()
+                                             / self.head_dim))
+        freqs = torch.arange(max_context).float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.norm.weight.dtype
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+
+    def masks(self, past_length: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive fp32 masks: [S, MAX] over the cache (rows >= past_length are stale), [S, S] over the new keys."""
+        q = past_length + torch.arange(seq)  # absolute positions of the new tokens
+        k_cache = torch.arange(self.max_context)
+        k_new = q
+        ok_cache = k_cache[None, :] < past_length
+        ok_new = k_new[None, :] <= q[:, None]
+        if self.window is not None:
+            ok_cache = ok_cache & (k_cache[None, :] > q[:, None] - self.window)
+            ok_new = ok_new & (k_new[None, :] > q[:, None] - self.window)
+        neg = torch.tensor(float("-inf"))
+        return torch.where(ok_cache, 0.0, neg), torch.where(ok_new, 0.0, neg)
+
+    def attention(self, block, x, cos, sin, k_cache, v_cache, mask_cache, mask_new):
+        seq, d, g = x.shape[1], self.head_dim, self.heads // self.kv_heads
+        qkv = block.qkv(x)
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q = q.view(1, seq, self.heads, d).transpose(1, 2)
+        k = k.view(1, seq, self.kv_heads, d).transpose(1, 2)
+        v = v.view(1, seq, self.kv_heads, d).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        # GQA without repeating the cache: fold each KV head's query group into the row axis.
+        qg = q.reshape(1, self.kv_heads, g * seq, d)
+        scale = d ** -0.5
+        s_cache = (qg @ k_cache.transpose(2, 3) * scale).view(1, self.heads, seq, -1) + mask_cache
+        s_new = (qg @ k.transpose(2, 3) * scale).view(1, self.heads, seq, seq) + mask_new
+        p = torch.softmax(torch.cat([s_cache, s_new], dim=-1).float(), dim=-1).to(x.dtype)
+        p_cache, p_new = p.split([self.max_context, seq], dim=-1)
+        out = (p_cache.reshape(1, self.kv_heads, g * seq, -1) @ v_cache
+               + p_new.reshape(1, self.kv_heads, g * seq, seq) @ v)
+        out = out.view(1, self.heads, seq, d).transpose(1, 2).reshape(1, seq, self.heads * d)
+        return block.o(out), k, v
+
+    def forward(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, *cache: torch.Tensor):
+        seq = inputs_embeds.shape[1]
+        positions = past_length + torch.arange(seq)
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        mask_cache, mask_new = self.masks(past_length, seq)
+        h, new_rows = inputs_embeds, []
+        for i, block in enumerate(self.blocks):
+            a, k, v = self.attention(block, rms_norm(block.input_norm, h), cos, sin,
+                                     cache[2 * i], cache[2 * i + 1], mask_cache, mask_new)
+            h = h + a
+            gate, up = block.gate_up(rms_norm(block.post_norm, h)).chunk(2, dim=-1)
+            h = h + block.down(up * nn.functional.silu(gate))
+            new_rows += [k, v]
+        last = rms_norm(self.norm, h[:, -1])
+        logits = last.float() @ self.lm_head.weight.float().t()  # LM head in fp32 (an fp32 island under fp16)
+        return (logits, *new_rows)

@@ -1,0 +1,63 @@
+"""HealthGPT's H-LoRA layer (reference: llava/peft/tuners/lora.py, class Linear) and its static, folded form.
+
+Reference semantics, per token, 4 experts, r = total rank, each expert owning r/4 rows of A and columns of B:
+    y = x W^T + ((x A^T * s) * repeat_interleave(softmax(x R^T), r/4)) B^T,   s = alpha / r * 4
+Routing is a dense soft mixture per token, so it can never be merged into W.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ADAPTED = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+class HLoraLinear(nn.Linear):
+    """nn.Linear (the frozen base weight keeps its HF name) plus `lora_A`, `lora_B`, `lora_route` as in the release."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: int, experts: int = 4):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight = base.weight
+        self.bias = base.bias
+        self.experts, self.rank = experts, rank
+        self.scaling = alpha / rank * experts
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)
+        self.lora_route = nn.Linear(base.in_features, experts, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        gate = torch.softmax(self.lora_route(x), dim=-1).to(y.dtype)
+        a = self.lora_A(x) * self.scaling
+        return y + self.lora_B(torch.repeat_interleave(gate, self.rank // self.experts, dim=-1) * a)
+
+
+def attach_hlora(llm: nn.Module, rank: int, alpha: int, experts: int = 4) -> None:
+    """Replace the 4 fused linears of every decoder layer by HLoraLinear (what get_peft_model does)."""
+    for layer in llm.model.layers:
+        for path in ADAPTED:
+            parent_name, child = path.split(".")
+            parent = getattr(layer, parent_name)
+            setattr(parent, child, HLoraLinear(getattr(parent, child), rank, alpha, experts))
+
+
+class FoldedHLora(nn.Module):
+    """The exported form: base GEMM kept separate so W stays shareable between tasks (same bytes on disk),
+    A (with s folded in, exact since s is a power of two) and R stacked into one small GEMM, then gate, then B."""
+
+    def __init__(self, layer: HLoraLinear):
+        super().__init__()
+        self.weight = layer.weight  # [out, in], identical to the plain base model's
+        self.rank, self.experts = layer.rank, layer.experts
+        a = layer.lora_A.weight * layer.scaling
+        self.a_route = nn.Parameter(torch.cat([a, layer.lora_route.weight]).detach(), requires_grad=False)
+        self.lora_b = nn.Parameter(layer.lora_B.weight.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ar = x @ self.a_route.t()  # [.., r + experts]
+        a, route = ar[..., : self.rank], ar[..., self.rank:]
+        gate = torch.softmax(route.float(), dim=-1).to(x.dtype)
+        gated = (a.unflatten(-1, (self.experts, self.rank // self.experts)) * gate.unsqueeze(-1)).flatten(-2)
+        return x @ self.weight.t() + gated @ self.lora_b.t()

@@ -1,0 +1,161 @@
+"""The PyTorch reference: what HealthGPT's released inference code computes, for one variant and task.
+
+Built from the release files exactly as the reference builds it (healthgpt.md §7): base weights, vocabulary
+extended with mean-filled rows, H-LoRA + projector (bf16 cast to the model dtype), then (GEN) the fusion rows.
+Everything downstream (ONNX graphs, engines, the runtime) is checked against this model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionModel, LogitsProcessor, Phi3ForCausalLM
+
+from export.checkpoint import PEFT_PREFIX, CheckpointPaths, assign_weights, load_state_dict
+from export.hlora import ADAPTED, attach_hlora
+from export.tokenizer import load_reference_tokenizer
+from export.variants import IMAGE_TOKENS, VQ_CODES, TaskConfig, Variant, get_task
+from export.vqgan import GumbelVQDecoder, load_vqgan
+from runtime.errors import UserError
+from runtime.image import expand2square
+from runtime.prompt import HEALTHGPT_TOKENS, IMAGE_TOKEN_INDEX, TEMPLATES, split_image_tokens, vq_indices
+
+
+def _hf_loaded(cls, path, dtype, what: str):
+    model, info = cls.from_pretrained(path, dtype=dtype, attn_implementation="eager", local_files_only=True,
+                                      output_loading_info=True)
+    if info["missing_keys"]:
+        raise UserError(f"{what} at {path} is missing {len(info['missing_keys'])} weight(s): "
+                        f"{', '.join(sorted(info['missing_keys'])[:10])}")
+    return model.eval()
+
+
+def extend_vocabulary(llm: Phi3ForCausalLM, new_len: int, n_new: int) -> None:
+    """resize_token_embeddings, then every new row of embed_tokens and lm_head := mean of the rows before them
+    (LLaVA's smart resize, computed in the model dtype as the reference does). For Phi-3 this also overwrites the
+    unused padding rows 32011..32063, because the resize shrinks nothing but the new rows start at 32011."""
+    llm.resize_token_embeddings(new_len, mean_resizing=False)
+    with torch.no_grad():
+        for w in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight):
+            w[-n_new:] = w[:-n_new].mean(dim=0, keepdim=True)
+
+
+class IdxOnly(LogitsProcessor):
+    """Opt-in: mask the logits to the `<idx_*>` range so random or weak weights still yield one full image."""
+
+    def __init__(self, idx0: int):
+        self.idx0 = idx0
+
+    def __call__(self, input_ids, scores):
+        masked = torch.full_like(scores, float("-inf"))
+        masked[:, self.idx0: self.idx0 + VQ_CODES] = scores[:, self.idx0: self.idx0 + VQ_CODES]
+        return masked
+
+
+@dataclass
+class HealthGPT:
+    variant: Variant
+    task: str
+    cfg: TaskConfig
+    tokenizer: object  # slow HF tokenizer with HealthGPT's tokens added
+    image_processor: CLIPImageProcessor
+    clip: CLIPVisionModel
+    projector: nn.Sequential
+    llm: Phi3ForCausalLM
+    vqgan: GumbelVQDecoder | None
+    eos_ids: list[int]
+
+    @property
+    def base_len(self) -> int:
+        return len(self.tokenizer) - len(HEALTHGPT_TOKENS)
+
+    @property
+    def idx0(self) -> int:
+        return self.base_len + 1  # <idx_0>; <start_index> is base_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.dtype
+
+    def pixel_values(self, image) -> torch.Tensor:
+        """PIL RGB image -> [1,3,336,336]: pad to square, then CLIPImageProcessor (bicubic 336, mean/std)."""
+        pv = self.image_processor.preprocess(expand2square(image), return_tensors="pt")["pixel_values"]
+        return pv.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[1,3,336,336] -> [1,576,hidden]: hidden_states[clip_layer], CLS dropped, then the task's projector."""
+        feats = self.clip(pixel_values, output_hidden_states=True).hidden_states[self.cfg.clip_layer][:, 1:]
+        return self.projector(feats.to(self.dtype))
+
+    def prompt_ids(self, question: str, has_image: bool = True) -> list[int]:
+        prompt = TEMPLATES[self.variant.template].render(question, has_image, self.task)
+        return split_image_tokens(prompt, lambda s: self.tokenizer(s).input_ids, self.tokenizer.bos_token_id)
+
+    @torch.no_grad()
+    def embed(self, ids: list[int], image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Text ids embedded, the image rows spliced in at the single -200 slot: [1, L, hidden]."""
+        if IMAGE_TOKEN_INDEX not in ids:
+            return self.llm.model.embed_tokens(torch.tensor([ids]))
+        at = ids.index(IMAGE_TOKEN_INDEX)
+        before = self.llm.model.embed_tokens(torch.tensor([ids[:at]], dtype=torch.long))
+        after = self.llm.model.embed_tokens(torch.tensor([ids[at + 1:]], dtype=torch.long))
+        return torch.cat([before, image_embeds, after], dim=1)
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], image_embeds: torch.Tensor | None, max_new_tokens: int,
+                 constrain_image_tokens: bool = False) -> list[int]:
+        """HF generate, greedy, KV cache, driven by inputs_embeds as the reference does; new tokens only,
+        the stop token removed."""
+        embeds = self.embed(ids, image_embeds)
+        out = self.llm.generate(
+            inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+            max_new_tokens=IMAGE_TOKENS if constrain_image_tokens else max_new_tokens,
+            eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0],
+            logits_processor=[IdxOnly(self.idx0)] if constrain_image_tokens else None,
+        )[0].tolist()
+        return out[:-1] if out and out[-1] in self.eos_ids else out
+
+    def answer(self, image, question: str, max_new_tokens: int = 1024) -> str:
+        ids = self.generate(self.prompt_ids(question), self.encode_image(self.pixel_values(image)), max_new_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_image(self, image, instruction: str, max_new_tokens: int = 1100,
+                       constrain_image_tokens: bool = False) -> np.ndarray:
+        """-> uint8 [256,256,3]; exactly 1024 `<idx_*>` tokens are required."""
+        ids = self.generate(self.prompt_ids(instruction), self.encode_image(self.pixel_values(image)),
+                            max_new_tokens, constrain_image_tokens)
+        indices = vq_indices(ids, self.idx0)
+        return self.vqgan(torch.tensor([indices]))[0].numpy()
+
+
+def load_reference(checkpoint: str, task: str, dtype: torch.dtype = torch.float32) -> HealthGPT:
+    paths = CheckpointPaths.find(checkpoint)
+    cfg = get_task(paths.variant, task)
+    tokenizer = load_reference_tokenizer(paths.base)
+    llm = _hf_loaded(Phi3ForCausalLM, paths.base, dtype, "the base LLM")
+    extend_vocabulary(llm, len(tokenizer), len(HEALTHGPT_TOKENS))
+    attach_hlora(llm, cfg.rank, cfg.alpha, cfg.experts)
+    clip = _hf_loaded(CLIPVisionModel, paths.clip, dtype, "CLIP")
+    hidden = llm.config.hidden_size
+    projector = nn.Sequential(nn.Linear(clip.config.hidden_size, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+    projector = projector.to(dtype).eval()
+
+    params = {f"{PEFT_PREFIX}model.mm_projector.{k}": p for k, p in projector.named_parameters()}
+    for i, layer in enumerate(llm.model.layers):
+        for path in ADAPTED:
+            module = layer.get_submodule(path)
+            for name in ("lora_A", "lora_B", "lora_route"):
+                params[f"{PEFT_PREFIX}model.layers.{i}.{path}.{name}.weight"] = getattr(module, name).weight
+    assign_weights(params, load_state_dict(paths.hlora(task)), paths.hlora(task))
+    if (fusion := paths.fusion(task)) is not None:  # loaded after H-LoRA, over the extended vocabulary
+        assign_weights({f"{PEFT_PREFIX}model.embed_tokens.weight": llm.model.embed_tokens.weight,
+                        f"{PEFT_PREFIX}lm_head.weight": llm.lm_head.weight}, load_state_dict(fusion), fusion)
+    vqgan = load_vqgan(paths.vqgan_ckpt, paths.vqgan_yaml) if task == "gen" else None
+    return HealthGPT(paths.variant, task, cfg, tokenizer, CLIPImageProcessor.from_pretrained(paths.clip), clip,
+                     projector, llm.eval(), vqgan, paths.eos_ids())

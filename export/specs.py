@@ -1,0 +1,68 @@
+"""Every graph of the bundle, declared once. The exporter writes these into the manifest; engines/, runtime/ and the
+verifier read them back from there (runtime.graphspec.GraphSpec.from_json)."""
+
+from __future__ import annotations
+
+from runtime.graphspec import Dim, GraphSpec, TensorSpec, Tolerance
+
+IMAGE_SIDE = 336
+IMAGE_PATCHES = 576  # (336 / 14) ** 2, CLS dropped
+VQ_TOKENS = 1024  # 32 x 32 latent grid
+VQ_CODES = 8192
+OUT_SIDE = 256
+
+
+def vision(hidden: int, dtype: str) -> GraphSpec:
+    """pixel_values -> the task's projected image features (CLIP cut after the task's block, projector inside)."""
+    return GraphSpec(
+        name="vision",
+        inputs=(TensorSpec("pixel_values", "float32", (1, 3, IMAGE_SIDE, IMAGE_SIDE)),),
+        outputs=(TensorSpec("image_embeds", dtype, (1, IMAGE_PATCHES, hidden)),),
+        tolerance=Tolerance(max_abs=1e-3, min_cosine=0.99999),
+    )
+
+
+def embed(hidden: int, vocab: int, max_context: int, dtype: str) -> GraphSpec:
+    """input_ids -> inputs_embeds: the task's table (COM: base + mean rows; GEN: fusion), run where the decoder runs."""
+    return GraphSpec(
+        name="embed",
+        inputs=(TensorSpec("input_ids", "int64", (1, "seq"), values=(0, vocab)),),
+        outputs=(TensorSpec("inputs_embeds", dtype, (1, "seq", hidden)),),
+        dims={"seq": Dim(1, 64, max_context)},
+        tolerance=Tolerance(max_abs=0.0, min_cosine=1.0),
+    )
+
+
+def kv_names(layers: int) -> list[tuple[str, str]]:
+    """(cache input, new-rows output) name pairs, keys and values of every layer, in graph order."""
+    return [(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}") for i in range(layers) for kind in ("key", "value")]
+
+
+def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, max_context: int,
+            dtype: str) -> GraphSpec:
+    """One step over `seq` new positions. Reads the whole preallocated cache ([1, kv_heads, max_context, head_dim],
+    rows >= past_length masked), returns last-position logits and only the new K/V rows, which the runtime writes
+    at [past_length, past_length + seq): the graph has one static cache shape and never copies the cache."""
+    cache = (1, kv_heads, max_context, head_dim)
+    return GraphSpec(
+        name="decoder",
+        inputs=(TensorSpec("inputs_embeds", dtype, (1, "seq", hidden)),
+                TensorSpec("past_length", "int64", (1,), values=(0, 1)),
+                *(TensorSpec(past, dtype, cache) for past, _ in kv_names(layers))),
+        outputs=(TensorSpec("logits", "float32", (1, vocab)),
+                 *(TensorSpec(present, dtype, (1, kv_heads, "seq", head_dim)) for _, present in kv_names(layers))),
+        dims={"seq": Dim(1, 64, max_context)},
+        # TensorRT: prefill and single-token decode want different kernels (anchors.md).
+        profiles=({"seq": Dim(1, min(640, max_context), max_context)}, {"seq": Dim(1, 1, 1)}),
+        tolerance=Tolerance(max_abs=1e-3, min_cosine=0.99999),
+    )
+
+
+def vqgan() -> GraphSpec:
+    """1024 VQ indices in raster order -> 256x256 RGB uint8, clamp/scale/truncate inside the graph (fp32 always)."""
+    return GraphSpec(
+        name="vqgan",
+        inputs=(TensorSpec("indices", "int64", (1, VQ_TOKENS), values=(0, VQ_CODES)),),
+        outputs=(TensorSpec("image", "uint8", (1, OUT_SIDE, OUT_SIDE, 3)),),
+        tolerance=Tolerance(max_abs=1.0, min_cosine=0.9999),
+    )

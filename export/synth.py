@@ -1,0 +1,136 @@
+"""Random checkpoints in exactly the release layout (see export/checkpoint.py), so tests load them through the
+same code as the real files. `tiny` keeps the geometry that matters (336 px / patch 14 -> 576 tokens, 8192 VQ codes,
+32x32 latent -> 256x256, real vocabularies and token ids, real H-LoRA ranks); `real` has M3's / L14's true widths
+with few decoder layers, for benchmarks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel, Phi3Config, Phi3ForCausalLM
+
+from export.checkpoint import PEFT_PREFIX, CheckpointPaths
+from export.hlora import ADAPTED
+from export.synth_tokenizer import write_phi3_tokenizer, write_phi4_tokenizer
+from export.variants import CLIP_DIR, VQGAN_DIR, get_variant
+from export.vqgan import VQGANConfig, write_synthetic_vqgan
+from runtime.errors import UserError
+from runtime.prompt import HEALTHGPT_TOKENS
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    clip_width: int = 64
+    clip_layers: int = 4
+    clip_heads: int = 4
+    full_vqgan: bool = False
+
+
+SIZES = {
+    ("m3", "tiny"): Size(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128),
+    ("l14", "tiny"): Size(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160),
+    ("m3", "real"): Size(hidden=3072, layers=2, heads=32, kv_heads=32, intermediate=8192,
+                         clip_width=1024, clip_layers=24, clip_heads=16, full_vqgan=True),
+    ("l14", "real"): Size(hidden=5120, layers=2, heads=40, kv_heads=10, intermediate=17920,
+                          clip_width=1024, clip_layers=24, clip_heads=16, full_vqgan=True),
+}
+
+# Facts of the real base models (healthgpt.md §1.2) that the synthetic ones keep.
+BASES = {
+    "m3": dict(vocab_size=32064, rope_theta=10000.0, max_position_embeddings=4096, sliding_window=2047,
+               bos_token_id=1, eos_token_id=32000, pad_token_id=32000, eos=[32000, 32001, 32007],
+               tokenizer=write_phi3_tokenizer),
+    "l14": dict(vocab_size=100352, rope_theta=250000.0, max_position_embeddings=16384, sliding_window=None,
+                bos_token_id=100257, eos_token_id=100265, pad_token_id=100349, eos=[100265],
+                tokenizer=write_phi4_tokenizer),
+}
+
+
+def write_base(out: Path, variant: str, size: Size) -> Phi3Config:
+    base = dict(BASES[variant])
+    eos, write_tokenizer = base.pop("eos"), base.pop("tokenizer")
+    config = Phi3Config(hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                        num_key_value_heads=size.kv_heads, intermediate_size=size.intermediate, rms_norm_eps=1e-5,
+                        original_max_position_embeddings=base["max_position_embeddings"],
+                        tie_word_embeddings=False, torch_dtype="float32", **base)
+    Phi3ForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": base["bos_token_id"], "eos_token_id": eos, "pad_token_id": base["pad_token_id"]}, indent=2))
+    write_tokenizer(out)
+    return config
+
+
+def write_clip(out: Path, size: Size) -> None:
+    """A full CLIPModel like openai's folder (a tiny text tower beside the vision tower), plus its preprocessor."""
+    vision = dict(hidden_size=size.clip_width, intermediate_size=4 * size.clip_width, projection_dim=size.clip_width,
+                  num_hidden_layers=size.clip_layers, num_attention_heads=size.clip_heads, image_size=336,
+                  patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                projection_dim=size.clip_width, vocab_size=1000)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=size.clip_width)).save_pretrained(
+        out, safe_serialization=True)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_processor_type": "CLIPImageProcessor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3, "size": 336}, indent=2))
+
+
+def hlora_state_dict(config: Phi3Config, clip_width: int, rank: int, gen: torch.Generator) -> OrderedDict:
+    """PeftModel key names, bf16 as released; A/R scaled like trained adapters so the LoRA term is visible."""
+    h, inter = config.hidden_size, config.intermediate_size
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * (h // config.num_attention_heads)
+    shapes = {"self_attn.qkv_proj": (h, qkv), "self_attn.o_proj": (h, h),
+              "mlp.gate_up_proj": (h, 2 * inter), "mlp.down_proj": (inter, h)}
+
+    def rand(*shape, std):
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    sd = OrderedDict()
+    for i in range(config.num_hidden_layers):
+        for path in ADAPTED:
+            fan_in, fan_out = shapes[path]
+            key = f"{PEFT_PREFIX}model.layers.{i}.{path}"
+            sd[f"{key}.lora_A.weight"] = rand(rank, fan_in, std=fan_in ** -0.5)
+            sd[f"{key}.lora_B.weight"] = rand(fan_out, rank, std=0.02 / rank ** 0.5)
+            sd[f"{key}.lora_route.weight"] = rand(4, fan_in, std=fan_in ** -0.5)
+    for k, shape in {"0.weight": (h, clip_width), "0.bias": (h,), "2.weight": (h, h), "2.bias": (h,)}.items():
+        sd[f"{PEFT_PREFIX}model.mm_projector.{k}"] = rand(*shape, std=shape[-1] ** -0.5)
+    return sd
+
+
+def synthesize(out: str | Path, variant: str = "m3", size: str = "tiny", seed: int = 0) -> CheckpointPaths:
+    """Write a complete random checkpoint to `out` (replaced atomically: built beside it, then renamed)."""
+    v = get_variant(variant)
+    if (variant, size) not in SIZES:
+        raise UserError(f"unknown size {size!r}; choose one of {', '.join(sorted({s for _, s in SIZES}))}")
+    s, out = SIZES[variant, size], Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    config = write_base(tmp / v.base_dir, variant, s)
+    write_clip(tmp / CLIP_DIR, s)
+    (tmp / v.release_dir).mkdir(parents=True)
+    vocab = len(HEALTHGPT_TOKENS) + (32011 if variant == "m3" else 100352)
+    for task, cfg in v.tasks.items():
+        torch.save(hlora_state_dict(config, s.clip_width, cfg.rank, gen), tmp / v.release_dir / cfg.hlora_file)
+        if cfg.fusion_file:
+            fusion = {f"{PEFT_PREFIX}model.embed_tokens.weight": torch.randn(vocab, s.hidden, generator=gen) * 0.02,
+                      f"{PEFT_PREFIX}lm_head.weight": torch.randn(vocab, s.hidden, generator=gen) * 0.02}
+            torch.save(OrderedDict((k, t.to(torch.bfloat16)) for k, t in fusion.items()),
+                       tmp / v.release_dir / cfg.fusion_file)
+    write_synthetic_vqgan(tmp / VQGAN_DIR, seed=seed, config=VQGANConfig.full() if s.full_vqgan else None)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return CheckpointPaths.find(out)

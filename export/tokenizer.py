@@ -1,0 +1,169 @@
+"""The reference tokenizer (slow HF, exactly as HealthGPT builds it) and its conversion to the runtime's tokenizer.json.
+
+The runtime never sees the slow tokenizer: `write_runtime_tokenizer` converts it, then proves on the prompts HealthGPT
+actually builds that the runtime tokenizer gives the same ids, and refuses to write a file that disagrees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from runtime.errors import UserError
+from runtime.prompt import HEALTHGPT_TOKENS, IMAGE_TOKEN, START_INDEX, TEMPLATES, split_image_tokens
+
+QUESTIONS = (
+    "Could you explain what this mass in the MRI means for my health? Is it very serious?",
+    "Reconstruct the image.",
+    "I need a version of this CT representation in MRI.",
+    "  What is the lesion size in mm?  ",  # leading / trailing spaces
+    "Is there a 12.5 cm nodule at T2 level 3?\nAnswer yes or no.\n",  # digits, inner and trailing newline
+    "Größe des Tumors: 37°C, µm ± 0.5 — “quoted” 肺 腫瘤 → café",  # byte fallback, multi-byte chars
+    "\n\nTabs\tand\u3000odd\xa0spaces  \n  end",
+    "Explain <|end|> and <idx_5> inside the question ▁ please",
+    "",
+)
+RAW = (
+    "<idx_5><idx_77><end_index><|end|>",
+    "<start_index><idx_0><idx_8191><end_index><pixel_newline><|end|>\n<|endoftext|>",
+    "The answer is 42.<|end|>",
+    "<|end|>leading special, then text",
+    " leading space",
+    "  two leading spaces<|user|>  ",
+    "<s>bos text</s> <unk> eos",
+    "<|im_start|>user<|im_sep|>\nhi<|im_end|>\n<|im_start|>assistant<|im_sep|>\n",
+    "▁underline ▁▁ text",
+    "\n",
+    " ",
+    "x",
+)
+
+
+def load_reference_tokenizer(base_dir: Path):
+    """`AutoTokenizer.from_pretrained(base, padding_side="right", use_fast=False)` + HealthGPT's added tokens.
+
+    Like `add_special_tokens_and_resize_model`, the 8195 tokens are added as additional special tokens unless the
+    tokenizer already has additional special tokens; then they must already be in the vocabulary.
+    """
+    from transformers import AutoTokenizer
+
+    base_dir = Path(base_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(base_dir, padding_side="right", use_fast=False, local_files_only=True)
+    except Exception as e:  # missing dir, missing/corrupt tokenizer.model, vocab.json, config, ...
+        raise UserError(f"cannot load the base tokenizer from {base_dir}: {type(e).__name__}: {e}") from e
+    if not tok.additional_special_tokens:
+        _add_special_tokens_fast(tok, list(HEALTHGPT_TOKENS))
+    elif START_INDEX not in tok.get_vocab():
+        raise UserError(
+            f"the tokenizer in {base_dir} already has additional special tokens "
+            f"({tok.additional_special_tokens[:3]}...), so HealthGPT adds none, but {START_INDEX} is not in its "
+            "vocabulary: use the unmodified base-model tokenizer files"
+        )
+    return tok
+
+
+def _add_special_tokens_fast(tok, tokens: list[str]) -> None:
+    """`tok.add_special_tokens({"additional_special_tokens": tokens})`, with identical results, in 0.1 s not 40 s.
+
+    transformers' slow `_add_tokens` recomputes `all_special_tokens` (a list of all 8195+ tokens) once per added
+    token. The list cannot change inside that loop (the tokens are registered as additional specials before it), so a
+    per-call cache of it is exact; the class swap is undone before returning.
+    """
+    cls = type(tok)
+    cache: list = []
+
+    def all_special_tokens(self):
+        if not cache:
+            cache.append(frozenset(cls.all_special_tokens.fget(self)))
+        return cache[0]
+
+    tok.__class__ = type(cls.__name__, (cls,), {"all_special_tokens": property(all_special_tokens)})
+    try:
+        tok.add_special_tokens({"additional_special_tokens": tokens})
+    finally:
+        tok.__class__ = cls
+
+
+def prompt_set(slow_tokenizer) -> list[str]:
+    """The strings fast == slow is checked on: every template x question x task, and raw strings with added tokens."""
+    prompts = [t.render(q, has_image, task) for t in TEMPLATES.values() for q in QUESTIONS
+               for has_image in (True, False) for task in ("com", "gen")]  # fmt: skip
+    return prompts + list(RAW) + [slow_tokenizer.eos_token * 2, str(slow_tokenizer.bos_token) + "Hi"]
+
+
+def write_runtime_tokenizer(slow_tokenizer, path: Path) -> dict:
+    """Write `path` (tokenizer.json) converted from the slow tokenizer; verify it; return the manifest entry."""
+    from runtime.tokenizer import Tokenizer
+
+    path = Path(path)
+    backend = _convert(slow_tokenizer)
+    bos_id = slow_tokenizer.bos_token_id
+    add_bos = bool(getattr(slow_tokenizer, "add_bos_token", False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tokenizer.", suffix=".json", dir=path.parent)
+    os.close(fd)
+    try:
+        backend.save(tmp)
+        fast = Tokenizer.load(Path(tmp), bos_id, add_bos)
+        _verify(slow_tokenizer, fast)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"file": path.name, "bos_id": bos_id, "add_bos": add_bos, "eos_token": str(slow_tokenizer.eos_token),
+            "vocab_size": len(slow_tokenizer)}  # fmt: skip
+
+
+def _convert(slow):
+    """transformers' slow->fast converter, plus every added token of the slow tokenizer with the same id and flags.
+
+    `special` is set only for the slow tokenizer's `all_special_tokens` (bos/eos/unk/pad + HealthGPT's tokens), not
+    for every token its config marks special: slow `decode(skip_special_tokens=True)` skips exactly those, so e.g.
+    Phi-3's `<|end|>` survives decoding (HealthGPT then cuts it with `[:-8]`), and the runtime's Llama prefix rule
+    (runtime/tokenizer.py) keys on the same set.
+    """
+    from tokenizers import Tokenizer
+    from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
+    spec = json.loads(convert_slow_tokenizer(slow).to_str())
+    specials = set(slow.all_special_tokens)
+    # Replaces the converter's own list (it adds only some, with default flags, e.g. Phi-3's </s> without rstrip).
+    # Loading keeps model-vocab ids and numbers the rest in list order, so the sorted list reproduces the slow ids.
+    spec["added_tokens"] = [
+        {"id": i, "content": t.content, "single_word": t.single_word, "lstrip": t.lstrip, "rstrip": t.rstrip,
+         "normalized": False, "special": t.content in specials}
+        for i, t in sorted(slow.added_tokens_decoder.items())
+    ]  # fmt: skip
+    backend = Tokenizer.from_str(json.dumps(spec))
+    for t in spec["added_tokens"]:
+        if backend.token_to_id(t["content"]) != t["id"]:
+            raise UserError(f"tokenizer conversion put {t['content']!r} at id {backend.token_to_id(t['content'])}, "
+                            f"not {t['id']}")  # fmt: skip
+    return backend
+
+
+def _verify(slow, fast) -> None:
+    """fast == slow on every prompt chunk (as LLaVA tokenizes them) and on every whole prompt via the -200 split."""
+    bos = slow.bos_token_id
+
+    def slow_encode(text: str) -> list[int]:
+        return slow(text).input_ids
+
+    for prompt in prompt_set(slow):
+        for text in [*prompt.split(IMAGE_TOKEN), prompt]:
+            want, got = slow_encode(text), fast.encode(text)
+            if want != got:
+                raise UserError(_mismatch(text, want, got))
+        want, got = split_image_tokens(prompt, slow_encode, bos), fast.prompt_ids(prompt)
+        if want != got:
+            raise UserError(_mismatch(prompt, want, got))
+
+
+def _mismatch(text: str, want: list[int], got: list[int]) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+    return (f"the runtime tokenizer disagrees with the reference (slow) tokenizer on {text!r} at position {at}:\n"
+            f"  slow: {want}\n  fast: {got}\nrefusing to write a tokenizer.json that tokenizes differently")  # fmt: skip
+

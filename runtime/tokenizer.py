@@ -1,0 +1,155 @@
+"""The runtime tokenizer: tokenizer.json (written and verified by export/tokenizer.py) behind the slow HF semantics.
+
+Torch-free: only `tokenizers` and the standard library. `encode` returns what the reference's slow tokenizer returns
+for `tokenizer(text).input_ids`; `decode` what its `decode` returns. Two slow behaviours are not expressible in a
+tokenizer.json and are reproduced here (export/tokenizer.py proves both on the real prompts):
+
+- Llama with `legacy=False` (Phi-3): the slow class prepends "▁" to the whole text, tokenizes, then drops a leading
+  "▁" token only when the next token is one of `all_special_tokens`. So "<|system|>..." starts with a "▁" token
+  ("<|system|>" is an added token but not in `all_special_tokens`), while the converted pre-tokenizer (Metaspace,
+  prepend_scheme "first") prepends nothing before an added token, and nothing before a text that already starts with
+  a space. Prepending "▁" ourselves and applying the same drop rule gives the slow ids in every case.
+- Slow `decode` joins text runs and added tokens outside `all_special_tokens` (e.g. `<|end|>`, and HealthGPT's tokens
+  when they are not skipped) with single spaces; HealthGPT's `[:-8]` relies on that " <|end|>".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runtime.errors import UserError
+from runtime.prompt import HEALTHGPT_TOKENS, split_image_tokens
+
+UNDERLINE = "\u2581"  # SentencePiece's space
+
+
+class Tokenizer:
+    def __init__(self, backend, spec: dict, bos_id: int | None, add_bos: bool):
+        self._tok = backend
+        self.bos_id = bos_id
+        self.add_bos = bool(add_bos)
+        added = spec.get("added_tokens") or []
+        # The export marks `special` exactly for the slow tokenizer's all_special_tokens.
+        self.special_ids = frozenset(t["id"] for t in added if t["special"])
+        # Slow decode's "legacy added tokens": added tokens outside all_special_tokens, plus the additional special
+        # tokens past the model vocabulary (HealthGPT's); each stands alone, joined to its neighbours by a space.
+        healthgpt = set(HEALTHGPT_TOKENS)
+        self._alone_ids = frozenset(t["id"] for t in added if not t["special"] or t["content"] in healthgpt)
+        self._prefix_first = _metaspace_first(spec.get("pre_tokenizer"))
+        self._underline_id = backend.token_to_id(UNDERLINE) if self._prefix_first else None
+        if self.add_bos and bos_id is None:
+            raise UserError("the tokenizer manifest asks for a BOS token but gives no bos_id")
+
+    @classmethod
+    def load(cls, path: Path, bos_id: int | None, add_bos: bool) -> "Tokenizer":
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            backend = Backend.from_str(text)
+            spec = json.loads(text)
+        except FileNotFoundError as e:
+            raise UserError(f"tokenizer file not found: {path} (rebuild the bundle)") from e
+        except Exception as e:  # bad JSON, not a tokenizers file, unreadable
+            raise UserError(f"tokenizer file {path} is corrupt: {type(e).__name__}: {e} (rebuild the bundle)") from e
+        return cls(backend, spec, bos_id, add_bos)
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    def encode(self, text: str) -> list[int]:
+        """The slow tokenizer's `tokenizer(text).input_ids`: BOS (when add_bos) + ids, never EOS."""
+        if self._prefix_first:
+            # Llama legacy=False: see the module docstring. With a leading "▁" Metaspace's own prepend never fires.
+            ids = self._tok.encode(UNDERLINE + text, add_special_tokens=False).ids if text else []
+            if len(ids) > 1 and ids[0] == self._underline_id and ids[1] in self.special_ids:
+                ids = ids[1:]
+        else:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if self.add_bos else ids
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """LLaVA's tokenizer_image_token: chunks around `<image>` encoded separately, joined by one -200 slot."""
+        return split_image_tokens(prompt, self.encode, self.bos_id)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The slow tokenizer's `decode(ids, skip_special_tokens)` (spaces_between_special_tokens, no clean-up)."""
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if skip_special_tokens and i in self.special_ids:
+                continue
+            if i in self._alone_ids:
+                if run:
+                    text = self._tok.decode(run, skip_special_tokens=False)
+                    parts += [text] if text else []  # an empty run adds no space, except at the end (below)
+                    run = []
+                parts.append(self._tok.id_to_token(i))
+            else:
+                run.append(i)
+        if run:
+            parts.append(self._tok.decode(run, skip_special_tokens=False))
+        return " ".join(parts)
+
+
+class StreamDecoder:
+    """Text as tokens arrive: each `push` returns the newly printable suffix; `flush` whatever is held back.
+
+    Decodes the whole id list each time (1-2k tokens: cheap), so every leading-space and byte-fallback rule is the
+    one `decode` applies. A trailing U+FFFD is held back: it is usually a UTF-8 character whose bytes are still
+    arriving, and the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._printed = ""
+
+    @property
+    def text(self) -> str:
+        return self._printed
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        text = self._tok.decode(self._ids, self._skip)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._emit(text)
+
+    def flush(self) -> str:
+        return self._emit(self._tok.decode(self._ids, self._skip))
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self._printed):
+            # A later token rewrote earlier text (never seen with these tokenizers); what is printed stays printed.
+            common = len(_common_prefix(text, self._printed))
+            text = self._printed + text[common:]
+        new = text[len(self._printed) :]
+        self._printed = text
+        return new
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def _metaspace_first(pre: dict | None) -> bool:
+    """True for the converted Llama legacy=False pre-tokenizer (Metaspace, prepend only to the first split)."""
+    if not pre:
+        return False
+    if pre.get("type") == "Sequence":
+        return any(_metaspace_first(p) for p in pre.get("pretokenizers", []))
+    return pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first"
