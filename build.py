@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engines.build import add_engines_command
 from runtime.errors import UserError
 
 
@@ -40,6 +41,19 @@ def cmd_export(a):
     manifest = export_bundle(a.checkpoint, a.out, tuple(a.tasks.split(",")), a.dtype, a.max_context)
     total = sum(f["bytes"] for f in manifest["files"].values())
     print(f"[I] bundle {a.out}: {len(manifest['graphs'])} graphs, {total / 2**20:.1f} MiB in all")
+
+
+def cmd_verify(a):
+    from export.verify import failures, verify
+
+    report = verify(a.bundle, a.checkpoint, a.backends.split(","), a.image, a.steps,
+                    a.tasks.split(",") if a.tasks else None)
+    for name, b in report["backends"].items():
+        print(f"[I] {name}: {b['status']}" + (f" ({b['reason']})" if b["status"] == "not run" else ""))
+    print(f"[I] report: {Path(a.bundle) / 'parity.md'}")
+    bad = failures(report)
+    if bad or not report["passed"]:
+        raise UserError("parity FAILED: " + ("; ".join(bad[:5]) or "no backend could run"))
 
 
 def main(argv=None) -> int:
@@ -75,7 +89,24 @@ def main(argv=None) -> int:
     e.add_argument("--max-context", type=int, default=2048, help="KV cache length (prompt + generated tokens)")
     e.set_defaults(run=cmd_export)
 
+    add_engines_command(sub)
+
+    v = sub.add_parser("verify", help="compare every available backend with the PyTorch reference; write "
+                                      "parity.json + parity.md into the bundle (exit 2 when a check fails)")
+    v.add_argument("--bundle", type=Path, required=True)
+    v.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint the bundle was exported from")
+    v.add_argument("--backends", default="ort-cpu,ort-cuda,trt",
+                   help="comma-separated: ort-cpu, ort-cuda, trt; one that cannot run here is reported 'not run'")
+    v.add_argument("--image", type=Path, help="scan to run end to end (default: pydicom's CT_small.dcm)")
+    v.add_argument("--steps", type=int, default=32, help="com: greedy tokens compared end to end")
+    v.add_argument("--tasks", help="comma-separated subset of the bundle's tasks (default all)")
+    v.set_defaults(run=cmd_verify)
+
     a = p.parse_args(argv)
+    if a.command == "verify" and a.image is None:
+        from pydicom.data import get_testdata_file
+
+        a.image = Path(get_testdata_file("CT_small.dcm"))
     if a.command == "reference" and a.max_new_tokens is None:
         a.max_new_tokens = 1024 if a.task == "com" else 1100  # the reference demos' defaults
     try:

@@ -26,6 +26,7 @@ from export.onnx_export import WeightStore, export_graph
 from export.reference import HealthGPT, load_reference
 from export.tokenizer import load_reference_tokenizer, write_runtime_tokenizer
 from export.variants import IMAGE_TOKENS, VQ_CODES, get_task
+from export.vqgan import load_vqgan
 from runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_digest, tool_versions
 from runtime.errors import UserError
 from runtime.prompt import IMAGE_TOKEN_INDEX, TEMPLATES
@@ -53,6 +54,12 @@ def checkpoint_digest(paths: CheckpointPaths, task_files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def _task_files(paths: CheckpointPaths, task: str) -> list[Path]:
+    if task == "shared":
+        return [paths.vqgan_ckpt, paths.vqgan_yaml]
+    return [f for f in (paths.hlora(task), paths.fusion(task)) if f is not None]
+
+
 def task_modules(ref: HealthGPT, max_context: int, dtype: str) -> dict[str, tuple[specs.GraphSpec, torch.nn.Module]]:
     cfg = ref.llm.config
     hidden, vocab = cfg.hidden_size, ref.llm.lm_head.weight.shape[0]
@@ -61,7 +68,7 @@ def task_modules(ref: HealthGPT, max_context: int, dtype: str) -> dict[str, tupl
         "vision": (specs.vision(hidden, dtype), graphs.VisionGraph(ref)),
         "embed": (specs.embed(hidden, vocab, max_context, dtype), graphs.EmbedGraph(ref)),
         "decoder": (specs.decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, hidden, vocab,
-                                  max_context, dtype), graphs.DecoderGraph(ref, max_context)),
+                                  max_context, dtype), graphs.DecoderGraph(ref.llm, max_context)),
     }
 
 
@@ -92,17 +99,12 @@ def export_bundle(checkpoint: str | Path, out: str | Path, tasks: tuple[str, ...
     store = WeightStore(tmp / "weights.bin")
     entries, config, ref = {}, None, None
     jobs = [(t, g) for t in tasks for g in TASK_GRAPHS] + ([("shared", "vqgan")] if "gen" in tasks else [])
+    digests = {t: checkpoint_digest(paths, _task_files(paths, t)) for t in {t for t, _ in jobs}}
     bar = tqdm(jobs, desc="export", unit="graph")
     for task, name in bar:
-        key_task = "gen" if task == "shared" else task
-        if ref is None or ref.task != key_task:
-            files = [f for f in (paths.hlora(key_task), paths.fusion(key_task)) if f is not None]
-            if task == "shared":
-                files = [paths.vqgan_ckpt, paths.vqgan_yaml]
-            digest = checkpoint_digest(paths, files)
-            ref = None if task == "shared" else ref
-        key = hashlib.sha256(f"{EXPORTER_VERSION}|{digest}|{task}.{name}|{dtype}|{max_context}".encode()).hexdigest()
         graph_id = f"{task}.{name}"
+        key = f"{EXPORTER_VERSION}|{digests[task]}|{graph_id}|{dtype}|{max_context}"
+        key = hashlib.sha256(key.encode()).hexdigest()
         bar.set_postfix_str(graph_id)
         start = time.perf_counter()
         cached = old.get("graphs", {}).get(graph_id, {})
@@ -111,9 +113,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, tasks: tuple[str, ...
             config = config or old.get("config")
         else:
             if task == "shared":
-                vq = ref.vqgan if ref is not None and ref.vqgan is not None else load_reference(
-                    paths.root, "gen", torch_dtype).vqgan
-                spec, module = specs.vqgan(), vq
+                spec, module = specs.vqgan(), load_vqgan(paths.vqgan_ckpt, paths.vqgan_yaml)
             else:
                 if ref is None or ref.task != task:
                     ref = load_reference(paths.root, task, torch_dtype)

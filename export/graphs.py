@@ -68,15 +68,15 @@ class Block(nn.Module):
 class DecoderGraph(nn.Module):
     """inputs_embeds [1,S,H], past_length [1], cache [1,kvh,MAX,d] x 2L -> logits [1,V], new rows [1,kvh,S,d] x 2L."""
 
-    def __init__(self, ref: HealthGPT, max_context: int, fold_hlora: bool = True):
+    def __init__(self, llm: nn.Module, max_context: int, fold_hlora: bool = True):
         super().__init__()
-        cfg = ref.llm.config
+        cfg = llm.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.window = cfg.sliding_window  # HF 4.57: key j is seen by query i iff i - window < j <= i
         self.max_context = max_context
-        self.blocks = nn.ModuleList(Block(layer, fold_hlora) for layer in ref.llm.model.layers)
-        self.norm, self.lm_head = ref.llm.model.norm, ref.llm.lm_head
+        self.blocks = nn.ModuleList(Block(layer, fold_hlora) for layer in llm.model.layers)
+        self.norm, self.lm_head = llm.model.norm, llm.lm_head
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float()
                                              / self.head_dim))
         freqs = torch.arange(max_context).float()[:, None] * inv_freq[None, :]

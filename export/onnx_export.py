@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ INLINE_BYTES = 1024  # shape constants and other tiny tensors stay inside the gr
 def export_graph(spec: GraphSpec, module: torch.nn.Module, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
     """TorchScript export (measured faster on ORT CPU than the dynamo path for this decoder; see benchmarks/)."""
     args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values we made static on purpose
         path = Path(tmp) / "graph.onnx"
         torch.onnx.export(module.eval(), args, str(path), input_names=spec.input_names,
                           output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(), opset_version=OPSET,

@@ -61,6 +61,7 @@ class OrtBackend:
 
         if providers not in PROVIDERS:
             raise UserError(f"unknown providers {providers!r}; choose one of {', '.join(PROVIDERS)}")
+        ort.set_default_logger_severity(4)  # provider-load failures are reported by us (session.get_providers)
         self.ort, self.requested = ort, providers
         self.name = f"ort-{providers}"
         self.threads = threads or len(os.sched_getaffinity(0))

@@ -1,0 +1,139 @@
+"""`build.py verify`: every available backend against the PyTorch reference; parity.json + parity.md in the bundle.
+
+Per graph (Polygraphy Comparator: max abs/rel error; cosine), tokenization (runtime ids == reference ids), end to end
+(COM: greedy token agreement over N steps; GEN: the 1024 indices and the image's PSNR). A backend that cannot run
+here is reported "not run: <reason>", never as passed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.parity import graph_parity
+from export.reference import HealthGPT, load_reference
+from runtime.backend import open_backend
+from runtime.bundle import Bundle
+from runtime.errors import UserError
+from runtime.graphspec import Tolerance
+from runtime.image import load_image
+from runtime.pipeline import Pipeline
+
+BACKENDS = {"ort-cpu": ("ort", "cpu"), "ort-cuda": ("ort", "cuda"), "trt": ("trt", "auto")}
+# End-to-end bounds by bundle precision (per-graph bounds come from each graph's spec, scaled for fp16).
+E2E = {"fp32": {"token_agreement": 1.0, "min_psnr": 40.0, "abs_scale": 1.0},
+       "fp16": {"token_agreement": 0.9, "min_psnr": 30.0, "abs_scale": 100.0}}
+QUESTIONS = ["What does this scan show?", "Is there anything abnormal?  Answer in 2 sentences.", "Describe it: ÄÖÜ 123"]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def e2e_checks(ref: HealthGPT, pipe: Pipeline, image, steps: int, bounds: dict) -> list[dict]:
+    task, out = ref.task, []
+    ref_ids = [ref.prompt_ids(q) for q in QUESTIONS]
+    run_ids = [pipe.tokenizer.prompt_ids(pipe.template.render(q, True, task)) for q in QUESTIONS]
+    out.append({"check": f"{task} tokenization", "ok": ref_ids == run_ids,
+                "detail": f"{sum(a == b for a, b in zip(ref_ids, run_ids))}/{len(QUESTIONS)} prompts identical"})
+    embeds = ref.encode_image(ref.pixel_values(image))
+    if task == "com":
+        want = ref.generate(ref_ids[0], embeds, steps)
+        got = pipe._generate("com", image, QUESTIONS[0], steps, None, None)
+        same = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        agreement = same / max(len(want), len(got), 1)
+        out.append({"check": "com greedy tokens", "ok": agreement >= bounds["token_agreement"],
+                    "detail": f"first {same} of {len(want)} tokens identical (agreement {agreement:.3f}, "
+                              f"required {bounds['token_agreement']})"})
+    else:
+        want = ref.generate(ref_ids[0], embeds, 1100, constrain_image_tokens=True)
+        got = pipe.image_tokens(image, QUESTIONS[0], constrain_image_tokens=True)
+        agree = sum(a == b for a, b in zip(want, got)) / len(want)
+        want_img = ref.vqgan(torch.tensor([[t - ref.idx0 for t in want]]))[0].numpy()
+        quality = psnr(pipe.decode_image(got), want_img)
+        out.append({"check": "gen 1024 indices", "ok": agree >= bounds["token_agreement"],
+                    "detail": f"{agree:.4f} of indices identical (required {bounds['token_agreement']})"})
+        out.append({"check": "gen image PSNR", "ok": quality >= bounds["min_psnr"],
+                    "detail": f"{quality:.1f} dB (required >= {bounds['min_psnr']})"})
+    return out
+
+
+def verify(bundle_dir: str | Path, checkpoint: str | Path, backends: list[str], image: str | Path,
+           steps: int = 32, tasks: list[str] | None = None) -> dict:
+    bundle = Bundle.open(bundle_dir)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise UserError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    tasks = tasks or bundle.tasks
+    precision = bundle.manifest["precision"]["dtype"]
+    bounds = E2E[precision]
+
+    def tolerance(spec) -> Tolerance:
+        t = spec.tolerance
+        return t if precision == "fp32" else Tolerance(t.max_abs * bounds["abs_scale"], min(t.min_cosine, 0.999))
+
+    pil = load_image(image)
+    refs = {t: load_reference(checkpoint, t) for t in tasks}
+    report = {"bundle": str(bundle.root), "checkpoint": str(checkpoint), "precision": precision,
+              "image": str(image), "e2e_bounds": bounds, "backends": {}}
+    for name in backends:
+        entry: dict = {"status": "passed", "checks": [], "e2e": []}
+        try:
+            backend = open_backend(*BACKENDS[name])
+            pipe = Pipeline(bundle, backend)
+            for task in tasks:
+                for c in graph_parity(refs[task], bundle, backend, pil, tolerance=tolerance):
+                    entry["checks"].append(c.to_json())
+                entry["e2e"] += e2e_checks(refs[task], pipe, pil, steps, bounds)
+            entry["providers"] = pipe.providers()
+        except UserError as e:  # the backend cannot run here (no GPU, no TensorRT, no engines): say why
+            entry = {"status": "not run", "reason": str(e)}
+        else:
+            if not all(c["ok"] for c in entry["checks"] + entry["e2e"]):
+                entry["status"] = "failed"
+        report["backends"][name] = entry
+    report["passed"] = all(b["status"] != "failed" for b in report["backends"].values()) and any(
+        b["status"] == "passed" for b in report["backends"].values())
+    write_report(bundle.root, report)
+    return report
+
+
+def write_report(root: Path, report: dict) -> None:
+    lines = [f"# Parity report: {report['bundle']}", "",
+             f"Reference: PyTorch fp32 from `{report['checkpoint']}`; bundle precision {report['precision']}; "
+             f"image `{Path(report['image']).name}`. Overall: **{'PASSED' if report['passed'] else 'FAILED'}**", ""]
+    for name, b in report["backends"].items():
+        lines.append(f"## {name}: {b['status']}" + (f": {b['reason']}" if b["status"] == "not run" else ""))
+        if b["status"] == "not run":
+            lines.append("")
+            continue
+        lines += ["", "| graph | output | max abs | max rel | cosine | limit | ok |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['graph']} | {c['what']} | {c['max_abs']:.3g} | {c['max_rel']:.3g} | {c['cosine']:.7f} | "
+                  f"abs <= {c['max_abs_limit']:.3g}, cos >= {c['min_cosine']} | {'yes' if c['ok'] else '**NO**'} |"
+                  for c in b["checks"]]
+        lines += ["", "| end to end | result | ok |", "|---|---|---|"]
+        lines += [f"| {e['check']} | {e['detail']} | {'yes' if e['ok'] else '**NO**'} |" for e in b["e2e"]]
+        lines.append("")
+    for name, text in (("parity.json", json.dumps(report, indent=1)), ("parity.md", "\n".join(lines))):
+        tmp = root / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, root / name)
+
+
+def failures(report: dict) -> list[str]:
+    """One line per failed check, naming the backend and graph."""
+    out = []
+    for name, b in report["backends"].items():
+        for c in b.get("checks", []):
+            if not c["ok"]:
+                out.append(f"{name}: {c['graph']} {c['what']}: max abs {c['max_abs']:.3g} > {c['max_abs_limit']:.3g} "
+                           f"or cosine {c['cosine']:.6f} < {c['min_cosine']}")
+        out += [f"{name}: {e['check']}: {e['detail']}" for e in b.get("e2e", []) if not e["ok"]]
+    return out
+

@@ -1,0 +1,105 @@
+"""A hand-made bundle for the engine and TensorRT-backend tests: one tiny decoder-shaped graph and its manifest,
+written here (no exporter, no torch), plus the prefill/decode loop both backends are driven through."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from engines.compat import DeviceInfo, current_device
+from export import specs
+from runtime.bundle import FORMAT, FORMAT_VERSION, file_digest
+from runtime.errors import UserError
+from runtime.graphspec import GraphSpec
+from runtime.kvcache import KVCache
+
+H200 = DeviceInfo("NVIDIA H200", "9.0", "10.8.0.43")
+TINY = dict(layers=1, kv_heads=2, head_dim=3, hidden=6, vocab=6, max_context=64)  # specs.decoder needs >= 64
+
+
+def _trt_reason() -> str | None:
+    try:
+        current_device()
+    except UserError as e:
+        return f"TensorRT not installed / no GPU: {e}"
+    return None
+
+
+TRT_REASON = _trt_reason()  # None where TensorRT and a GPU are usable
+
+
+def tiny_decoder_onnx(spec: GraphSpec) -> onnx.ModelProto:
+    """Decoder interface of `spec` (names and shapes from the spec, none typed here) with trivial arithmetic:
+    new key rows = inputs_embeds viewed as [1, kv_heads, S, head_dim], value rows = 2 * key rows,
+    logits = sum over S of inputs_embeds + past_length * (sum of every cache input). The last term reads the
+    whole cache, so a wrong in-place write shows up in the next step's logits."""
+    onnx_type = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
+
+    def info(t):
+        return helper.make_tensor_value_info(t.name, onnx_type[t.dtype], list(t.shape))
+
+    kv_heads, head_dim = spec.shape(spec.inputs[2].name)[1], spec.shape(spec.inputs[2].name)[3]
+    embeds, past_length = spec.inputs[0].name, spec.inputs[1].name
+    pasts = [t.name for t in spec.inputs[2:]]
+    logits, presents = spec.outputs[0].name, [t.name for t in spec.outputs[1:]]
+    consts = [helper.make_tensor("view", TensorProto.INT64, [4], [1, -1, kv_heads, head_dim]),
+              helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
+              helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])]
+    nodes = [helper.make_node("Reshape", [embeds, "view"], ["rows"]),
+             helper.make_node("Transpose", ["rows"], [presents[0]], perm=[0, 2, 1, 3]),
+             helper.make_node("Mul", [presents[0], "two"], [presents[1]]),
+             helper.make_node("ReduceSum", [embeds, "axis1"], ["x_sum"], keepdims=0),
+             *(helper.make_node("ReduceSum", [p], [f"sum{i}"], keepdims=0) for i, p in enumerate(pasts)),
+             helper.make_node("Sum", [f"sum{i}" for i in range(len(pasts))], ["cache_sum"]),
+             helper.make_node("Cast", [past_length], ["past_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["past_f", "cache_sum"], ["weighted"]),
+             helper.make_node("Add", ["x_sum", "weighted"], [logits])]
+    graph = helper.make_graph(nodes, "decoder", [info(t) for t in spec.inputs], [info(t) for t in spec.outputs],
+                              consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # what ORT/TRT read
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def make_bundle(root: Path, dtype: str = "fp32") -> Path:
+    """The bundle directory; `dtype` is what its manifest claims (the graph itself is fp32 either way)."""
+    root.mkdir(parents=True, exist_ok=True)
+    spec = specs.decoder(**TINY, dtype="float32")
+    onnx.save(tiny_decoder_onnx(spec), str(root / "com.decoder.onnx"))
+    (root / "weights.bin").write_bytes(bytes(4096))  # the shared weights file every bundle has (empty here)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "variant": "m3", "tasks": {"com": {}},
+        "config": {"max_context": TINY["max_context"]},
+        "precision": {"dtype": dtype, "quantization": None},
+        "graphs": {"com.decoder": {"task": "com", "file": "com.decoder.onnx", "spec": spec.to_json(),
+                                   "initializers": []}},
+        "weights": {"file": "weights.bin", "tensors": {}},
+        "files": {p.name: {"sha256": file_digest(p), "bytes": p.stat().st_size} for p in sorted(root.iterdir())},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+@pytest.fixture
+def bundle_dir(tmp_path):
+    return make_bundle(tmp_path / "bundle")
+
+
+def run_steps(backend, bundle, steps):
+    """Prefill then decode through the real KVCache; per step (logits, copy of the first cache buffer)."""
+    decoder = backend.load(bundle, "com", "decoder")
+    cache = KVCache(backend, decoder.spec)
+    out = []
+    for x in steps:  # x: [1, S, hidden]
+        cache.check_room(x.shape[1])
+        o = decoder.run({"inputs_embeds": x, **cache.feeds()})
+        cache.update(o)
+        out.append((np.asarray(o["logits"]), np.array(np.asarray(next(iter(cache.buffers.values()))))))
+    return out, decoder, cache
+
+
+def steps(rng):
+    return [rng.standard_normal((1, s, TINY["hidden"])).astype(np.float32) for s in (3, 1, 1, 2)]
