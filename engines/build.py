@@ -10,7 +10,7 @@ One engine per graph of `manifest["graphs"]`:
 - each plan is written atomically, then recorded under manifest["engines"][graph_id] (GPU, compute capability,
   TensorRT version, precision, profiles, cache key) and in manifest["files"], so the bundle's integrity check covers
   it; the manifest is rewritten atomically after every engine. An engine whose cache key (graph and weights
-  content, spec, precision, GPU, TensorRT version) still matches is kept ("[I] ... cached").
+  content, spec, precision, GPU model, TensorRT version) still matches is kept ("[I] ... cached").
 
 `tensorrt` is imported only inside `build_plan()`; everything else is plain data and testable without a GPU.
 """
@@ -72,7 +72,8 @@ def check_request(manifest: dict, precision: str | None, max_context: int | None
                "ONNX graph carries")
         if precision == "bf16":
             raise UserError(f"{why}; bf16 engines need a bf16 export, which `build.py export` does not write "
-                            f"(it writes fp32 or fp16): export with `--dtype fp16` for GPU, or build --precision {have}")
+                            f"(it writes fp32 or fp16): export with `--dtype fp16` for GPU, or build --precision "
+                            f"{have}")
         raise UserError(f"{why}: re-export with `python build.py export --dtype {precision}`, then build engines again")
     return precision
 
@@ -84,8 +85,8 @@ def engine_key(manifest: dict, graph_id: str, precision: str, device: DeviceInfo
     weights = manifest.get("weights", {}).get("file")
     parts = [str(BUILDER_VERSION), graph_id, files[graph["file"]]["sha256"],
              files[weights]["sha256"] if weights in files else "", json.dumps(graph["spec"], sort_keys=True),
-             precision, json.dumps(manifest["precision"].get("quantization")), device.compute_capability,
-             device.tensorrt_version]
+             precision, json.dumps(manifest["precision"].get("quantization")), device.name,
+             device.compute_capability, device.tensorrt_version]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -117,7 +118,7 @@ def save_manifest(root: Path, manifest: dict) -> None:
 
 
 def describe(profiles: list[dict[str, Shapes]]) -> str:
-    """'static' or the dynamic dims of each profile, e.g. 'inputs_embeds[1] 1..640..2048 | 1..1..1'."""
+    """The dynamic dims of each profile, or 'static': e.g. 'inputs_embeds[1] 1..640..2048 | static'."""
     dynamic = []
     for p in profiles:
         dims = [f"{name}[{i}] {lo[i]}..{opt[i]}..{hi[i]}" for name, (lo, opt, hi) in p.items()
@@ -143,7 +144,7 @@ def build_plan(onnx_path: Path, profiles: list[dict[str, Shapes]], timing_cache:
             try:
                 if not config.set_timing_cache(config.create_timing_cache(timing_cache), ignore_mismatch=False):
                     print("[W] timing cache was made on another GPU or TensorRT version; starting an empty one")
-            except (RuntimeError, TypeError) as e:
+            except (RuntimeError, TypeError, ValueError) as e:
                 print(f"[W] timing cache unreadable ({e}); starting an empty one")
         plan = engine_bytes_from_network((builder, network, parser), config=config)
     except PolygraphyException as e:
@@ -189,7 +190,7 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, max_cont
         key = engine_key(manifest, graph_id, precision, device)
         file = f"{ENGINE_DIR}/{graph_id}.plan"
         old = engines.get(graph_id)
-        if not force and old and old["key"] == key and _intact(root / old["file"], old):
+        if not force and old and old.get("key") == key and _intact(root / old["file"], old):
             print(f"[I] {graph_id}: cached engine {old['file']} ({old['bytes'] / 2**20:.1f} MiB, key matches)")
             continue
         print(f"[I] {graph_id}: building ({len(profiles)} profile(s): {describe(profiles)})", flush=True)
@@ -202,8 +203,6 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, max_cont
         seconds = time.perf_counter() - start
         entry = engine_entry(graph_id, file, hashlib.sha256(plan).hexdigest(), plan.nbytes, device, precision,
                              profiles, key, seconds)
-        if old and old["file"] != file:
-            manifest["files"].pop(old["file"], None)
         engines[graph_id] = entry
         manifest["files"][file] = {"sha256": entry["sha256"], "bytes": entry["bytes"]}
         save_manifest(root, manifest)

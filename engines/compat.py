@@ -70,5 +70,5 @@ def check_compat(entry: dict, device: DeviceInfo, bundle: str | Path = "BUNDLE")
     if entry.get("gpu_name") and entry["gpu_name"] != device.name:
         return [f"engine {entry.get('graph', entry['file'])} was built on a {entry['gpu_name']} and runs on a "
                 f"{device.name} (same compute capability {device.compute_capability}); its kernels were timed on the "
-                f"other GPU: rebuild with `python build.py engines --bundle {bundle} --force` for best speed"]
+                f"other GPU: rebuild with `python build.py engines --bundle {bundle}` for best speed"]
     return []

@@ -120,7 +120,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, tasks: tuple[str, ...
                     config = model_config(ref, max_context)
                 spec, module = task_modules(ref, max_context, onnx_dtype)[name]
             model, how = export_graph(spec, module, spec.sample_inputs(np.random.default_rng(0), seq=3)), "exported"
-        problems = lint(model) + (fp32_islands(model) if dtype == "fp16" else [])
+        problems = lint(model) + (fp32_islands(model) if dtype == "fp16" and name == "decoder" else [])
         if problems:
             raise RuntimeError(f"{graph_id} fails the TensorRT lint: {'; '.join(problems[:5])}")
         initializers = store.externalize(model)

@@ -11,6 +11,7 @@ from torch import nn
 
 from export.hlora import FoldedHLora, HLoraLinear
 from export.reference import HealthGPT
+from runtime.errors import UserError
 
 
 class VisionGraph(nn.Module):
@@ -71,6 +72,10 @@ class DecoderGraph(nn.Module):
     def __init__(self, llm: nn.Module, max_context: int, fold_hlora: bool = True):
         super().__init__()
         cfg = llm.config
+        if cfg.rope_scaling or getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+            # Phi-3-mini-4k and phi-4 use plain RoPE; a 128k/longrope base would need its scaling reproduced.
+            raise UserError(f"unsupported RoPE configuration (rope_scaling={cfg.rope_scaling}, partial_rotary_factor="
+                            f"{getattr(cfg, 'partial_rotary_factor', 1.0)}): only plain RoPE bases are supported")
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.window = cfg.sliding_window  # HF 4.57: key j is seen by query i iff i - window < j <= i

@@ -58,6 +58,7 @@ class FoldedHLora(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ar = x @ self.a_route.t()  # [.., r + experts]
         a, route = ar[..., : self.rank], ar[..., self.rank:]
-        gate = torch.softmax(route.float(), dim=-1).to(x.dtype)
+        # fp32 island in fp16 graphs (softmax); never lower than the input's own precision
+        gate = torch.softmax(route.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
         gated = (a.unflatten(-1, (self.experts, self.rank // self.experts)) * gate.unsqueeze(-1)).flatten(-2)
         return x @ self.weight.t() + gated @ self.lora_b.t()

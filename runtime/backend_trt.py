@@ -83,13 +83,13 @@ def find_engine(bundle: Bundle, graph_id: str, device: DeviceInfo) -> tuple[dict
 
 class TrtGraph:
     def __init__(self, backend: TrtBackend, graph_id: str, engine, spec: GraphSpec, profiles: list[dict]):
-        import tensorrt as trt
-
+        trt = backend.trt
         self.backend, self.graph_id, self.engine, self.spec, self.profiles = backend, graph_id, engine, spec, profiles
         self.providers = [backend.label]
         self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         self.profile = 0  # a new context starts on profile 0
-        self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in spec.input_names + spec.output_names}
+        self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
+                       for n in spec.input_names + spec.output_names}
         self.staging: dict[str, object] = {}  # name -> DeviceArray: host feeds copied in, outputs written by TensorRT
         self.on_device = {n for n in spec.output_names if n.startswith(PRESENT)}  # new KV rows stay for `write`
 
@@ -185,9 +185,9 @@ class TrtBackend:
     def buffer(self, shape: tuple[int, ...], dtype: str) -> DeviceTensor:
         from polygraphy import cuda
 
-        t = DeviceTensor(0, shape, DTYPES[dtype])
-        t.owner = cuda.DeviceArray.raw((t.nbytes,))
-        t.ptr = t.owner.ptr
+        dtype = np.dtype(DTYPES[dtype])
+        owner = cuda.DeviceArray.raw((int(np.prod(shape)) * dtype.itemsize,))
+        t = DeviceTensor(owner.ptr, shape, dtype, owner)
         # Zeroed: rows past the cache length are masked, but a masked 0 * NaN from stale garbage would still be NaN.
         _check(_cudart().handle.cudaMemsetAsync(ctypes.c_void_p(t.ptr), ctypes.c_int(0), ctypes.c_size_t(t.nbytes),
                                                 ctypes.c_void_p(self.stream.ptr)), "cudaMemsetAsync")
@@ -210,8 +210,7 @@ class TrtBackend:
             src, kind = rows.ctypes.data, H2D
         # One strided copy: B*kv_heads blocks of S*head_dim values, packed in `rows`, each to rows [at, at + S) of
         # its head in the cache (pitch max_context*head_dim). Same stream as the graphs: ordered after the step.
-        row, item = d * buffer.dtype.itemsize, buffer.dtype.itemsize
-        c = ctypes
+        row, c = d * buffer.dtype.itemsize, ctypes  # bytes per cache row
         _check(_cudart().handle.cudaMemcpy2DAsync(
-            c.c_void_p(buffer.ptr + at * d * item), c.c_size_t(cap * row), c.c_void_p(src), c.c_size_t(s * row),
+            c.c_void_p(buffer.ptr + at * row), c.c_size_t(cap * row), c.c_void_p(src), c.c_size_t(s * row),
             c.c_size_t(s * row), c.c_size_t(b * h), c.c_int(kind), c.c_void_p(self.stream.ptr)), "cudaMemcpy2DAsync")

@@ -167,13 +167,18 @@ class OrtContext:
     def set_device_memory(self, ptr, size):
         self.memory = (ptr, size)
 
+    def dims(self):  # symbolic dim -> value, from the input shapes set
+        return {d: self.shapes[t.name][i] for t in self.engine.spec.inputs for i, d in enumerate(t.shape)
+                if isinstance(d, str)}
+
     def get_tensor_shape(self, name):
-        return self.engine.spec.shape(name, seq=self.shapes["inputs_embeds"][1])
+        return self.engine.spec.shape(name, **self.dims())
 
     def execute_async_v3(self, stream):
         spec = self.engine.spec
         assert self.memory and self.memory[1] >= self.engine.device_memory_size_v2
-        assert self.profile == (1 if self.shapes["inputs_embeds"][1] == 1 else 0)  # decode profile for one token
+        if spec.profiles:  # the decoder: the decode profile for one token, prefill otherwise
+            assert self.profile == (1 if self.dims()["seq"] == 1 else 0)
         feeds = {n: host_array(self.addresses[n], self.shapes[n], specs_dtype(spec, n)) for n in spec.input_names}
         self.runs.append(dict(self.addresses))
         for name, value in zip(spec.output_names, self.engine.session.run(spec.output_names, feeds)):
@@ -233,7 +238,8 @@ def test_trt_backend_logic_emulated(bundle_dir, emulated_trt):
     assert decoder.context.memory == (backend.scratch.ptr, backend.scratch.allocated_nbytes)
     out = decoder.run({"inputs_embeds": xs[1], **cache.feeds()})
     assert isinstance(out["logits"], np.ndarray) and isinstance(out["present.0.value"], emulated_trt.DeviceTensor)
-    np.testing.assert_array_equal(np.asarray(out["present.0.value"]), 2 * xs[1].reshape(1, 1, 2, 3).transpose(0, 2, 1, 3))
+    rows = xs[1].reshape(1, 1, 2, 3).transpose(0, 2, 1, 3)  # [1, kv_heads, 1, head_dim]
+    np.testing.assert_array_equal(np.asarray(out["present.0.value"]), 2 * rows)
     backend.write(cache.buffers["past_key_values.0.value"], np.full((1, 2, 2, 3), 7, np.float32), 62)  # host rows
     assert (np.asarray(cache.buffers["past_key_values.0.value"])[:, :, 62:] == 7).all()
     with pytest.raises(ValueError, match="cannot write rows"):
@@ -242,6 +248,25 @@ def test_trt_backend_logic_emulated(bundle_dir, emulated_trt):
         decoder.run({"inputs_embeds": xs[1].astype(np.float16), **cache.feeds()})
     with pytest.raises(UserError, match="fit none of the engine's optimization profiles"):
         decoder.run({"inputs_embeds": np.zeros((1, 65, 6), np.float32), **cache.feeds()})
+
+
+def test_trt_backend_pipeline_emulated_on_an_exported_bundle(m3_bundle, ct_small, emulated_trt, tmp_path):
+    """Every graph of a real exported bundle (vision, embed, decoder, vqgan) through TrtBackend's code: the same
+    answer and the same generated image as ONNX Runtime."""
+    import shutil
+
+    from runtime.pipeline import Pipeline
+
+    bundle = tmp_path / "m3"
+    shutil.copytree(m3_bundle, bundle)
+    eb.build_engines(bundle)
+    ort = Pipeline(Bundle.open(bundle), OrtBackend("cpu"))
+    trt = Pipeline(Bundle.open(bundle), emulated_trt.TrtBackend())
+    question = "What does the image show?"
+    assert trt.ask(ct_small, question, max_new_tokens=8) == ort.ask(ct_small, question, max_new_tokens=8)
+    tokens = ort.image_tokens(ct_small, "Reconstruct the image.", constrain_image_tokens=True)
+    np.testing.assert_array_equal(trt.decode_image(tokens), ort.decode_image(tokens))
+    assert trt.providers()["com.decoder"] == [f"TensorRT {H200.tensorrt_version} on {H200.name}"]
 
 
 ##### TensorRT + GPU #####
@@ -268,3 +293,20 @@ def test_trt_engine_matches_onnxruntime(bundle_dir):
     assert (np.asarray(cache.buffers["past_key_values.0.key"])[:, :, 7] == 1).all()
     assert eb.build_engines(bundle_dir)["com.decoder"]["built_at"] == engines["com.decoder"]["built_at"]  # cached
     assert (bundle_dir / "engines" / "timing.cache").stat().st_size > 0
+
+
+@pytest.mark.skipif(TRT_REASON is not None, reason=TRT_REASON or "")
+def test_trt_pipeline_matches_onnxruntime_on_an_exported_bundle(m3_bundle, ct_small, tmp_path):
+    """Every graph of a real exported bundle (tiny, fp32) as an engine; greedy COM tokens equal ONNX Runtime's."""
+    import shutil
+
+    from runtime.backend_trt import TrtBackend
+    from runtime.pipeline import Pipeline
+
+    bundle = tmp_path / "m3"
+    shutil.copytree(m3_bundle, bundle)  # the session's bundle stays engine-free for the other tests
+    engines = eb.build_engines(bundle)
+    assert set(engines) == set(Bundle.open(bundle).manifest["graphs"])
+    question = "What does the image show?"
+    want = Pipeline(Bundle.open(bundle), OrtBackend("cpu")).ask(ct_small, question, max_new_tokens=16)
+    assert Pipeline(Bundle.open(bundle), TrtBackend()).ask(ct_small, question, max_new_tokens=16) == want

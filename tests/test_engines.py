@@ -85,7 +85,7 @@ def test_compat_refuses_other_compute_capability_and_tensorrt_version():
         check_compat(entry, DeviceInfo("NVIDIA H200", "9.0", "10.3.0"))  # same TensorRT, other GPU architecture
     assert check_compat(entry, DeviceInfo("NVIDIA L40S", "8.9", "10.3.0")) == []
     notes = check_compat(entry, DeviceInfo("NVIDIA L40", "8.9", "10.3.0"))  # same architecture, other model
-    assert len(notes) == 1 and "--force" in notes[0]
+    assert len(notes) == 1 and "rebuild with `python build.py engines --bundle BUNDLE` for best speed" in notes[0]
 
 
 ##### refusals before anything is built #####

@@ -9,23 +9,24 @@ ONNX Runtime on CPU; ours is driven through runtime.kvcache.KVCache exactly as r
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub, when this module is first
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from export import specs  # noqa: E402
-from export.checkpoint import CheckpointPaths  # noqa: E402
-from export.graphs import DecoderGraph  # noqa: E402
-from export.onnx_export import export_graph  # noqa: E402
-from runtime.backend import OrtBackend  # noqa: E402
-from runtime.kvcache import KVCache  # noqa: E402
+from export import specs
+from export.checkpoint import CheckpointPaths
+from export.graphs import DecoderGraph
+from export.onnx_export import export_graph
+from runtime.backend import OrtBackend
+from runtime.graphspec import GraphSpec
+from runtime.kvcache import KVCache
 
 MAX_CONTEXT = 64
 PROMPT = 12
@@ -43,11 +44,12 @@ def offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(transformers.utils.hub, "_is_offline_mode", True)
+    assert transformers.utils.is_offline_mode()
 
 
 def session(path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 4
+    opts.intra_op_num_threads = min(4, len(os.sched_getaffinity(0)))
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -59,7 +61,7 @@ class CpuCache:
     write = OrtBackend.write
 
 
-def export_ours(llm, path) -> object:
+def export_ours(llm, path) -> GraphSpec:
     cfg = llm.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     spec = specs.decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, cfg.hidden_size, cfg.vocab_size,
@@ -78,13 +80,26 @@ def export_optimum(base, out) -> None:
                 device="cpu", dtype="fp32", local_files_only=True, do_validation=False, monolith=False)
 
 
-@pytest.mark.parametrize("variant", ["m3", "l14"], ids=["phi3-mha", "phi4-gqa"])
-def test_decoder_matches_optimum_export(variant, request, tmp_path, offline):
+def base_dir(variant: str, window: int | None, request, tmp_path):
+    """The synthetic checkpoint's plain base LLM folder; with `window`, a copy whose sliding_window is that small,
+    so that the window mask (2047 for Phi-3-mini, out of reach at MAX_CONTEXT) is compared too."""
+    base = CheckpointPaths.find(request.getfixturevalue(f"{variant}_checkpoint")).base
+    if window is None:
+        return base
+    copy = shutil.copytree(base, tmp_path / base.name)
+    config = json.loads((copy / "config.json").read_text())
+    config["sliding_window"] = window
+    (copy / "config.json").write_text(json.dumps(config, indent=2))
+    return copy
+
+
+@pytest.mark.parametrize("variant,window", [("m3", None), ("l14", None), ("m3", 5)],
+                         ids=["phi3-mha", "phi4-gqa", "phi3-window5"])
+def test_decoder_matches_optimum_export(variant, window, request, tmp_path, offline):
     from transformers import Phi3ForCausalLM
 
     start = time.perf_counter()
-    root = request.getfixturevalue(f"{variant}_checkpoint")
-    base = CheckpointPaths.find(root).base
+    base = base_dir(variant, window, request, tmp_path)
     llm = Phi3ForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager",
                                           local_files_only=True).eval()
     cfg = llm.config
@@ -109,7 +124,7 @@ def test_decoder_matches_optimum_export(variant, request, tmp_path, offline):
             for i in range(layers) for kind in ("key", "value")}
     ids = np.random.default_rng(1234).integers(0, cfg.vocab_size, size=(1, PROMPT), dtype=np.int64)
 
-    diffs, kv_diffs, scales, tokens = [], [], [], []
+    diffs, kv_diffs, scales, tokens, ours_greedy = [], [], [], [], []
     for step in range(1 + DECODE_STEPS):
         length, seq = cache.length, ids.shape[1]
         feeds = {"input_ids": ids, "attention_mask": np.ones((1, length + seq), np.int64), **past}
@@ -127,18 +142,18 @@ def test_decoder_matches_optimum_export(variant, request, tmp_path, offline):
         diffs.append(float(np.abs(our_logits - their_logits).max()))
         scales.append(float(np.abs(their_logits).max()))
         # the new K/V rows too: ours are exactly the rows optimum's growing cache gained this step
-        kv_diffs.append(max(float(np.abs(ours_out[f"present.{name[len('past_key_values.'):]}"]
-                                         - theirs_out[f"present.{name[len('past_key_values.'):]}"][:, :, length:]).max())
-                            for name in past))
+        kv_diffs.append(max(float(np.abs(ours_out[present] - theirs_out[present][:, :, length:]).max())
+                            for _, present in cache.pairs))
         cache.update(ours_out)
-        past = {name: theirs_out["present." + name[len("past_key_values."):]] for name in past}
+        past = {name: theirs_out[present] for name, present in cache.pairs}
 
         token = int(their_logits[0].argmax())  # greedy on optimum's logits, fed to both
-        assert int(our_logits[0].argmax()) == token, f"step {step}: greedy token differs"
         tokens.append(token)
+        ours_greedy.append(int(our_logits[0].argmax()))
         ids = np.array([[token]], dtype=np.int64)
 
     elapsed = time.perf_counter() - start
+    variant = f"{variant}, window {cfg.sliding_window}"
     print(f"\n[{variant}] layers={layers} heads={cfg.num_attention_heads} kv_heads={kv_heads} vocab={cfg.vocab_size} "
           f"prompt={PROMPT} decode={DECODE_STEPS} tokens={tokens}")
     print(f"[{variant}] max|logit|={max(scales):.4f}  max abs logit diff per step (0=prefill): "
@@ -148,3 +163,4 @@ def test_decoder_matches_optimum_export(variant, request, tmp_path, offline):
     assert cache.length == PROMPT + DECODE_STEPS
     assert max(diffs) <= ATOL, f"logits differ from optimum's by {max(diffs):.3e} (per step: {diffs})"
     assert max(kv_diffs) <= ATOL, f"new K/V rows differ from optimum's by {max(kv_diffs):.3e} (per step: {kv_diffs})"
+    assert ours_greedy == tokens, f"greedy tokens differ: ours {ours_greedy}, optimum's {tokens}"

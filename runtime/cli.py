@@ -1,0 +1,476 @@
+"""`python -m runtime`: answer a question about a scan, generate an image, or show what a bundle holds.
+
+    python -m runtime ask --bundle B --image scan.dcm "What does this image show?"
+    python -m runtime generate --bundle B --image scan.dcm "Reconstruct the image." --out out.png
+    python -m runtime info --bundle B
+
+Torch-free: imports only the runtime's own modules (numpy, onnxruntime, tokenizers, Pillow, pydicom, tqdm; tensorrt
+with --backend trt). Answers stream to stdout; progress, timings and errors go to stderr. A mistake the user can fix
+(missing or unreadable file, bad bundle, over-long prompt, ...) prints one `error: ...` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from runtime.errors import UserError
+
+PROG = "python -m runtime"
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake reads like every other error: one `error: ...` line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+##### argument types #####
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or more, got {value}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+##### the parser #####
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    bundle = _Parser(add_help=False)
+    bundle.add_argument("--bundle", type=Path, required=True, metavar="DIR",
+                        help="bundle directory written by `build.py export` (manifest.json, ONNX graphs, weights)")
+    bundle.add_argument("-v", "--verbose", action="store_true",
+                        help="show ONNX Runtime's own log messages (hidden by default; its provider-loading failures "
+                             "are reported as one line instead)")
+
+    run = _Parser(add_help=False)
+    run.add_argument("--backend", choices=["ort", "trt"], default="ort",
+                     help="ort: ONNX Runtime on the bundle's ONNX graphs (default); trt: native TensorRT on the "
+                          "bundle's engines (needs `build.py engines` on this GPU, and tensorrt installed)")
+    run.add_argument("--providers", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                     help="ONNX Runtime execution providers (ort backend only). auto: CUDA when it loads, else CPU "
+                          "(default); cpu; cuda: CUDA, refused if it cannot load; tensorrt: ONNX Runtime's TensorRT "
+                          "EP (falling back to CUDA then CPU per node), refused if it cannot load")
+    img = run.add_argument_group("input image")
+    img.add_argument("--image", type=Path, metavar="FILE",
+                     help="PNG, JPEG, TIFF, BMP (anything Pillow reads) or DICOM (.dcm, or any file with the DICM "
+                          "magic). Colour images are used as they are; monochrome DICOM is windowed to 8 bits")
+    img.add_argument("--frame", type=_non_negative_int, metavar="N",
+                     help="frame index (from 0) of a multi-frame DICOM or TIFF/GIF (default 0)")
+    img.add_argument("--window", type=_float, nargs=2, metavar=("CENTER", "WIDTH"),
+                     help="display window for monochrome DICOM, in modality units (e.g. Hounsfield units for CT: "
+                          "`--window 40 400` for soft tissue). Default: the file's own WindowCenter/WindowWidth, "
+                          "else the data's full range")
+    dec = run.add_argument_group("decoding (greedy unless --temperature > 0)")
+    dec.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+                     help="stop after N new tokens (default: 1024 for ask, 1100 for generate, as the reference "
+                          "demos); generation also stops at the bundle's end-of-sequence tokens and at its context")
+    dec.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
+                     help="sampling temperature; 0 = greedy argmax, the reference behaviour (default 0)")
+    dec.add_argument("--top-k", type=_non_negative_int, default=0, metavar="K",
+                     help="with --temperature > 0: sample only among the K most likely tokens (default 0 = all)")
+    dec.add_argument("--top-p", type=_top_p, default=1.0, metavar="P",
+                     help="with --temperature > 0: sample only among the most likely tokens whose probabilities add "
+                          "up to P (nucleus sampling; default 1 = all)")
+    dec.add_argument("--seed", type=int, metavar="S",
+                     help="with --temperature > 0: random seed, so the same command gives the same output "
+                          "(default: a fresh seed each run)")
+
+    a = sub.add_parser("ask", parents=[bundle, run], help="answer a question about an image (com task)",
+                       description="Answer a question about an image with the bundle's comprehension (com) task. "
+                                   "The answer streams to stdout as it is generated; the timing (time to first "
+                                   "token, tokens/s) goes to stderr at the end.")
+    a.add_argument("question", help="the question, e.g. \"What abnormality is visible in this CT scan?\"")
+    a.set_defaults(run=cmd_ask)
+
+    g = sub.add_parser("generate", parents=[bundle, run], help="generate an image from an image (gen task)",
+                       description="Generate a 256x256 image with the bundle's generation (gen) task, e.g. "
+                                   "reconstruct, super-resolve or translate a scan between modalities. The model "
+                                   "emits 1024 image tokens (a progress bar on stderr counts them), which the "
+                                   "bundle's VQGAN decodes into pixels; the image is saved as PNG.")
+    g.add_argument("instruction", help="e.g. \"Reconstruct the image.\"")
+    g.add_argument("--out", type=Path, required=True, metavar="FILE.png", help="PNG file to write (lossless)")
+    g.add_argument("--constrain-image-tokens", action="store_true",
+                   help="only let the model choose image tokens, exactly 1024 of them, so a full image always comes "
+                        "out (off by default, as in the reference; weak or random weights then often fail with "
+                        "'produced N image tokens')")
+    g.set_defaults(run=cmd_generate)
+
+    i = sub.add_parser("info", parents=[bundle], help="show what a bundle holds and which providers can run it",
+                       description="Show a bundle's variant, tasks, graphs (input and output names and shapes, "
+                                   "from the specs in its manifest), precision, maximum context, file sizes and "
+                                   "TensorRT engines; then the ONNX Runtime providers installed here and which of "
+                                   "them really load; then check every file's sha256.")
+    i.set_defaults(run=cmd_info)
+    return parser
+
+
+##### helpers #####
+
+def _info(message: str) -> None:
+    print(f"[I] {message}", file=sys.stderr, flush=True)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+@contextlib.contextmanager
+def _quiet_ort(verbose: bool):
+    """Keep ONNX Runtime's provider-loading noise out of the output: its C++ log (a CPU-only host with
+    onnxruntime-gpu logs an error per session) and its Python 'EP Error ... Falling back' lines, which go to stdout."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        yield
+        return
+    ort.set_default_logger_severity(2 if verbose else 4)
+    with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
+        yield
+
+
+@contextlib.contextmanager
+def _capture_stderr_fd():
+    """Everything written to file descriptor 2 inside the block (C++ logs too), as `.text` afterwards."""
+    class Captured:
+        text = ""
+
+    captured = Captured()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.text = tmp.read().decode("utf-8", "replace")
+
+
+def _load_input(a):
+    from runtime.image import load_image
+
+    if a.image is None:
+        if a.frame is not None or a.window is not None:
+            raise UserError("--frame and --window need an --image")
+        return None
+    return load_image(a.image, frame=a.frame, window=tuple(a.window) if a.window else None)
+
+
+def _sampler(a):
+    from runtime.sampling import Sampler
+
+    if a.temperature == 0 and (a.top_k or a.top_p < 1 or a.seed is not None):
+        print("warning: --top-k, --top-p and --seed apply only with --temperature > 0; decoding greedily",
+              file=sys.stderr)
+    return Sampler(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+
+
+def _open(a, task: str):
+    """The pipeline with `task`'s graphs loaded, so the timings below measure requests, not loading."""
+    from runtime.pipeline import Pipeline
+
+    start = time.perf_counter()
+    with _quiet_ort(a.verbose):
+        pipe = Pipeline.open(a.bundle, backend=a.backend, providers=a.providers)
+        pipe.task(task)
+    where = pipe.providers().get(f"{task}.decoder", ["?"])[0]
+    _info(f"bundle {a.bundle} ({pipe.bundle.manifest.get('variant')}, {task}) loaded in "
+          f"{time.perf_counter() - start:.2f} s on {where}")
+    return pipe
+
+
+##### commands #####
+
+def cmd_ask(a) -> int:
+    from runtime.tokenizer import StreamDecoder
+
+    image = _load_input(a)
+    sampler = _sampler(a)
+    pipe = _open(a, "com")
+    stream = StreamDecoder(pipe.tokenizer)
+    stamps: list[float] = []
+    out = sys.stdout  # the real one: _quiet_ort swaps sys.stdout to swallow ONNX Runtime's fallback messages
+
+    def on_token(token: int) -> None:
+        stamps.append(time.perf_counter())
+        text = stream.push(token)
+        if text:
+            out.write(text)
+            out.flush()
+
+    start = time.perf_counter()
+    with _quiet_ort(a.verbose):
+        pipe.ask(image, a.question, max_new_tokens=a.max_new_tokens or 1024, on_token=on_token, sampler=sampler)
+    end = time.perf_counter()
+    out.write(stream.flush() + "\n")
+    out.flush()
+    if not stamps:
+        _info(f"no tokens: the model stopped at once ({end - start:.3f} s)")
+    else:
+        n = len(stamps)
+        rate = f"{(n - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s" if n > 1 else "1 token"
+        _info(f"time to first token {stamps[0] - start:.3f} s, {rate} after it ({n} tokens in {end - start:.2f} s)")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from tqdm import tqdm
+
+    from runtime.image import save_png
+
+    if a.out.suffix.lower() != ".png":
+        raise UserError(f"{a.out}: images are saved as PNG only (lossless); use a .png file name")
+    if a.image is None:
+        raise UserError("generate needs an --image (the scan to reconstruct or translate)")
+    image = _load_input(a)
+    sampler = _sampler(a)
+    pipe = _open(a, "gen")
+    t = pipe.bundle.tokens
+    lo, hi, need = t["idx_0"], t["idx_0"] + t["vq_codes"], t["image_tokens"]
+    other = 0
+    bar = tqdm(total=need, desc="image tokens", unit="tok", file=sys.stderr, dynamic_ncols=True)
+
+    def on_token(token: int) -> None:
+        nonlocal other
+        if lo <= token < hi:
+            bar.update(1)
+        else:
+            other += 1
+            bar.set_postfix(other=other, refresh=False)
+
+    start = time.perf_counter()
+    try:
+        with _quiet_ort(a.verbose):
+            tokens = pipe.image_tokens(image, a.instruction, max_new_tokens=a.max_new_tokens or 1100,
+                                       constrain_image_tokens=a.constrain_image_tokens, on_token=on_token,
+                                       sampler=sampler)
+    finally:
+        bar.close()
+    decoded = time.perf_counter()
+    with _quiet_ort(a.verbose):
+        pixels = pipe.decode_image(tokens)  # refuses anything but exactly 1024 image tokens, saying what came out
+    end = time.perf_counter()
+    save_png(pixels, a.out)
+    print(f"[I] {pixels.shape[1]}x{pixels.shape[0]} image written to {a.out}", flush=True)
+    _info(f"{end - start:.2f} s per image: {len(tokens)} tokens in {decoded - start:.2f} s "
+          f"({len(tokens) / max(decoded - start, 1e-9):.1f} tokens/s), VQGAN decode {end - decoded:.2f} s")
+    return 0
+
+
+def _shape(dims: dict, shape) -> str:
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(str(d))
+        elif d in dims:
+            lo, _, hi = dims[d]
+            out.append(f"{d}={lo}..{hi}")
+        else:
+            out.append(str(d))
+    return "[" + ", ".join(out) + "]"
+
+
+_LAYERED = re.compile(r"^(.*?)\.(\d+)\.(\w+)$")  # past_key_values.7.key, present.7.value
+
+
+def _tensor_lines(tensors: list[dict], dims: dict) -> list[str]:
+    """One line per tensor, the per-layer KV tensors folded into one line per group."""
+    lines, groups = [], {}
+    for t in tensors:
+        m = _LAYERED.match(t["name"])
+        if m is None:
+            lines.append(f"{t['name']} {t['dtype']} {_shape(dims, t['shape'])}")
+            continue
+        key = (m.group(1), t["dtype"], _shape(dims, t["shape"]))
+        if key not in groups:
+            groups[key] = (len(lines), set(), set())
+            lines.append(None)
+        groups[key][1].add(int(m.group(2)))
+        groups[key][2].add(m.group(3))
+    for (prefix, dtype, shape), (at, layers, kinds) in groups.items():
+        n = len(layers) * len(kinds)
+        lines[at] = (f"{prefix}.{{{min(layers)}..{max(layers)}}}.{{{','.join(sorted(kinds))}}} {dtype} {shape} "
+                     f"({n} tensors)")
+    return lines
+
+
+def _probe_providers(bundle) -> tuple[list[str], dict[str, str]]:
+    """ONNX Runtime providers installed, and for each runtime choice whether a session really gets it (or why not),
+    found by loading the bundle's smallest graph."""
+    import onnxruntime as ort
+
+    from runtime.backend import PROVIDERS, OrtBackend
+
+    available = ort.get_available_providers()
+    task = bundle.tasks[0]
+    result = {}
+    for choice in ("cpu", "cuda", "tensorrt"):
+        wanted = PROVIDERS[choice][0]
+        if wanted not in available:
+            result[wanted] = "not installed"
+            continue
+        ort.set_default_logger_severity(3)
+        try:
+            with _capture_stderr_fd() as log, contextlib.redirect_stdout(io.StringIO()):
+                graph = OrtBackend(choice).load(bundle, task, "embed")
+            result[wanted] = "loadable" if graph.providers[0] == wanted else f"not loadable (got {graph.providers})"
+        except UserError as e:
+            reason = re.findall(r"with error: ([^\n\x1b]+)", log.text) or re.findall(r"Please install [^\n\x1b.]+",
+                                                                                      log.text)
+            result[wanted] = "not loadable: " + (reason[0].strip() if reason else str(e))
+        except Exception as e:  # noqa: BLE001 - a provider that crashes on load is reported, not fatal
+            result[wanted] = f"not loadable: {type(e).__name__}: {e}"
+        finally:
+            ort.set_default_logger_severity(4)
+    return available, result
+
+
+def cmd_info(a) -> int:
+    from importlib import metadata
+    from importlib.util import find_spec
+
+    from runtime.bundle import Bundle
+
+    bundle = Bundle.open(a.bundle, verify=False)  # describe first, then check the files (below)
+    m = bundle.manifest
+    cfg, prec, files = m.get("config", {}), m.get("precision", {}), m.get("files", {})
+    print(f"bundle        {bundle.root}  (format {m['format']} v{m['format_version']})")
+    print(f"variant       {m.get('variant')}  (template {m.get('template', {}).get('name')})")
+    print(f"tasks         " + ", ".join(f"{t} (H-LoRA rank {c.get('rank')}, CLIP layer {c.get('clip_layer')})"
+                                          for t, c in m["tasks"].items()))
+    quant = prec.get("quantization") or "none"
+    islands = ", ".join(prec.get("fp32_islands") or []) or "none"
+    print(f"precision     {prec.get('dtype')}  (quantization: {quant}; fp32 islands: {islands})")
+    print(f"max context   {cfg.get('max_context')} tokens (prompt, 576 image rows and generated tokens together)")
+    print(f"model         hidden {cfg.get('hidden')}, {cfg.get('layers')} layers, {cfg.get('heads')} heads "
+          f"({cfg.get('kv_heads')} KV), vocabulary {cfg.get('vocab')}")
+    tools = {k: v for k, v in (m.get("tools") or {}).items() if v}
+    if tools:
+        print("exported with " + ", ".join(f"{k} {v}" for k, v in tools.items()))
+
+    print("graphs:")
+    for graph_id, entry in m["graphs"].items():
+        spec = entry["spec"]
+        nbytes = files.get(entry["file"], {}).get("bytes")
+        print(f"  {graph_id:<14} {entry['file']} ({_size(nbytes) if nbytes is not None else '?'} + "
+              f"{len(entry.get('initializers', []))} tensors from {m.get('weights', {}).get('file', '?')})")
+        for kind in ("inputs", "outputs"):
+            for line in _tensor_lines(spec[kind], spec.get("dims", {})):
+                print(f"      {kind[:-1] if kind == 'inputs' else 'output':<6} {line}")
+
+    weights = m.get("weights", {})
+    if weights:
+        used = [set(e.get("initializers", [])) for e in m["graphs"].values()]
+        shared = sum(1 for name in weights.get("tensors", {}) if sum(name in u for u in used) > 1)
+        print(f"weights       {weights['file']}: {len(weights.get('tensors', {}))} tensors, {shared} of them used by "
+              f"more than one graph (stored and loaded once)")
+    print("files:")
+    for name, f in sorted(files.items()):
+        print(f"  {name:<24} {_size(f['bytes']):>10}")
+    print(f"  {'total':<24} {_size(sum(f['bytes'] for f in files.values())):>10}")
+
+    engines = m.get("engines") or {}
+    if engines:
+        print("TensorRT engines:")
+        for graph_id, e in engines.items():
+            print(f"  {graph_id:<14} {e.get('file')} ({_size(e.get('bytes', 0))}), {e.get('precision')}, built for "
+                  f"{e.get('gpu_name')} (compute capability {e.get('compute_capability')}), TensorRT "
+                  f"{e.get('tensorrt_version')}")
+    else:
+        print(f"TensorRT engines: none (build them on the target GPU: python build.py engines --bundle {bundle.root})")
+
+    available, loadable = _probe_providers(bundle)
+    print(f"onnxruntime   {_version(metadata, 'onnxruntime-gpu') or _version(metadata, 'onnxruntime')}: "
+          f"providers available {', '.join(available)}")
+    for provider, state in loadable.items():
+        print(f"  {provider:<26} {state}")
+    trt = _version(metadata, "tensorrt") or ("installed" if find_spec("tensorrt") else None)
+    print(f"tensorrt      {trt or 'not installed'} (for --backend trt)")
+
+    bundle.verify_files()
+    print(f"integrity     all {len(files)} files match their sha256 in the manifest")
+    return 0
+
+
+def _version(metadata, package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+##### entry point #####
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (`... | head`): stop quietly, as Python's docs recommend
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1

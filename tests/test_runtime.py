@@ -1,0 +1,380 @@
+"""The torch-free runtime end to end: parity with the PyTorch reference (fp32, ONNX Runtime CPU), no torch imported,
+the in-place KV cache, sampling, task switching, and the requests it must refuse."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.errors import UserError
+from runtime.generate import decode_one_token, generate, prefill
+from runtime.image import load_image
+from runtime.pipeline import Pipeline
+from runtime.prompt import vq_indices
+from runtime.sampling import Sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+# Real scans shipped inside the pydicom wheel (never downloaded): a CT, an MR, and a JPEG 2000 compressed CT.
+SCANS = ("CT_small.dcm", "MR_small.dcm", "693_J2KI.dcm")
+QUESTION = "What abnormality is visible in this scan?"
+INSTRUCTION = "Reconstruct the image."
+COM_STEPS = 32
+
+
+def scan(name: str) -> str:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} does not ship with this pydicom"
+    return path
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """The tiny reference models are overhead-bound: torch's second thread only waits (10x slower on a busy host)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def m3_pipe(m3_bundle):
+    return Pipeline.open(m3_bundle, providers="cpu")
+
+
+@pytest.fixture(scope="module")
+def l14_pipe(l14_bundle):
+    return Pipeline.open(l14_bundle, providers="cpu")
+
+
+def ask(pipe: Pipeline, *args, **kw) -> str:
+    # Workaround: Pipeline.prompt checks the room left in the KV cache before generate() resets it, so on a shared
+    # pipeline a request after a long one is refused (test_second_request_gets_the_whole_context). Drop when fixed.
+    pipe.task("com").cache.reset()
+    return pipe.ask(*args, **kw)
+
+
+def tokens_of(pipe: Pipeline, image, question: str, max_new_tokens: int, **kw) -> list[int]:
+    out: list[int] = []
+    ask(pipe, image, question, max_new_tokens=max_new_tokens, on_token=out.append, **kw)
+    return out
+
+
+# --- parity with the PyTorch reference ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,task", [("m3", "com"), ("m3", "gen"), ("l14", "com")])
+@pytest.mark.parametrize("has_image", [True, False], ids=["image", "text"])
+def test_prompt_ids_match_reference(variant, task, has_image, request):
+    ref = request.getfixturevalue(f"{variant}_{task}")
+    pipe = request.getfixturevalue(f"{variant}_pipe")
+    for question in (QUESTION, INSTRUCTION, "  Two  spaces, é ü 中文 and <|end|> inside\nnew line.", "x"):
+        ids = pipe.tokenizer.prompt_ids(pipe.template.render(question, has_image, task))
+        assert ids == ref.prompt_ids(question, has_image), question
+    assert (-200 in ids) == has_image
+
+
+@pytest.mark.parametrize("name", SCANS)
+@pytest.mark.parametrize("variant", ["m3", "l14"])
+def test_com_greedy_tokens_match_reference(variant, name, request):
+    ref = request.getfixturevalue(f"{variant}_com")
+    pipe = request.getfixturevalue(f"{variant}_pipe")
+    image = load_image(scan(name))
+    with one_torch_thread():
+        want = ref.generate(ref.prompt_ids(QUESTION), ref.encode_image(ref.pixel_values(image)), COM_STEPS)
+    got = tokens_of(pipe, image, QUESTION, COM_STEPS)
+    assert got == want
+    assert len(got) == COM_STEPS  # no early stop: all 32 steps were compared
+    assert ask(pipe, image, QUESTION, max_new_tokens=COM_STEPS) == ref.tokenizer.decode(want, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def switched(m3_bundle, ct_small):
+    """One pipeline that answers (com), then generates (gen, constrained): the state both parity and switching use."""
+    pipe = Pipeline.open(m3_bundle, providers="cpu")
+    image = load_image(ct_small)
+    answer = pipe.ask(image, QUESTION, max_new_tokens=8)
+    com = pipe.task("com")
+    sessions = {g: getattr(com, g).session for g in ("vision", "embed", "decoder")}
+    tokens = pipe.image_tokens(image, INSTRUCTION, constrain_image_tokens=True)
+    pixels = pipe.decode_image(tokens)
+    return {"pipe": pipe, "image": image, "answer": answer, "com": com, "com_sessions": sessions,
+            "gen": pipe.task("gen"), "tokens": tokens, "pixels": pixels}
+
+
+@pytest.fixture(scope="module")
+def reference_image(m3_gen, switched):
+    """The reference's 1024 constrained tokens (15-45 s: computed once) and its VQGAN image."""
+    import torch
+
+    ref, image = m3_gen, switched["image"]
+    with one_torch_thread(), torch.no_grad():
+        tokens = ref.generate(ref.prompt_ids(INSTRUCTION), ref.encode_image(ref.pixel_values(image)), 1100,
+                              constrain_image_tokens=True)
+        pixels = ref.vqgan(torch.tensor([vq_indices(tokens, ref.idx0)]))[0].numpy()
+    return tokens, pixels
+
+
+def test_gen_indices_and_image_match_reference(switched, reference_image, m3_gen, record_property):
+    want_tokens, want_pixels = reference_image
+    got_tokens, got_pixels = switched["tokens"], switched["pixels"]
+    assert len(got_tokens) == 1024
+    assert vq_indices(got_tokens, m3_gen.idx0) == vq_indices(want_tokens, m3_gen.idx0)
+    assert got_tokens == want_tokens
+    assert got_pixels.dtype == np.uint8 and got_pixels.shape == want_pixels.shape == (256, 256, 3)
+    # Not bit-identical: ORT's GroupNorm sums in another order, so a few values round the other way.
+    diff = np.abs(got_pixels.astype(np.int16) - want_pixels.astype(np.int16))
+    differing = int(np.count_nonzero(diff))
+    mse = float(np.mean(diff.astype(np.float64) ** 2))
+    psnr = math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+    record_property("gen_image_psnr_db", psnr)
+    record_property("gen_image_values_differing", differing)
+    print(f"\ngen image vs reference: max abs diff {diff.max()}, {differing} of {diff.size} values differ, "
+          f"PSNR {psnr:.1f} dB")
+    assert diff.max() <= 1
+    assert differing < 0.001 * diff.size
+
+
+# --- no torch -----------------------------------------------------------------------------------------------------
+
+NO_TORCH = textwrap.dedent("""
+    import importlib.abc, runpy, sys
+
+    BLOCKED = ("torch", "transformers")
+    tried = []
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                tried.append(name)
+                raise ImportError(f"{name} is blocked: the runtime must not import it")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import runtime, runtime.cli, runtime.pipeline  # noqa: E401
+    assert "torch" not in sys.modules and "transformers" not in sys.modules
+    sys.argv = ["runtime", *sys.argv[1:]]
+    try:
+        runpy.run_module("runtime", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    print(f"\\nblocked imports tried: {tried}; loaded: {loaded}", file=sys.stderr)
+    assert not loaded, loaded
+    sys.exit(code)
+""")
+
+
+def test_runtime_never_imports_torch_or_transformers(m3_bundle, ct_small):
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, "ask", "--bundle", str(m3_bundle), "--image", ct_small,
+         "--providers", "cpu", "--max-new-tokens", "4", QUESTION],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "time to first token" in proc.stderr
+    assert "blocked imports tried: []; loaded: []" in proc.stderr  # nothing even tried, quietly or not
+
+
+# --- the KV cache -------------------------------------------------------------------------------------------------
+
+SENTINEL = 12345.678
+
+
+def _fill(cache, value) -> None:
+    for buf in cache.buffers.values():
+        buf[...] = value  # in place: the bound buffer stays the same object
+
+
+def _prompt_embeds(graphs, n: int, seed: int = 0) -> np.ndarray:
+    ids = np.random.default_rng(seed).integers(3, 32000, size=(1, n))
+    return graphs.embed.run({"input_ids": ids.astype(np.int64)})["inputs_embeds"]
+
+
+def test_prefill_writes_exactly_the_prompt_rows(m3_pipe):
+    graphs = m3_pipe.task("com")
+    cache, S = graphs.cache, 37
+    cache.reset()
+    _fill(cache, SENTINEL)
+    embeds = _prompt_embeds(graphs, S)
+    prefill(graphs.decoder, cache, embeds)
+    assert cache.length == S
+    # what the graph returns as new rows for this prompt (independent of the buffer: past_length is 0)
+    fresh = graphs.decoder.run({"inputs_embeds": embeds, "past_length": np.array([0], dtype=np.int64),
+                                **{k: np.zeros_like(v) for k, v in cache.buffers.items()}})
+    for past, present in cache.pairs:
+        buf = cache.buffers[past]
+        assert fresh[present].shape[2] == S
+        np.testing.assert_array_equal(buf[:, :, :S], fresh[present])
+        assert np.all(buf[:, :, S:] == SENTINEL), f"{past}: rows past the prompt were touched"
+
+
+def test_decode_writes_one_row_per_step_in_place(m3_pipe, monkeypatch):
+    graphs = m3_pipe.task("com")
+    cache, S, steps = graphs.cache, 20, 64
+    writes: list[tuple[int, int]] = []
+    real_write = cache.backend.write
+
+    def spy(buffer, rows, at):
+        writes.append((rows.shape[2], at))
+        real_write(buffer, rows, at)
+
+    monkeypatch.setattr(cache.backend, "write", spy)
+
+    def run(fill) -> tuple[list[int], np.ndarray]:
+        cache.reset()
+        _fill(cache, fill)
+        objects = {k: v for k, v in cache.buffers.items()}
+        pointers = {k: v.__array_interface__["data"][0] for k, v in cache.buffers.items()}
+        logits = prefill(graphs.decoder, cache, _prompt_embeds(graphs, S, seed=1))
+        tokens = []
+        for _ in range(steps):
+            length = cache.length
+            before = {k: v[:, :, :length].copy() for k, v in cache.buffers.items()}
+            writes.clear()
+            token = int(np.argmax(logits))
+            tokens.append(token)
+            logits = decode_one_token(graphs.decoder, graphs.embed, cache, token)
+            assert cache.length == length + 1
+            assert writes == [(1, length)] * len(cache.pairs)  # one new row per buffer, at the end
+            for k, buf in cache.buffers.items():
+                assert buf is objects[k] and buf.__array_interface__["data"][0] == pointers[k], "cache reallocated"
+                np.testing.assert_array_equal(buf[:, :, :length], before[k])  # earlier rows untouched
+                assert not np.any(buf[:, :, length] == fill)  # the new row was written
+                if fill is not None:
+                    assert np.all(buf[:, :, length + 1:] == fill)  # rows past `length` untouched
+        assert cache.length == S + steps
+        return tokens, logits
+
+    tokens, logits = run(SENTINEL)
+    # stale rows past `length` are masked: a cache full of zeros instead of garbage decodes the same
+    tokens0, logits0 = run(0.0)
+    assert tokens == tokens0
+    np.testing.assert_allclose(logits, logits0, rtol=0, atol=1e-5)
+
+
+# --- sampling -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def logits_batch():
+    rng = np.random.default_rng(7)
+    return [rng.standard_normal(1000).astype(np.float32) * 3 for _ in range(50)]
+
+
+def test_seeded_sampling_is_reproducible(logits_batch):
+    draw = lambda seed: [Sampler(temperature=1.0, top_k=50, top_p=0.95, seed=seed)(x) for x in logits_batch]  # noqa
+    a = Sampler(temperature=0.8, seed=123)
+    b = Sampler(temperature=0.8, seed=123)
+    assert [a(x) for x in logits_batch] == [b(x) for x in logits_batch]
+    assert draw(5) == draw(5)
+    c, d = Sampler(temperature=0.8, seed=123), Sampler(temperature=0.8, seed=124)
+    assert [c(x) for x in logits_batch] != [d(x) for x in logits_batch]
+    many = Sampler(temperature=1.0, seed=1)
+    assert len({many(logits_batch[0]) for _ in range(200)}) > 1  # it really samples
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.0, "top_k": 5, "seed": 3}, {"temperature": 1.0, "top_k": 1},
+                                {"temperature": 2.0, "top_p": 1e-9}, {"temperature": 0.7, "top_k": 1, "top_p": 0.5}],
+                         ids=["default", "temperature0", "top_k1", "top_p_tiny", "top_k1_top_p"])
+def test_degenerate_sampling_is_greedy(kw, logits_batch):
+    sample = Sampler(**kw)
+    assert [sample(x) for x in logits_batch] == [int(np.argmax(x)) for x in logits_batch]
+
+
+def test_greedy_takes_the_first_of_tied_maxima():
+    x = np.zeros(10, np.float32)
+    x[[3, 7]] = 1
+    assert Sampler()(x) == 3
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 1.0, "seed": 0}, {"temperature": 5.0, "top_p": 0.9, "seed": 1}])
+def test_allowed_range_is_respected(kw, logits_batch):
+    lo, hi = 600, 640
+    sample = Sampler(allowed=(lo, hi), **kw)
+    picks = [sample(x) for x in logits_batch for _ in range(5)]
+    assert all(lo <= p < hi for p in picks)
+    if not kw:
+        assert picks[::5] == [lo + int(np.argmax(x[lo:hi])) for x in logits_batch]
+
+
+def test_bad_sampling_parameters_are_refused():
+    for kw in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError):
+            Sampler(**kw)
+
+
+def test_seeded_sampling_end_to_end(m3_pipe, ct_small):
+    image = load_image(ct_small)
+    runs = [tokens_of(m3_pipe, image, QUESTION, 12, sampler=Sampler(temperature=1.5, top_k=100, seed=s))
+            for s in (11, 11, 12)]
+    assert runs[0] == runs[1]
+    assert runs[0] != tokens_of(m3_pipe, image, QUESTION, 12)  # not greedy (random weights, temperature 1.5)
+
+
+def test_generation_stops_on_eos_and_at_max_new_tokens(m3_pipe, ct_small):
+    graphs = m3_pipe.task("com")
+    eos = sorted(m3_pipe.stop_ids)
+    graphs.cache.reset()  # the prompt() workaround, see ask()
+    _, embeds = m3_pipe.prompt("com", load_image(ct_small), QUESTION)
+    for stop in eos:
+        picks = iter([100, 101, 102, stop, 103, 104])
+        streamed = []
+        out = generate(graphs.decoder, graphs.embed, graphs.cache, embeds, 50, lambda _: next(picks),
+                       m3_pipe.stop_ids, streamed.append)
+        assert out == streamed == [100, 101, 102]  # the stop token is neither returned nor streamed
+    out = generate(graphs.decoder, graphs.embed, graphs.cache, embeds, 5, Sampler(), m3_pipe.stop_ids)
+    assert len(out) == 5
+
+
+# --- task switching -----------------------------------------------------------------------------------------------
+
+def test_task_switch_keeps_both_tasks_loaded(switched):
+    pipe, com = switched["pipe"], switched["com"]
+    assert set(t.split(".")[0] for t in pipe.providers()) == {"com", "gen"}  # both tasks loaded
+    again = pipe.ask(switched["image"], QUESTION, max_new_tokens=8)
+    assert again == switched["answer"]
+    assert pipe.task("com") is com and pipe.task("gen") is switched["gen"]
+    for name, session in switched["com_sessions"].items():
+        assert getattr(pipe.task("com"), name).session is session, f"com.{name} was reloaded"
+    # tensors both tasks use were handed to both sessions from one table: the table holds each tensor once
+    weights = pipe.bundle.manifest["weights"]["tensors"]
+    assert set(pipe.backend.weights) == set(weights)
+
+
+# --- refusals -----------------------------------------------------------------------------------------------------
+
+def test_overlong_prompt_is_refused_before_any_graph_runs(m3_pipe, ct_small, monkeypatch):
+    graphs = m3_pipe.task("com")
+    calls = []
+    for name in ("vision", "embed", "decoder"):
+        graph = getattr(graphs, name)
+        monkeypatch.setattr(graph, "run", lambda feeds, name=name: calls.append(name))
+    question = " ".join(["word"] * 5000)
+    with pytest.raises(UserError, match=r"context would reach \d+ tokens; this bundle holds at most 2048"):
+        ask(m3_pipe, load_image(ct_small), question)
+    assert calls == []
+
+
+@pytest.mark.xfail(strict=True, raises=UserError,
+                   reason="pipeline.py Pipeline.prompt: cache.check_room() counts the previous request's tokens "
+                          "(generate() resets the cache only afterwards)")
+def test_second_request_gets_the_whole_context(m3_pipe, ct_small):
+    image = load_image(ct_small)
+    m3_pipe.task("com").cache.length = 2000  # where a long previous answer left it
+    assert len(m3_pipe.ask(image, QUESTION, max_new_tokens=2)) > 0
+
+
+def test_unconstrained_gen_on_random_weights_is_refused(m3_pipe, ct_small):
+    with pytest.raises(UserError, match=r"generation produced \d+ image tokens and \d+ other tokens; exactly 1024"):
+        m3_pipe.generate_image(load_image(ct_small), INSTRUCTION, max_new_tokens=8)
