@@ -2,8 +2,8 @@
 
 A backend provides `load(bundle, task, name) -> Graph`, and the two things a preallocated KV cache needs:
 `buffer(shape, dtype)` (a persistent tensor bound as a graph input in place) and `write(buffer, rows, at)`
-(put new rows at sequence offset `at`). `Graph.run(feeds) -> {name: array}`; outputs are fresh arrays
-(or device tensors the same backend's `write` accepts) that the caller may keep.
+(put new rows at sequence offset `at`). `Graph.run(feeds) -> {name: array}`: outputs are host arrays, or device
+tensors the same backend's `write` accepts, valid until the same graph runs again (consume or copy them first).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class OrtBackend:
         available = self.ort.get_available_providers()
         asked = [p for p in PROVIDERS[self.requested] if p in available]
         session = self.ort.InferenceSession(str(bundle.path(task, name)), opts, providers=asked)
+        session.disable_fallback()  # a provider failing at run time is an error, not a silent move to the CPU
         got = session.get_providers()
         if self.requested in ("cuda", "tensorrt") and got[0] != PROVIDERS[self.requested][0]:
             raise UserError(f"{PROVIDERS[self.requested][0]} was requested but could not be loaded (the session "

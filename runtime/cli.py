@@ -17,7 +17,6 @@ import io
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -172,8 +171,9 @@ def _size(n: int) -> str:
 
 @contextlib.contextmanager
 def _quiet_ort(verbose: bool):
-    """Keep ONNX Runtime's provider-loading noise out of the output: its C++ log (a CPU-only host with
-    onnxruntime-gpu logs an error per session) and its Python 'EP Error ... Falling back' lines, which go to stdout."""
+    """Keep ONNX Runtime's provider-loading noise out of the output: its C++ log (onnxruntime-gpu logs every
+    provider library it fails to load) and its Python 'EP Error ... Falling back' lines, which go to stdout.
+    Failures that matter still surface: the backend raises a UserError when a requested provider did not load."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -182,27 +182,6 @@ def _quiet_ort(verbose: bool):
     ort.set_default_logger_severity(2 if verbose else 4)
     with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
         yield
-
-
-@contextlib.contextmanager
-def _capture_stderr_fd():
-    """Everything written to file descriptor 2 inside the block (C++ logs too), as `.text` afterwards."""
-    class Captured:
-        text = ""
-
-    captured = Captured()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            captured.text = tmp.read().decode("utf-8", "replace")
 
 
 def _load_input(a):
@@ -229,9 +208,20 @@ def _open(a, task: str):
     from runtime.pipeline import Pipeline
 
     start = time.perf_counter()
-    with _quiet_ort(a.verbose):
-        pipe = Pipeline.open(a.bundle, backend=a.backend, providers=a.providers)
-        pipe.task(task)
+    try:
+        with _quiet_ort(a.verbose):
+            pipe = Pipeline.open(a.bundle, backend=a.backend, providers=a.providers)
+            pipe.task(task)
+    except UserError as e:
+        if a.backend == "ort" and a.providers in ("cuda", "tensorrt") and "could not be loaded" in str(e):
+            import onnxruntime as ort
+
+            from runtime.backend import PROVIDERS
+
+            reason = _why_not_loadable(ort, PROVIDERS[a.providers][0])
+            if reason:
+                raise UserError(f"{e} (the provider library says: {reason})") from None
+        raise
     where = pipe.providers().get(f"{task}.decoder", ["?"])[0]
     _info(f"bundle {a.bundle} ({pipe.bundle.manifest.get('variant')}, {task}) loaded in "
           f"{time.perf_counter() - start:.2f} s on {where}")
@@ -353,6 +343,27 @@ def _tensor_lines(tensors: list[dict], dims: dict) -> list[str]:
     return lines
 
 
+_PROVIDER_LIBRARIES = {"CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
+                       "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so"}
+
+
+def _why_not_loadable(ort, provider: str) -> str | None:
+    """ONNX Runtime falls back silently; loading the provider's shared library ourselves says what is missing."""
+    import ctypes
+
+    library = _PROVIDER_LIBRARIES.get(provider)
+    if library is None:
+        return None
+    path = Path(ort.__file__).parent / "capi" / library
+    if not path.is_file():
+        return f"{library} is not part of this onnxruntime installation"
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as e:
+        return str(e).replace(f"{path}: ", "")
+    return None
+
+
 def _probe_providers(bundle) -> tuple[list[str], dict[str, str]]:
     """ONNX Runtime providers installed, and for each runtime choice whether a session really gets it (or why not),
     found by loading the bundle's smallest graph."""
@@ -368,19 +379,14 @@ def _probe_providers(bundle) -> tuple[list[str], dict[str, str]]:
         if wanted not in available:
             result[wanted] = "not installed"
             continue
-        ort.set_default_logger_severity(3)
         try:
-            with _capture_stderr_fd() as log, contextlib.redirect_stdout(io.StringIO()):
-                graph = OrtBackend(choice).load(bundle, task, "embed")
-            result[wanted] = "loadable" if graph.providers[0] == wanted else f"not loadable (got {graph.providers})"
+            with _quiet_ort(verbose=False):
+                OrtBackend(choice).load(bundle, task, "embed")
+            result[wanted] = "loadable"
         except UserError as e:
-            reason = re.findall(r"with error: ([^\n\x1b]+)", log.text) or re.findall(r"Please install [^\n\x1b.]+",
-                                                                                      log.text)
-            result[wanted] = "not loadable: " + (reason[0].strip() if reason else str(e))
+            result[wanted] = "not loadable: " + (_why_not_loadable(ort, wanted) or str(e))
         except Exception as e:  # noqa: BLE001 - a provider that crashes on load is reported, not fatal
             result[wanted] = f"not loadable: {type(e).__name__}: {e}"
-        finally:
-            ort.set_default_logger_severity(4)
     return available, result
 
 
@@ -395,7 +401,7 @@ def cmd_info(a) -> int:
     cfg, prec, files = m.get("config", {}), m.get("precision", {}), m.get("files", {})
     print(f"bundle        {bundle.root}  (format {m['format']} v{m['format_version']})")
     print(f"variant       {m.get('variant')}  (template {m.get('template', {}).get('name')})")
-    print(f"tasks         " + ", ".join(f"{t} (H-LoRA rank {c.get('rank')}, CLIP layer {c.get('clip_layer')})"
+    print("tasks         " + ", ".join(f"{t} (H-LoRA rank {c.get('rank')}, CLIP layer {c.get('clip_layer')})"
                                           for t, c in m["tasks"].items()))
     quant = prec.get("quantization") or "none"
     islands = ", ".join(prec.get("fp32_islands") or []) or "none"

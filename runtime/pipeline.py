@@ -65,6 +65,7 @@ class Pipeline:
         graphs = self.task(task)
         ids = self.tokenizer.prompt_ids(self.template.render(question, image is not None, task))
         text = [i for i in ids if i != IMAGE_TOKEN_INDEX]
+        graphs.cache.reset()  # a new request starts from an empty context
         graphs.cache.check_room(len(ids) - 1 + (graphs.vision.spec.shape("image_embeds")[1] if image else 0))
         embeds = graphs.embed.run({"input_ids": np.array([text], dtype=np.int64)})["inputs_embeds"]
         if image is None:

@@ -11,17 +11,21 @@ tokenizer.json and are reproduced here (export/tokenizer.py proves both on the r
   a space. Prepending "▁" ourselves and applying the same drop rule gives the slow ids in every case.
 - Slow `decode` joins text runs and added tokens outside `all_special_tokens` (e.g. `<|end|>`, and HealthGPT's tokens
   when they are not skipped) with single spaces; HealthGPT's `[:-8]` relies on that " <|end|>".
+Also copied: rstrip/lstrip of added tokens strip Python whitespace in the slow class, Unicode White_Space in
+`tokenizers`; they differ only on U+001C..U+001F, which are stripped here first when present.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from runtime.errors import UserError
 from runtime.prompt import HEALTHGPT_TOKENS, split_image_tokens
 
 UNDERLINE = "\u2581"  # SentencePiece's space
+PY_ONLY_SPACE = frozenset("\x1c\x1d\x1e\x1f")  # str.isspace() but not Unicode White_Space
 
 
 class Tokenizer:
@@ -38,6 +42,9 @@ class Tokenizer:
         self._alone_ids = frozenset(t["id"] for t in added if not t["special"] or t["content"] in healthgpt)
         self._prefix_first = _metaspace_first(spec.get("pre_tokenizer"))
         self._underline_id = backend.token_to_id(UNDERLINE) if self._prefix_first else None
+        self._strips = {t["content"]: (t["lstrip"], t["rstrip"]) for t in added if t["lstrip"] or t["rstrip"]}
+        self._added_re = None  # built on first need: all added tokens, longest first (the slow trie's match)
+        self._added_contents = [t["content"] for t in added]
         if self.add_bos and bos_id is None:
             raise UserError("the tokenizer manifest asks for a BOS token but gives no bos_id")
 
@@ -67,14 +74,30 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """The slow tokenizer's `tokenizer(text).input_ids`: BOS (when add_bos) + ids, never EOS."""
-        if self._prefix_first:
-            # Llama legacy=False: see the module docstring. With a leading "▁" Metaspace's own prepend never fires.
-            ids = self._tok.encode(UNDERLINE + text, add_special_tokens=False).ids if text else []
-            if len(ids) > 1 and ids[0] == self._underline_id and ids[1] in self.special_ids:
-                ids = ids[1:]
-        else:
-            ids = self._tok.encode(text, add_special_tokens=False).ids
+        if self._prefix_first and text:
+            # Llama legacy=False: see the module docstring. With a leading "▁" Metaspace's own prepend never fires;
+            # the slow class also turns every "▁" into a space first (so an rstrip token then eats it).
+            text = UNDERLINE + text.replace(UNDERLINE, " ")
+        if self._strips and not PY_ONLY_SPACE.isdisjoint(text):
+            text = self._python_strip(text)
+        ids = self._tok.encode(text, add_special_tokens=False).ids if text else []
+        if self._prefix_first and len(ids) > 1 and ids[0] == self._underline_id and ids[1] in self.special_ids:
+            ids = ids[1:]
         return [self.bos_id, *ids] if self.add_bos else ids
+
+    def _python_strip(self, text: str) -> str:
+        """The slow tokenizer's split on added tokens and its str.strip() around lstrip/rstrip tokens, re-joined."""
+        if self._added_re is None:
+            alts = sorted(self._added_contents, key=len, reverse=True)
+            self._added_re = re.compile("(" + "|".join(map(re.escape, alts)) + ")")
+        parts = self._added_re.split(text)  # odd indices are added tokens
+        for i in range(1, len(parts), 2):
+            lstrip, rstrip = self._strips.get(parts[i], (False, False))
+            if rstrip and i + 1 < len(parts):
+                parts[i + 1] = parts[i + 1].lstrip()
+            if lstrip:
+                parts[i - 1] = parts[i - 1].rstrip()
+        return "".join(parts)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """LLaVA's tokenizer_image_token: chunks around `<image>` encoded separately, joined by one -200 slot."""
@@ -90,15 +113,25 @@ class Tokenizer:
                 continue
             if i in self._alone_ids:
                 if run:
-                    text = self._tok.decode(run, skip_special_tokens=False)
+                    text = self._decode_run(run)
                     parts += [text] if text else []  # an empty run adds no space, except at the end (below)
                     run = []
                 parts.append(self._tok.id_to_token(i))
             else:
                 run.append(i)
         if run:
-            parts.append(self._tok.decode(run, skip_special_tokens=False))
+            parts.append(self._decode_run(run))
         return " ".join(parts)
+
+    def _decode_run(self, run: list[int]) -> str:
+        text = self._tok.decode(run, skip_special_tokens=False)
+        # Slow LlamaTokenizer.convert_tokens_to_string: a special token (bos/eos/unk/pad, when not skipped) first in
+        # a run and followed by a non-special piece without "▁" gets a space after it.
+        if self._prefix_first and len(run) > 1 and run[0] in self.special_ids and run[1] not in self.special_ids:
+            head = self._tok.id_to_token(run[0])
+            if not self._tok.id_to_token(run[1]).startswith(UNDERLINE) and text.startswith(head):
+                text = head + " " + text[len(head) :]
+        return text
 
 
 class StreamDecoder:

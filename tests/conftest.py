@@ -63,3 +63,11 @@ def ct_small():
     from pydicom.data import get_testdata_file
 
     return get_testdata_file("CT_small.dcm")
+
+
+@pytest.fixture
+def bundle_dir(tmp_path):
+    """A hand-made tiny bundle (no exporter involved), for the engine and TensorRT-backend tests."""
+    from tiny_bundle import make_bundle
+
+    return make_bundle(tmp_path / "bundle")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_bundle import H200, TINY, TRT_REASON, bundle_dir, run_steps, steps  # noqa: F401  (bundle_dir: fixture)
+from tiny_bundle import H200, TINY, TRT_REASON, run_steps, steps
 
 from engines import build as eb
 from engines.compat import DeviceInfo

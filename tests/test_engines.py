@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_bundle import H200, TINY, bundle_dir, make_bundle  # noqa: F401  (bundle_dir is a fixture)
+from tiny_bundle import H200, TINY, make_bundle
 
 from engines import build as eb
 from engines.compat import INSTALL_HINT, DeviceInfo, check_compat

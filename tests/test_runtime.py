@@ -59,16 +59,9 @@ def l14_pipe(l14_bundle):
     return Pipeline.open(l14_bundle, providers="cpu")
 
 
-def ask(pipe: Pipeline, *args, **kw) -> str:
-    # Workaround: Pipeline.prompt checks the room left in the KV cache before generate() resets it, so on a shared
-    # pipeline a request after a long one is refused (test_second_request_gets_the_whole_context). Drop when fixed.
-    pipe.task("com").cache.reset()
-    return pipe.ask(*args, **kw)
-
-
 def tokens_of(pipe: Pipeline, image, question: str, max_new_tokens: int, **kw) -> list[int]:
     out: list[int] = []
-    ask(pipe, image, question, max_new_tokens=max_new_tokens, on_token=out.append, **kw)
+    pipe.ask(image, question, max_new_tokens=max_new_tokens, on_token=out.append, **kw)
     return out
 
 
@@ -96,7 +89,7 @@ def test_com_greedy_tokens_match_reference(variant, name, request):
     got = tokens_of(pipe, image, QUESTION, COM_STEPS)
     assert got == want
     assert len(got) == COM_STEPS  # no early stop: all 32 steps were compared
-    assert ask(pipe, image, QUESTION, max_new_tokens=COM_STEPS) == ref.tokenizer.decode(want, skip_special_tokens=True)
+    assert pipe.ask(image, QUESTION, max_new_tokens=COM_STEPS) == ref.tokenizer.decode(want, skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +318,6 @@ def test_seeded_sampling_end_to_end(m3_pipe, ct_small):
 def test_generation_stops_on_eos_and_at_max_new_tokens(m3_pipe, ct_small):
     graphs = m3_pipe.task("com")
     eos = sorted(m3_pipe.stop_ids)
-    graphs.cache.reset()  # the prompt() workaround, see ask()
     _, embeds = m3_pipe.prompt("com", load_image(ct_small), QUESTION)
     for stop in eos:
         picks = iter([100, 101, 102, stop, 103, 104])
@@ -362,13 +354,10 @@ def test_overlong_prompt_is_refused_before_any_graph_runs(m3_pipe, ct_small, mon
         monkeypatch.setattr(graph, "run", lambda feeds, name=name: calls.append(name))
     question = " ".join(["word"] * 5000)
     with pytest.raises(UserError, match=r"context would reach \d+ tokens; this bundle holds at most 2048"):
-        ask(m3_pipe, load_image(ct_small), question)
+        m3_pipe.ask(load_image(ct_small), question)
     assert calls == []
 
 
-@pytest.mark.xfail(strict=True, raises=UserError,
-                   reason="pipeline.py Pipeline.prompt: cache.check_room() counts the previous request's tokens "
-                          "(generate() resets the cache only afterwards)")
 def test_second_request_gets_the_whole_context(m3_pipe, ct_small):
     image = load_image(ct_small)
     m3_pipe.task("com").cache.length = 2000  # where a long previous answer left it

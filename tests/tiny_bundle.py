@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper
 
 from engines.compat import DeviceInfo, current_device
@@ -81,11 +80,6 @@ def make_bundle(root: Path, dtype: str = "fp32") -> Path:
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return root
-
-
-@pytest.fixture
-def bundle_dir(tmp_path):
-    return make_bundle(tmp_path / "bundle")
 
 
 def run_steps(backend, bundle, steps):

@@ -1,0 +1,50 @@
+"""Decoder variants exported only for the benchmark (export/ is not changed): each differs from the shipped graph in
+exactly one respect, so the table can show that one choice before/after."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from export.graphs import DecoderGraph, rms_norm
+from export.hlora import HLoraLinear
+
+
+class FusedHLora(nn.Module):
+    """H-LoRA with the base GEMM and the A/route GEMM fused: y_all = x [W; A*s; R]^T, split, gate, then B.
+    (Shipped: FoldedHLora keeps W separate so its bytes are shared with the other task and the plain base.)"""
+
+    def __init__(self, layer: HLoraLinear):
+        super().__init__()
+        self.out, self.rank, self.experts = layer.weight.shape[0], layer.rank, layer.experts
+        a = layer.lora_A.weight * layer.scaling
+        w = torch.cat([layer.weight, a, layer.lora_route.weight]).detach()
+        self.w_a_route = nn.Parameter(w, requires_grad=False)
+        self.lora_b = nn.Parameter(layer.lora_B.weight.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.w_a_route.t()
+        base, a, route = y.split([self.out, self.rank, self.experts], dim=-1)
+        gate = torch.softmax(route.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
+        gated = (a.unflatten(-1, (self.experts, self.rank // self.experts)) * gate.unsqueeze(-1)).flatten(-2)
+        return base + gated @ self.lora_b.t()
+
+
+class AllPositionsDecoder(DecoderGraph):
+    """The shipped decoder, but logits for every position [1, S, V] (what a plain HF-style export returns)."""
+
+    def forward(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, *cache: torch.Tensor):
+        seq = inputs_embeds.shape[1]
+        positions = past_length + torch.arange(seq)
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        mask_cache, mask_new = self.masks(past_length, seq)
+        h, new_rows = inputs_embeds, []
+        for i, block in enumerate(self.blocks):
+            a, k, v = self.attention(block, rms_norm(block.input_norm, h), cos, sin,
+                                     cache[2 * i], cache[2 * i + 1], mask_cache, mask_new)
+            h = h + a
+            gate, up = block.gate_up(rms_norm(block.post_norm, h)).chunk(2, dim=-1)
+            h = h + block.down(up * nn.functional.silu(gate))
+            new_rows += [k, v]
+        logits = rms_norm(self.norm, h).float() @ self.lm_head.weight.float().t()
+        return (logits, *new_rows)
