@@ -1,8 +1,8 @@
 """The runtime tokenizer: tokenizer.json (written and verified by export/tokenizer.py) behind the slow HF semantics.
 
 Torch-free: only `tokenizers` and the standard library. `encode` returns what the reference's slow tokenizer returns
-for `tokenizer(text).input_ids`; `decode` what its `decode` returns. Two slow behaviours are not expressible in a
-tokenizer.json and are reproduced here (export/tokenizer.py proves both on the real prompts):
+for `tokenizer(text).input_ids`; `decode` what its `decode` returns. Slow behaviours that a tokenizer.json cannot
+express are reproduced here (export/tokenizer.py proves the encoding on the real prompts, tests the decoding):
 
 - Llama with `legacy=False` (Phi-3): the slow class prepends "▁" to the whole text, tokenizes, then drops a leading
   "▁" token only when the next token is one of `all_special_tokens`. So "<|system|>..." starts with a "▁" token
@@ -11,7 +11,7 @@ tokenizer.json and are reproduced here (export/tokenizer.py proves both on the r
   a space. Prepending "▁" ourselves and applying the same drop rule gives the slow ids in every case.
 - Slow `decode` joins text runs and added tokens outside `all_special_tokens` (e.g. `<|end|>`, and HealthGPT's tokens
   when they are not skipped) with single spaces; HealthGPT's `[:-8]` relies on that " <|end|>".
-Also copied: rstrip/lstrip of added tokens strip Python whitespace in the slow class, Unicode White_Space in
+- rstrip/lstrip of added tokens strip Python whitespace in the slow class, Unicode White_Space in
 `tokenizers`; they differ only on U+001C..U+001F, which are stripped here first when present.
 """
 
