@@ -78,10 +78,10 @@ def write_phi3_tokenizer(out_dir: Path, add_bos_token: bool = False, seed: int =
     # newlines in the sentences, so "\n" is byte-fallback <0x0A> as in the real model.
     spm.SentencePieceTrainer.train(
         sentence_iterator=(s.rstrip("\n") for s in _corpus(seed, 6000)), model_writer=buf, model_type="bpe",
-        vocab_size=2000, hard_vocab_limit=False,
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, character_coverage=0.9999, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, max_sentencepiece_length=16,
+        vocab_size=2000, hard_vocab_limit=False, byte_fallback=True, split_digits=True,
+        allow_whitespace_only_pieces=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, character_coverage=0.9999, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2, max_sentencepiece_length=16,
     )  # fmt: skip
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(buf.getvalue())
@@ -93,16 +93,15 @@ def write_phi3_tokenizer(out_dir: Path, add_bos_token: bool = False, seed: int =
     assert len(proto.pieces) == PHI3_SP_PIECES
     (out_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
 
-    def added(content: str, rstrip: bool, special: bool = True) -> dict:
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": rstrip, "single_word": False,
-                "special": special}  # fmt: skip
+    def added(content: str, rstrip: bool = False) -> dict:
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": rstrip, "single_word": False}
 
-    decoder = {"0": added("<unk>", False), "1": added("<s>", False), "2": added("</s>", True, special=False)}
-    decoder.update({str(i): added(t, t != "<|endoftext|>") for i, t in PHI3_ADDED.items()})
-    plain = {k: {**added(v, False)} for k, v in (("bos_token", "<s>"), ("eos_token", "<|endoftext|>"))}
-    for v in plain.values():
-        v.pop("special")
-    stm = {**plain, "pad_token": plain["eos_token"], "unk_token": {**plain["bos_token"], "content": "<unk>"}}
+    # As in the real file: </s> is rstrip and not special; the chat tokens are rstrip (they eat the "\n" after them).
+    decoder = {"0": {**added("<unk>"), "special": True}, "1": {**added("<s>"), "special": True},
+               "2": {**added("</s>", rstrip=True), "special": False}}  # fmt: skip
+    decoder.update({str(i): {**added(t, t != "<|endoftext|>"), "special": True} for i, t in PHI3_ADDED.items()})
+    stm = {"bos_token": added("<s>"), "eos_token": added("<|endoftext|>"), "pad_token": added("<|endoftext|>"),
+           "unk_token": added("<unk>")}  # fmt: skip
     config = {
         "add_bos_token": add_bos_token, "add_eos_token": False, "added_tokens_decoder": decoder,
         "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>", "legacy": False,

@@ -34,7 +34,8 @@ RAW = (
     "  two leading spaces<|user|>  ",
     "<s>bos text</s> <unk> eos",
     "<|im_start|>user<|im_sep|>\nhi<|im_end|>\n<|im_start|>assistant<|im_sep|>\n",
-    "▁underline ▁▁ text",
+    "▁underline ▁▁ text<|user|>▁ ▁after",  # the slow class reads "▁" as a space
+    "<|end|>\x1c\x1d x<|im_end|>\x1f\n<|im_start|>",  # Python-only whitespace next to rstrip/lstrip tokens
     "\n",
     " ",
     "x",
@@ -109,6 +110,7 @@ def write_runtime_tokenizer(slow_tokenizer, path: Path) -> dict:
         backend.save(tmp)
         fast = Tokenizer.load(Path(tmp), bos_id, add_bos)
         _verify(slow_tokenizer, fast)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a bundle is read by whoever runs it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -2,7 +2,7 @@
 
 Torch-free: only `tokenizers` and the standard library. `encode` returns what the reference's slow tokenizer returns
 for `tokenizer(text).input_ids`; `decode` what its `decode` returns. Slow behaviours that a tokenizer.json cannot
-express are reproduced here (export/tokenizer.py proves the encoding on the real prompts, tests the decoding):
+express are reproduced here (export/tokenizer.py proves the encoding on the real prompts, tests/test_tokenizer.py the decoding):
 
 - Llama with `legacy=False` (Phi-3): the slow class prepends "▁" to the whole text, tokenizes, then drops a leading
   "▁" token only when the next token is one of `all_special_tokens`. So "<|system|>..." starts with a "▁" token
@@ -11,8 +11,8 @@ express are reproduced here (export/tokenizer.py proves the encoding on the real
   a space. Prepending "▁" ourselves and applying the same drop rule gives the slow ids in every case.
 - Slow `decode` joins text runs and added tokens outside `all_special_tokens` (e.g. `<|end|>`, and HealthGPT's tokens
   when they are not skipped) with single spaces; HealthGPT's `[:-8]` relies on that " <|end|>".
-- rstrip/lstrip of added tokens strip Python whitespace in the slow class, Unicode White_Space in
-`tokenizers`; they differ only on U+001C..U+001F, which are stripped here first when present.
+- rstrip/lstrip of added tokens strip Python whitespace in the slow class, Unicode White_Space in `tokenizers`; the
+  two differ only on U+001C..U+001F, which are stripped here first when present.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from runtime.prompt import HEALTHGPT_TOKENS, split_image_tokens
 
 UNDERLINE = "\u2581"  # SentencePiece's space
 PY_ONLY_SPACE = frozenset("\x1c\x1d\x1e\x1f")  # str.isspace() but not Unicode White_Space
+BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece byte-fallback pieces
 
 
 class Tokenizer:
@@ -124,20 +125,68 @@ class Tokenizer:
         return " ".join(parts)
 
     def _decode_run(self, run: list[int]) -> str:
-        text = self._tok.decode(run, skip_special_tokens=False)
-        # Slow LlamaTokenizer.convert_tokens_to_string: a special token (bos/eos/unk/pad, when not skipped) first in
-        # a run and followed by a non-special piece without "▁" gets a space after it.
-        if self._prefix_first and len(run) > 1 and run[0] in self.special_ids and run[1] not in self.special_ids:
-            head = self._tok.id_to_token(run[0])
-            if not self._tok.id_to_token(run[1]).startswith(UNDERLINE) and text.startswith(head):
-                text = head + " " + text[len(head) :]
-        return text
+        if not self._prefix_first:
+            return self._tok.decode(run, skip_special_tokens=False)
+        # Slow LlamaTokenizer.convert_tokens_to_string, in Python: the converted decoder (ByteFallback) turns every
+        # byte of an invalid UTF-8 run into U+FFFD, SentencePiece only the invalid bytes; and a special token first in
+        # the run, followed by a non-special piece without "▁", gets a space after it.
+        tokens = [self._tok.id_to_token(i) for i in run]
+        if tokens[0].startswith(UNDERLINE):
+            tokens[0] = tokens[0][1:]
+        out: list[str] = []
+        pieces: list[str] = []
+        prev_special = False
+        for k, (i, token) in enumerate(zip(run, tokens)):
+            if i in self.special_ids:
+                out += [_sp_decode(pieces), token]
+                pieces, prev_special = [], True
+            else:
+                if prev_special and k == 1 and not token.startswith(UNDERLINE):
+                    out.append(" ")
+                pieces.append(token)
+                prev_special = False
+        out.append(_sp_decode(pieces))
+        return "".join(out)
+
+
+def _sp_decode(pieces: list[str]) -> str:
+    """SentencePiece's decode of pieces: "▁" is a space, runs of <0xNN> pieces are UTF-8 bytes."""
+    out: list[str] = []
+    raw = bytearray()
+    for p in pieces:
+        if BYTE_PIECE.fullmatch(p):
+            raw.append(int(p[3:5], 16))
+            continue
+        if raw:
+            out.append(_utf8_per_byte(bytes(raw)))
+            raw.clear()
+        out.append(p.replace(UNDERLINE, " "))
+    if raw:
+        out.append(_utf8_per_byte(bytes(raw)))
+    return "".join(out)
+
+
+def _utf8_per_byte(raw: bytes) -> str:
+    """UTF-8 with one U+FFFD per byte that is not part of a valid character (SentencePiece's rule)."""
+    out, i = [], 0
+    while i < len(raw):
+        for n in (1, 2, 3, 4):
+            try:
+                out.append(raw[i : i + n].decode("utf-8"))
+                i += n
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            out.append("\ufffd")
+            i += 1
+    return "".join(out)
 
 
 class StreamDecoder:
     """Text as tokens arrive: each `push` returns the newly printable suffix; `flush` whatever is held back.
 
-    Decodes the whole id list each time (1-2k tokens: cheap), so every leading-space and byte-fallback rule is the
+    Decodes the whole id list each time (about 1 ms a token at 1k tokens), so every leading-space and byte rule is the
     one `decode` applies. A trailing U+FFFD is held back: it is usually a UTF-8 character whose bytes are still
     arriving, and the next token completes it.
     """
