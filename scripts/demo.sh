@@ -17,7 +17,8 @@ $PY build.py export --checkpoint "$OUT/checkpoint" --out "$OUT/bundle"
 $PY -m runtime info --bundle "$OUT/bundle"
 
 echo "== 3/5 verify the bundle against the PyTorch reference (parity report; GPU backends: not run here) =="
-$PY build.py verify --bundle "$OUT/bundle" --checkpoint "$OUT/checkpoint"
+# One torch thread: the tiny reference model is overhead-bound (a second thread only waits).
+OMP_NUM_THREADS=1 $PY build.py verify --bundle "$OUT/bundle" --checkpoint "$OUT/checkpoint"
 
 # A real CT slice that ships inside the pydicom wheel (never downloaded).
 SCAN=$($PY -c 'from pydicom.data import get_testdata_file; print(get_testdata_file("CT_small.dcm", download=False))')

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+INSTRUCTION = "Reconstruct the image."
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The tiny reference models are overhead-bound: a second torch thread only waits (10x slower on a busy host)."""
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def m3_checkpoint(tmp_path_factory):
@@ -56,6 +66,16 @@ def l14_bundle(l14_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "l14"
     export_bundle(l14_checkpoint, out, ("com",), "fp32", max_context=1024)
     return out
+
+
+@pytest.fixture(scope="session")
+def m3_gen_tokens(m3_gen, ct_small):
+    """The reference's 1024 constrained GEN tokens for CT_small (HF generate, the slowest step: computed once)."""
+    from runtime.image import load_image
+
+    ref = m3_gen
+    embeds = ref.encode_image(ref.pixel_values(load_image(ct_small)))
+    return ref.generate(ref.prompt_ids(INSTRUCTION), embeds, 1100, constrain_image_tokens=True)
 
 
 @pytest.fixture(scope="session")

@@ -115,12 +115,13 @@ def test_idx_mapping(m3_gen):
         vq_indices(ids[1:], m3_gen.idx0)
 
 
-def test_greedy_is_deterministic_and_reference_runs_end_to_end(m3_com, m3_gen, ct_small):
+def test_greedy_is_deterministic_and_reference_runs_end_to_end(m3_com, m3_gen, m3_gen_tokens, ct_small):
     image = load_image(ct_small)
     a = m3_com.answer(image, "What is shown?", max_new_tokens=12)
     assert a == m3_com.answer(image, "What is shown?", max_new_tokens=12)
     assert isinstance(a, str)
-    img = m3_gen.generate_image(image, "Reconstruct the image.", constrain_image_tokens=True)
+    assert len(m3_gen_tokens) == 1024 and all(m3_gen.idx0 <= t < m3_gen.idx0 + 8192 for t in m3_gen_tokens)
+    img = m3_gen.vqgan(torch.tensor([vq_indices(m3_gen_tokens, m3_gen.idx0)]))[0].numpy()
     assert img.shape == (256, 256, 3) and img.dtype == np.uint8 and img.std() > 0
     with pytest.raises(UserError, match="image tokens"):
         m3_gen.generate_image(image, "Reconstruct the image.", max_new_tokens=8)

@@ -3,7 +3,6 @@ the in-place KV cache, sampling, task switching, and the requests it must refuse
 
 from __future__ import annotations
 
-import contextlib
 import math
 import subprocess
 import sys
@@ -34,19 +33,6 @@ def scan(name: str) -> str:
     path = get_testdata_file(name, download=False)
     assert path is not None, f"{name} does not ship with this pydicom"
     return path
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """The tiny reference models are overhead-bound: torch's second thread only waits (10x slower on a busy host)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +70,7 @@ def test_com_greedy_tokens_match_reference(variant, name, request):
     ref = request.getfixturevalue(f"{variant}_com")
     pipe = request.getfixturevalue(f"{variant}_pipe")
     image = load_image(scan(name))
-    with one_torch_thread():
-        want = ref.generate(ref.prompt_ids(QUESTION), ref.encode_image(ref.pixel_values(image)), COM_STEPS)
+    want = ref.generate(ref.prompt_ids(QUESTION), ref.encode_image(ref.pixel_values(image)), COM_STEPS)
     got = tokens_of(pipe, image, QUESTION, COM_STEPS)
     assert got == want
     assert len(got) == COM_STEPS  # no early stop: all 32 steps were compared
@@ -107,16 +92,13 @@ def switched(m3_bundle, ct_small):
 
 
 @pytest.fixture(scope="module")
-def reference_image(m3_gen, switched):
-    """The reference's 1024 constrained tokens (15-45 s: computed once) and its VQGAN image."""
+def reference_image(m3_gen, m3_gen_tokens):
+    """The reference's 1024 constrained tokens (shared session fixture) and its VQGAN image."""
     import torch
 
-    ref, image = m3_gen, switched["image"]
-    with one_torch_thread(), torch.no_grad():
-        tokens = ref.generate(ref.prompt_ids(INSTRUCTION), ref.encode_image(ref.pixel_values(image)), 1100,
-                              constrain_image_tokens=True)
-        pixels = ref.vqgan(torch.tensor([vq_indices(tokens, ref.idx0)]))[0].numpy()
-    return tokens, pixels
+    with torch.no_grad():
+        pixels = m3_gen.vqgan(torch.tensor([vq_indices(m3_gen_tokens, m3_gen.idx0)]))[0].numpy()
+    return m3_gen_tokens, pixels
 
 
 def test_gen_indices_and_image_match_reference(switched, reference_image, m3_gen, record_property):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from runtime.bundle import file_digest
 
 
 def run_verify(bundle, checkpoint, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: torch's thread pool only adds overhead
     return subprocess.run([sys.executable, "build.py", "verify", "--bundle", str(bundle), "--checkpoint",
-                           str(checkpoint), *extra], capture_output=True, text=True, timeout=600)
+                           str(checkpoint), *extra], capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_verify_passes_on_ort_cpu_and_reports_gpu_backends_not_run(m3_bundle, m3_checkpoint, tmp_path):
