@@ -34,49 +34,26 @@ class _Parser(argparse.ArgumentParser):
 
 ##### argument types #####
 
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _number(parse, ok=lambda v: True, requirement: str = ""):
+    """An argparse type: `parse` the text (int or float), refuse NaN/inf and values failing `ok`, in one line."""
+    def check(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if parse is int else 'a number'}: {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
+        return value
+    return check
 
 
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
-
-
-def _temperature(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or more, got {value}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    value = _float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "must be at least 1")
+_non_negative_int = _number(int, lambda v: v >= 0, "must be 0 or more")
+_float = _number(float)
+_temperature = _number(float, lambda v: v >= 0, "must be 0 (greedy) or more")
+_top_p = _number(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 
 ##### the parser #####
