@@ -7,6 +7,7 @@
         com-gemm1       COM decoder with H-LoRA as ONE GEMM over [W; A*s; R] (export.hlora.FoldedHLora: W + [A; R])
         com-allpos      COM decoder returning logits for every position (shipped: last position only)
         com-dynamo      COM decoder exported with torch.onnx.export(dynamo=True) (shipped: TorchScript)
+        com-ctx256      the shipped COM decoder with max_context 256 (prices reading the whole 2048-row cache)
     optimum/            optimum-onnx main_export(base, task="text-generation-with-past") of the plain base model
     genai-fp32/, genai-int4/   ONNX Runtime GenAI model builder output of the plain base (built in peers.py)
 
@@ -23,7 +24,8 @@ import warnings
 from pathlib import Path
 
 MAX_CONTEXT = 2048  # the bundle default (build.py export --max-context)
-VARIANTS = ("base", "com-gemm1", "com-allpos", "com-dynamo")
+VARIANTS = ("base", "com-gemm1", "com-allpos", "com-dynamo", "com-ctx256")
+SMALL_CONTEXT = 256  # com-ctx256: the shipped graph with a 256-row cache, to price reading 2048 rows at short contexts
 
 
 def cache_root(layers: int) -> Path:
@@ -82,7 +84,7 @@ def variants(layers: int, names=VARIANTS) -> dict[str, Path | str]:
 def _export_variants(layers: int, names: list[str]) -> dict[str, str]:
     import torch
 
-    from export import graphs, specs
+    from export import graphs
     from export.checkpoint import CheckpointPaths
     from export.reference import load_reference
 
@@ -114,14 +116,13 @@ def _export_variants(layers: int, names: list[str]) -> dict[str, str]:
 
             module = AllPositionsDecoder(ref.llm, MAX_CONTEXT)
         else:
-            module = graphs.DecoderGraph(ref.llm, MAX_CONTEXT)
+            module = graphs.DecoderGraph(ref.llm, SMALL_CONTEXT if name == "com-ctx256" else MAX_CONTEXT)
         failed.update(_export_one(layers, name, module, ref.llm, dynamo=name == "com-dynamo",
-                                  all_positions=name == "com-allpos"))
-    del specs
+                                  all_positions=name == "com-allpos", max_context=module.max_context))
     return failed
 
 
-def _decoder_spec(llm, all_positions: bool):
+def _decoder_spec(llm, all_positions: bool, max_context: int = MAX_CONTEXT):
     from export import specs
     from runtime.graphspec import TensorSpec
 
@@ -129,7 +130,7 @@ def _decoder_spec(llm, all_positions: bool):
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     vocab = llm.lm_head.weight.shape[0]
     spec = specs.decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, cfg.hidden_size, vocab,
-                         MAX_CONTEXT, "float32")
+                         max_context, "float32")
     if all_positions:
         logits = TensorSpec("logits", "float32", (1, "seq", vocab))
         spec = dataclasses.replace(spec, outputs=(logits, *spec.outputs[1:]))
@@ -137,7 +138,7 @@ def _decoder_spec(llm, all_positions: bool):
 
 
 def _export_one(layers: int, name: str, module, llm, dynamo: bool = False,
-                all_positions: bool = False) -> dict[str, str]:
+                all_positions: bool = False, max_context: int = MAX_CONTEXT) -> dict[str, str]:
     """Export one decoder variant into variants/NAME/ (graph + weights.bin + a mini manifest)."""
     import numpy as np
     import onnx
@@ -150,7 +151,7 @@ def _export_one(layers: int, name: str, module, llm, dynamo: bool = False,
 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    spec = _decoder_spec(llm, all_positions)
+    spec = _decoder_spec(llm, all_positions, max_context)
     feeds = spec.sample_inputs(np.random.default_rng(0), seq=3)
     start = time.perf_counter()
     try:
@@ -198,7 +199,7 @@ def _export_dynamo(spec, module, feeds):
 
 def optimum(layers: int) -> Path | str:
     out = cache_root(layers) / "optimum"
-    if (out / "model.onnx").is_file():
+    if (out / ".done").is_file():
         return out
     from export.checkpoint import CheckpointPaths
 
@@ -210,6 +211,7 @@ def optimum(layers: int) -> Path | str:
         main_export(model_name_or_path=str(CheckpointPaths.find(checkpoint(layers)).base), output=str(out),
                     task="text-generation-with-past", opset=17, device="cpu", dtype="fp32",
                     local_files_only=True, do_validation=False, monolith=False)
+        (out / ".done").write_text("ok")
         log(f"optimum export {out} in {time.perf_counter() - start:.0f}s")
     except Exception as e:  # noqa: BLE001
         return f"not built: {type(e).__name__}: {str(e).splitlines()[0][:160]}"

@@ -1,0 +1,206 @@
+"""Derived figures (bandwidth limits, ratios, targets) and the printed table, from run.py's raw results."""
+
+from __future__ import annotations
+
+CTX = ("100", "600", "1600")
+
+
+def med(stat) -> float | None:
+    return stat["median_ms"] if isinstance(stat, dict) and "median_ms" in stat else None
+
+
+def f(x, fmt="{:.0f}", none="-") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def decode_rows(res: dict) -> dict[str, dict]:
+    """name -> {"ms": {ctx: median}, "n": runs, "weights": bytes, "kv_read": bytes or None, "group": ...}."""
+    rows = {}
+    d1, d2 = res.get("decode_D1", {}), res.get("decode_D2", {})
+    for group, data, names in (("D1", d1, ("ours com", "ours base", "torch com", "optimum base")),
+                               ("D2", d2, ("ours gen",))):
+        for name in names:
+            if name in data.get("600", {}):
+                w, kv = res["bytes"][name]
+                rows[name] = {"ms": {c: med(data[c][name]) for c in CTX}, "n": data["600"][name]["n"],
+                              "weights": w, "kv_read": kv, "group": group,
+                              "bw": {c: res["gemv_bytes"] / (med(data[c]["GEMV"]) / 1e3) for c in CTX}}
+    for prec in ("fp32", "int4"):
+        g = res.get("genai", {}).get(prec)
+        if isinstance(g, dict):
+            rows[f"genai {prec} base"] = {"ms": {c: med(g["decode"].get(c)) for c in CTX},
+                                          "n": g["decode"]["600"]["n"], "weights": g["weight_bytes"],
+                                          "kv_read": None, "group": "subprocess",
+                                          "bw": {c: g["gemv_bytes"] / (med(g["gemv"][c]) / 1e3) for c in CTX}}
+    return rows
+
+
+def finish(res: dict) -> None:
+    """Add the derived figures and the target checks to `res`."""
+    kv_tok = res["bytes"]["kv_per_token"]
+    rows = decode_rows(res)
+    for r in rows.values():  # bandwidth: the GEMV timed in the same round-robin as this decoder, at this context
+        r["limit_ms"] = {c: 1e3 * (r["weights"] + kv_tok * int(c)) / r["bw"][c] for c in CTX}
+        r["pct_limit"] = {c: 100 * r["limit_ms"][c] / r["ms"][c] if r["ms"][c] else None for c in CTX}
+    res["derived"] = {"decode": rows}
+    d2 = res.get("decode_D2", {})
+    hl = {}
+    for name in ("ours com", "ours gen"):
+        if d2.get("600", {}).get(name):
+            hl[name] = {c: med(d2[c][name]) / med(d2[c]["ours base"]) for c in CTX}
+            hl[name + " bytes"] = res["bytes"][name][0] / res["bytes"]["ours base"][0]
+    res["derived"]["hlora"] = hl
+    v = res["vision"]
+    res["derived"]["vision_gen_vs_com"] = med(v["ours com"]) / med(v["ours gen"])
+    res["targets"] = targets(res, rows, hl)
+
+
+def targets(res, rows, hl) -> list[dict]:
+    out = []
+
+    def add(name, measured, ok, why=""):
+        out.append({"target": name, "measured": measured, "met": ok, "why": why})
+
+    oc, tc = rows.get("ours com"), rows.get("torch com")
+    if oc and tc:
+        sp = {c: tc["ms"][c] / oc["ms"][c] for c in CTX}
+        add("decode >= 2x faster than the PyTorch reference (COM)",
+            " / ".join(f"{sp[c]:.2f}x@{c}" for c in CTX), all(s >= 2 for s in sp.values()),
+            "same weight bytes read by both; see README for what separates them")
+    ob, gf = rows.get("ours base"), rows.get("genai fp32 base")
+    if ob and gf:
+        r = {c: gf["ms"][c] / ob["ms"][c] for c in CTX}
+        add("plain base decode at least as fast as ORT GenAI fp32", " / ".join(f"{r[c]:.2f}x@{c}" for c in CTX),
+            all(x >= 1 for x in r.values()), "GenAI ratio = GenAI ms / ours ms (>= 1 means ours is as fast)")
+    elif ob:
+        add("plain base decode at least as fast as ORT GenAI fp32", str(res.get("genai", {}).get("fp32")), None)
+    if oc:
+        pct = oc["pct_limit"]["600"]
+        add(">= 90% of the memory-bandwidth limit (COM decode @600)", f"{pct:.0f}%", pct >= 90,
+            "limit = (weight + KV bytes at the context) / GEMV bandwidth measured in this run")
+        flat = oc["ms"]["1600"] / oc["ms"]["100"]
+        add("decode @1600 <= 1.15x decode @100 (COM)", f"{flat:.2f}x", flat <= 1.15)
+    if "ours com" in hl:
+        worst = max(hl["ours com"].values())
+        add("COM H-LoRA decoder <= 1.25x the plain decoder", f"{worst:.2f}x (bytes {hl['ours com bytes']:.2f}x)",
+            worst <= 1.25)
+    ratio = res["derived"]["vision_gen_vs_com"]
+    add("GEN vision graph >= 15x cheaper than COM's", f"{ratio:.1f}x", ratio >= 15)
+    return out
+
+
+def table(res: dict) -> str:
+    m, bw = res["meta"], res["bandwidth"]
+    L = []
+    w = L.append
+    w("")
+    w(f"healthgpt-edge benchmark  {m['date']}  {'QUICK' if m['quick'] else 'full'} run")
+    w(f"model: synthetic HealthGPT-M3 at real widths (hidden 3072, 32 heads, inter 8192, vocab 40206, H-LoRA r=64/256,"
+      f" CLIP ViT-L/14-336, full VQGAN), {m['layers']} decoder layers (real: 32), fp32, max_context "
+      f"{m['max_context']}")
+    w(f"machine: {m['cpu']}, {m['usable_cpus']} CPUs ({m['physical_cores']} physical cores), {m['mem_GiB']} GiB; "
+      f"{m['threads_used']} threads everywhere; load avg {m['load_start']:.2f} at start, {m['load_end']:.2f} at end")
+    w(f"every figure: median of {m['reps']} runs after {m['warmup']} warm-up (contenders interleaved run by run)")
+    w(f"memory bandwidth ({bw['threads']} threads, {bw['matrix_bytes'] / 2**30:.1f} GiB): GEMV a@x "
+      f"{bw['gemv_GBps']:.1f} GB/s | sum {bw['sum_GBps']:.1f} GB/s | copy (r+w) {bw['copy_GBps']:.1f} GB/s")
+    v = res["vision"]
+    w("")
+    w("VISION, ms            ours    PyTorch ref   ref/ours")
+    for t in ("com", "gen"):
+        o, r = med(v[f"ours {t}"]), med(v.get(f"torch {t}")) or med(v["torch com"])
+        w(f"  {t:18s}{o:8.0f}  {r:12.0f}  {r / o:8.1f}x" + ("" if f"torch {t}" in v else "  (= torch com: the "
+                                                             "reference runs the whole CLIP for both; --quick)"))
+    w(f"  gen vs com (ours): gen is {res['derived']['vision_gen_vs_com']:.1f}x cheaper")
+    q = res["vqgan"]
+    w(f"VQGAN decoder, ms: ours {med(q['ours']):.0f}, PyTorch {med(q['torch']):.0f} "
+      f"({med(q['torch']) / med(q['ours']):.1f}x)")
+    rows = res["derived"]["decode"]
+    w("")
+    w("DECODE, ms/token      ctx~100   ~600  ~1600  1600/100  weights GB  GEMV GB/s@600  limit@600  %limit "
+      "(100/600/1600)")
+    for name, r in rows.items():
+        ms, pl = r["ms"], r["pct_limit"]
+        w(f"  {name:18s}{f(ms['100'], '{:8.0f}')}{f(ms['600'], '{:7.0f}')}{f(ms['1600'], '{:7.0f}')}"
+          f"{ms['1600'] / ms['100']:10.2f}{r['weights'] / 1e9:12.2f}{r['bw']['600'] / 1e9:15.1f}"
+          f"{r['limit_ms']['600']:11.0f}  " + " / ".join(f(pl[c], "{:.0f}%") for c in CTX))
+    w(f"  (limit = (weight bytes + {res['bytes']['kv_per_token'] / 1024:.0f} KiB of KV per cached token) / the "
+      f"bandwidth of a {res['gemv_bytes'] / 2**30:.0f} GiB GEMV timed in the same round-robin; ours reads its whole "
+      f"{m['max_context']}-row cache: {res['bytes']['ours com'][1] / 1e6:.0f} MB/token of KV at any context)")
+    for prec in ("fp32", "int4"):
+        g = res.get("genai", {}).get(prec)
+        if not isinstance(g, dict):
+            w(f"  genai {prec} base: {g}")
+        else:
+            w(f"  our base decoder measured around genai {prec}: before "
+              + " / ".join(f(med(g['ours_base_before'][c])) for c in CTX) + ", after "
+              + " / ".join(f(med(g['ours_base_after'][c])) for c in CTX) + " ms")
+    if isinstance(res.get("peers", {}).get("optimum"), str) and "not" in res["peers"]["optimum"]:
+        w(f"  optimum base: {res['peers']['optimum']}")
+    pre = dict(res["prefill_D1"])
+    if "prefill_base_anchor" in res:
+        pre["ours base"] = res["prefill_base_anchor"]["ours base"]
+    for prec in ("fp32", "int4"):
+        g = res.get("genai", {}).get(prec)
+        if isinstance(g, dict):
+            pre[f"genai {prec} base"] = g["prefill"]
+    w(f"PREFILL 616 tokens (576 image + 40 text), ms: "
+      + " | ".join(f"{k} {med(s):.0f}" for k, s in pre.items()))
+    hl = res["derived"]["hlora"]
+    if hl:
+        w("H-LORA overhead vs the plain base decoder (same run, group D2): "
+          + "; ".join(f"{k.split()[1]} {' / '.join(f'{hl[k][c]:.2f}x' for c in CTX)} (bytes {hl[k + ' bytes']:.2f}x)"
+                      for k in ("ours com", "ours gen") if k in hl))
+    t = res["ttft"]
+    w(f"TIME TO FIRST TOKEN (ask, {res.get('prompt_tokens')} prompt tokens incl. image), ms: ours "
+      f"{med(t['ours ask']):.0f}, PyTorch reference {f(med(t.get('torch answer')), none='skipped (--quick)')}")
+    g = res.get("generate")
+    if isinstance(g, dict):
+        w(f"GENERATE one image (1024 constrained tokens, measured once): {g['seconds']:.0f} s; step median "
+          f"{g['step_median_ms']:.0f} ms (first 100: {g['step_median_ms_first100']:.0f}, last 100: "
+          f"{g['step_median_ms_last100']:.0f})")
+    else:
+        oc = rows.get("ours com") or {}
+        est = (med(t["ours ask"]) + 1024 * (oc.get("ms", {}).get("600") or 0)) / 1e3
+        w(f"GENERATE one image: {g}; projected from TTFT + 1024 x decode@600 (COM decoder as a proxy): {est:.0f} s")
+    w("")
+    w("OPTIMIZATIONS (before = shipped, after = alternative; same run, interleaved)")
+    for line in opt_lines(res["opt"]):
+        w("  " + line)
+    w("")
+    w("TARGETS")
+    for tg in res["targets"]:
+        mark = {True: "met   ", False: "MISSED", None: "n/a   "}[tg["met"]]
+        w(f"  [{mark}] {tg['target']}: {tg['measured']}" + (f"  ({tg['why']})" if tg["why"] else ""))
+    return "\n".join(L)
+
+
+def opt_lines(o: dict) -> list[str]:
+    out = []
+    kv = o["kv"]
+    out.append("KV cache in place (shipped) vs concat copy of past+new per step (emulated: np.concatenate of every "
+               "layer's K/V), ms/token: " + "; ".join(
+                   f"@{c} {med(kv[c]['in place (shipped)']):.0f} vs {med(kv[c]['concat copy (emulated)']):.0f}"
+                   for c in CTX))
+    for name, label in (("com-gemm1", "H-LoRA one GEMM [W;A;R] vs W + [A;R] (shipped)"),
+                        ("com-allpos", "logits for all positions vs last position (shipped)"),
+                        ("com-dynamo", "dynamo export vs TorchScript (shipped)"),
+                        ("com-ctx256", "cache read whole: 2048 rows (shipped) vs a 256-row cache")):
+        r = o.get(name)
+        if not isinstance(r, dict):
+            out.append(f"{label}: {r}")
+            continue
+        parts = [f"{m.replace('decode', 'decode@')} {med(r[m]['shipped']):.0f} -> {med(r[m][name]):.0f} ms"
+                 for m in ("decode100", "decode600", "prefill") if m in r]
+        out.append(f"{label}: " + ", ".join(parts) + f", RSS +{r['rss_delta'] / 2**30:.2f} GiB")
+    s = o.get("session")
+    if isinstance(s, dict):
+        for label, r in s.items():
+            if isinstance(r, str):
+                out.append(f"ORT session {label:26s}: {r}")
+                continue
+            b = r["bench"]
+            out.append(f"ORT session {label:26s}: decode@600 {med(b['shipped']):.0f} (shipped) -> "
+                       f"{med(b[label]):.0f} ms, session RSS +{r['rss_delta'] / 2**30:.2f} GiB")
+    else:
+        out.append(f"ORT session settings: {s}")
+    return out
