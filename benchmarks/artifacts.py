@@ -8,6 +8,8 @@
         com-allpos      COM decoder returning logits for every position (shipped: last position only)
         com-dynamo      COM decoder exported with torch.onnx.export(dynamo=True) (shipped: TorchScript)
         com-ctx256      the shipped COM decoder with max_context 256 (prices reading the whole 2048-row cache)
+        com-cache1      the shipped COM decoder with a 1-row cache input (RoPE tables still 2048): a prefill graph
+                        that skips the empty cache, to price attending over 2048 masked rows at prefill
     optimum/            optimum-onnx main_export(base, task="text-generation-with-past") of the plain base model
     genai-fp32/, genai-int4/   ONNX Runtime GenAI model builder output of the plain base (built in peers.py)
 
@@ -24,7 +26,7 @@ import warnings
 from pathlib import Path
 
 MAX_CONTEXT = 2048  # the bundle default (build.py export --max-context)
-VARIANTS = ("base", "com-gemm1", "com-allpos", "com-dynamo", "com-ctx256")
+VARIANTS = ("base", "com-gemm1", "com-allpos", "com-dynamo", "com-ctx256", "com-cache1")
 SMALL_CONTEXT = 256  # com-ctx256: the shipped graph with a 256-row cache, to price reading 2048 rows at short contexts
 
 
@@ -117,6 +119,8 @@ def _export_variants(layers: int, names: list[str]) -> dict[str, str]:
             module = AllPositionsDecoder(ref.llm, MAX_CONTEXT)
         else:
             module = graphs.DecoderGraph(ref.llm, SMALL_CONTEXT if name == "com-ctx256" else MAX_CONTEXT)
+            if name == "com-cache1":
+                module.max_context = 1  # cache input of one (masked) row; cos/sin keep 2048 positions
         failed.update(_export_one(layers, name, module, ref.llm, dynamo=name == "com-dynamo",
                                   all_positions=name == "com-allpos", max_context=module.max_context))
     return failed

@@ -184,13 +184,14 @@ def opt_lines(o: dict) -> list[str]:
     for name, label in (("com-gemm1", "H-LoRA one GEMM [W;A;R] vs W + [A;R] (shipped)"),
                         ("com-allpos", "logits for all positions vs last position (shipped)"),
                         ("com-dynamo", "dynamo export vs TorchScript (shipped)"),
-                        ("com-ctx256", "cache read whole: 2048 rows (shipped) vs a 256-row cache")):
+                        ("com-ctx256", "cache read whole: 2048 rows (shipped) vs a 256-row cache"),
+                        ("com-cache1", "prefill attends the empty 2048-row cache (shipped) vs a 1-row cache")):
         r = o.get(name)
         if not isinstance(r, dict):
             out.append(f"{label}: {r}")
             continue
         parts = [f"{m.replace('decode', 'decode@')} {med(r[m]['shipped']):.0f} -> {med(r[m][name]):.0f} ms"
-                 for m in ("decode100", "decode600", "prefill") if m in r]
+                 for m in ("decode100", "decode600", "prefill", "prefill_graph") if m in r]
         out.append(f"{label}: " + ", ".join(parts) + f", RSS +{r['rss_delta'] / 2**30:.2f} GiB")
     s = o.get("session")
     if isinstance(s, dict):
