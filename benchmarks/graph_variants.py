@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.graphs import DecoderGraph, rms_norm
+from export.graphs import DecoderGraph
 from export.hlora import HLoraLinear
 
 
@@ -34,17 +34,5 @@ class AllPositionsDecoder(DecoderGraph):
     """The shipped decoder, but logits for every position [1, S, V] (what a plain HF-style export returns)."""
 
     def forward(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, *cache: torch.Tensor):
-        seq = inputs_embeds.shape[1]
-        positions = past_length + torch.arange(seq)
-        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
-        mask_cache, mask_new = self.masks(past_length, seq)
-        h, new_rows = inputs_embeds, []
-        for i, block in enumerate(self.blocks):
-            a, k, v = self.attention(block, rms_norm(block.input_norm, h), cos, sin,
-                                     cache[2 * i], cache[2 * i + 1], mask_cache, mask_new)
-            h = h + a
-            gate, up = block.gate_up(rms_norm(block.post_norm, h)).chunk(2, dim=-1)
-            h = h + block.down(up * nn.functional.silu(gate))
-            new_rows += [k, v]
-        logits = rms_norm(self.norm, h).float() @ self.lm_head.weight.float().t()
-        return (logits, *new_rows)
+        h, new_rows = self.body(inputs_embeds, past_length, cache)
+        return (self.logits(h), *new_rows)

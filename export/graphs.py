@@ -123,7 +123,8 @@ class DecoderGraph(nn.Module):
         out = out.view(1, self.heads, seq, d).transpose(1, 2).reshape(1, seq, self.heads * d)
         return block.o(out), k, v
 
-    def forward(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, *cache: torch.Tensor):
+    def body(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, cache) -> tuple[torch.Tensor, list]:
+        """All layers: final hidden states [1, S, H] and the new K/V rows of every layer."""
         seq = inputs_embeds.shape[1]
         positions = past_length + torch.arange(seq)
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
@@ -136,6 +137,11 @@ class DecoderGraph(nn.Module):
             gate, up = block.gate_up(rms_norm(block.post_norm, h)).chunk(2, dim=-1)
             h = h + block.down(up * nn.functional.silu(gate))
             new_rows += [k, v]
-        last = rms_norm(self.norm, h[:, -1])
-        logits = last.float() @ self.lm_head.weight.float().t()  # LM head in fp32 (an fp32 island under fp16)
-        return (logits, *new_rows)
+        return h, new_rows
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(self.norm, h).float() @ self.lm_head.weight.float().t()  # fp32 LM head (an fp32 island)
+
+    def forward(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, *cache: torch.Tensor):
+        h, new_rows = self.body(inputs_embeds, past_length, cache)
+        return (self.logits(h[:, -1]), *new_rows)  # last position only
