@@ -2,7 +2,8 @@
 
 One engine per graph of `manifest["graphs"]`:
 - optimization profiles come from the graph's spec (`GraphSpec.trt_profiles()`): the decoder gets a prefill profile
-  (seq 1..max_context) and a single-token decode profile; vision and vqgan are static (one min = opt = max profile);
+  (seq 1..max_context, tuned for the one-row cache of an empty context) and a single-token decode profile (tuned for
+  a full cache); vision and vqgan are static (one min = opt = max profile);
 - the network is strongly typed. TensorRT 11 has no weak typing (no fp16/bf16 builder flags), so an engine computes
   in the precision its ONNX graph carries, fp32 islands included: `precision` can only confirm the bundle's dtype.
   fp16 engines come from `build.py export --dtype fp16`; bf16 follows the same rule and needs a bf16 export;
@@ -117,13 +118,13 @@ def save_manifest(root: Path, manifest: dict) -> None:
     write_atomic(root / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def describe(profiles: list[dict[str, Shapes]]) -> str:
-    """The dynamic dims of each profile, or 'static': e.g. 'inputs_embeds[1] 1..640..2048 | static'."""
+def describe(spec: GraphSpec) -> str:
+    """The dynamic dims of each profile, or 'static': e.g. 'seq 1..640..2048, cache 1..1..2048 | cache 1..2048..2048'."""
     dynamic = []
-    for p in profiles:
-        dims = [f"{name}[{i}] {lo[i]}..{opt[i]}..{hi[i]}" for name, (lo, opt, hi) in p.items()
-                for i in range(len(lo)) if lo[i] != hi[i]]
-        dynamic.append(", ".join(dims) or "static")
+    for override in spec.profiles or ({},):
+        ranges = {**spec.dims, **override}
+        dynamic.append(", ".join(f"{k} {d.min}..{d.opt}..{d.max}" for k, d in ranges.items() if d.min != d.max)
+                       or "static")
     return " | ".join(dynamic)
 
 
@@ -193,7 +194,7 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, max_cont
         if not force and old and old.get("key") == key and _intact(root / old["file"], old):
             print(f"[I] {graph_id}: cached engine {old['file']} ({old['bytes'] / 2**20:.1f} MiB, key matches)")
             continue
-        print(f"[I] {graph_id}: building ({len(profiles)} profile(s): {describe(profiles)})", flush=True)
+        print(f"[I] {graph_id}: building ({len(profiles)} profile(s): {describe(spec)})", flush=True)
         start = time.perf_counter()
         plan, cache = build_plan(root / graph["file"], profiles, cache_path.read_bytes() if cache_path.is_file()
                                  else None)
@@ -229,7 +230,7 @@ def add_engines_command(subparsers) -> argparse.ArgumentParser:
                    help="must be the bundle's dtype (the default): TensorRT 11 networks are strongly typed, so the "
                         "precision is carried by the ONNX graph. For fp16 engines export with `--dtype fp16`")
     p.add_argument("--max-context", type=int, default=None,
-                   help="check only: must equal the bundle's (the KV cache shape is baked into the graphs)")
+                   help="check only: must equal the bundle's (the RoPE tables and KV cache limits are in the graphs)")
     p.add_argument("--timing-cache", type=Path, default=None,
                    help="tactic timing cache to reuse and update (default BUNDLE/engines/timing.cache)")
     p.add_argument("--force", action="store_true", help="rebuild every engine, even those whose inputs are unchanged")

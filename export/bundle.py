@@ -31,14 +31,15 @@ from runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_digest, tool_v
 from runtime.errors import UserError
 from runtime.prompt import IMAGE_TOKEN_INDEX, TEMPLATES
 
-EXPORTER_VERSION = 1
+EXPORTER_VERSION = 2
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16")}
 TASK_GRAPHS = ("vision", "embed", "decoder")
 KV_INTERFACE = {
-    "layout": "per layer, keys and values: [batch=1, kv_heads, max_context, head_dim]",
-    "inputs": "past_key_values.{i}.key/value: the whole preallocated buffer, read-only; rows >= past_length ignored",
+    "layout": "per layer, keys and values: [batch=1, kv_heads, cache, head_dim], past_length <= cache <= max_context",
+    "inputs": "past_key_values.{i}.key/value: the runtime's whole buffer, read-only; rows >= past_length ignored",
     "outputs": "present.{i}.key/value: only the new rows [1, kv_heads, seq, head_dim]",
-    "update": "the runtime writes the new rows at [past_length, past_length + seq) in place; nothing else moves",
+    "update": "the runtime writes the new rows at [past_length, past_length + seq) in place, first moving to a "
+              "buffer of the next power-of-two rows when they do not fit",
     "position_input": "past_length",
 }
 

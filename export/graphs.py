@@ -67,7 +67,8 @@ class Block(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """inputs_embeds [1,S,H], past_length [1], cache [1,kvh,MAX,d] x 2L -> logits [1,V], new rows [1,kvh,S,d] x 2L."""
+    """inputs_embeds [1,S,H], past_length [1], cache [1,kvh,C,d] x 2L -> logits [1,V], new rows [1,kvh,S,d] x 2L.
+    C (the cache buffer's rows, <= max_context) is dynamic; positions up to max_context have RoPE tables."""
 
     def __init__(self, llm: nn.Module, max_context: int, fold_hlora: bool = True):
         super().__init__()
@@ -90,10 +91,10 @@ class DecoderGraph(nn.Module):
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
 
-    def masks(self, past_length: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Additive fp32 masks: [S, MAX] over the cache (rows >= past_length are stale), [S, S] over the new keys."""
+    def masks(self, past_length: torch.Tensor, seq: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive fp32 masks: [S, C] over the cache (rows >= past_length are stale), [S, S] over the new keys."""
         q = past_length + torch.arange(seq)  # absolute positions of the new tokens
-        k_cache = torch.arange(self.max_context)
+        k_cache = torch.arange(rows)
         k_new = q
         ok_cache = k_cache[None, :] < past_length
         ok_new = k_new[None, :] <= q[:, None]
@@ -117,7 +118,8 @@ class DecoderGraph(nn.Module):
         s_cache = (qg @ k_cache.transpose(2, 3) * scale).view(1, self.heads, seq, -1) + mask_cache
         s_new = (qg @ k.transpose(2, 3) * scale).view(1, self.heads, seq, seq) + mask_new
         p = torch.softmax(torch.cat([s_cache, s_new], dim=-1).float(), dim=-1).to(x.dtype)
-        p_cache, p_new = p.split([self.max_context, seq], dim=-1)
+        rows = k_cache.shape[2]
+        p_cache, p_new = p[..., :rows], p[..., rows:]
         out = (p_cache.reshape(1, self.kv_heads, g * seq, -1) @ v_cache
                + p_new.reshape(1, self.kv_heads, g * seq, seq) @ v)
         out = out.view(1, self.heads, seq, d).transpose(1, 2).reshape(1, seq, self.heads * d)
@@ -128,7 +130,7 @@ class DecoderGraph(nn.Module):
         seq = inputs_embeds.shape[1]
         positions = past_length + torch.arange(seq)
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
-        mask_cache, mask_new = self.masks(past_length, seq)
+        mask_cache, mask_new = self.masks(past_length, seq, cache[0].shape[2])
         h, new_rows = inputs_embeds, []
         for i, block in enumerate(self.blocks):
             a, k, v = self.attention(block, rms_norm(block.input_norm, h), cos, sin,

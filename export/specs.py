@@ -40,10 +40,12 @@ def kv_names(layers: int) -> list[tuple[str, str]]:
 
 def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, max_context: int,
             dtype: str) -> GraphSpec:
-    """One step over `seq` new positions. Reads the whole preallocated cache ([1, kv_heads, max_context, head_dim],
-    rows >= past_length masked), returns last-position logits and only the new K/V rows, which the runtime writes
-    at [past_length, past_length + seq): the graph has one static cache shape and never copies the cache."""
-    cache = (1, kv_heads, max_context, head_dim)
+    """One step over `seq` new positions. Reads the runtime's KV buffers ([1, kv_heads, cache, head_dim], rows
+    >= past_length masked) and returns last-position logits and only the new K/V rows, which the runtime writes at
+    [past_length, past_length + seq): the graph never copies the cache. `cache` is the buffer's row count, which the
+    runtime grows in steps as the context grows (runtime/kvcache.py): a prefill from an empty context attends over
+    one masked row, not over max_context of them."""
+    cache = (1, kv_heads, "cache", head_dim)
     return GraphSpec(
         name="decoder",
         inputs=(TensorSpec("inputs_embeds", dtype, (1, "seq", hidden)),
@@ -51,9 +53,10 @@ def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, 
                 *(TensorSpec(past, dtype, cache) for past, _ in kv_names(layers))),
         outputs=(TensorSpec("logits", "float32", (1, vocab)),
                  *(TensorSpec(present, dtype, (1, kv_heads, "seq", head_dim)) for _, present in kv_names(layers))),
-        dims={"seq": Dim(1, min(64, max_context), max_context)},
-        # TensorRT: prefill and single-token decode want different kernels (anchors.md).
-        profiles=({"seq": Dim(1, min(640, max_context), max_context)}, {"seq": Dim(1, 1, 1)}),
+        dims={"seq": Dim(1, min(64, max_context), max_context), "cache": Dim(1, max_context, max_context)},
+        # TensorRT: prefill (from an empty, one-row cache) and single-token decode want different kernels (anchors.md).
+        profiles=({"seq": Dim(1, min(640, max_context), max_context), "cache": Dim(1, 1, max_context)},
+                  {"seq": Dim(1, 1, 1)}),
         tolerance=Tolerance(max_abs=1e-3, min_cosine=0.99999),
     )
 

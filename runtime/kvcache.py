@@ -1,7 +1,10 @@
-"""The KV cache: one preallocated buffer per layer for keys and values, bound to the decoder in place.
+"""The KV cache: one buffer per layer for keys and values, bound to the decoder in place.
 
 Each step the decoder reads the whole buffer (rows >= length are masked inside the graph) and returns only the
-new rows; `update` writes them at `length`. Nothing is reallocated or copied as the context grows.
+new rows; `update` writes them at `length`. The buffers start at one row, so a prefill from an empty context does
+not attend over max_context masked rows, and grow to the next power of two when new rows do not fit: a handful
+of copies over a whole conversation (1 -> 1024 -> 2048 for a 616-token prompt), between which nothing moves.
+The decoder's cost per token then follows the context, not the largest context the bundle allows.
 """
 
 from __future__ import annotations
@@ -17,12 +20,21 @@ PAST, PRESENT = "past_key_values.", "present."
 
 class KVCache:
     def __init__(self, backend: Backend, spec: GraphSpec):
-        self.backend = backend
+        self.backend, self.spec = backend, spec
         pasts = [t for t in spec.inputs if t.name.startswith(PAST)]
         self.pairs = [(t.name, PRESENT + t.name[len(PAST):]) for t in pasts]  # (cache input, new-rows output)
-        self.buffers = {t.name: backend.buffer(spec.shape(t.name), t.dtype) for t in pasts}
-        self.capacity = spec.shape(pasts[0].name)[2]  # [1, kv_heads, max_context, head_dim]
+        self.capacity = spec.dims["cache"].max  # the bundle's max_context
         self.length = 0
+        self.buffers = self._allocate(1)
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.buffers.values())).shape[2]
+
+    def _allocate(self, rows: int) -> dict:
+        # Zeroed by the backend: masked rows must hold finite values (0 * NaN from stale garbage is still NaN).
+        return {past: self.backend.buffer(self.spec.shape(past, cache=rows), self.spec.tensor(past).dtype)
+                for past, _ in self.pairs}
 
     def feeds(self) -> dict:
         return {"past_length": np.array([self.length], dtype=np.int64), **self.buffers}
@@ -33,11 +45,19 @@ class KVCache:
                             f"{self.capacity} (re-export with a larger --max-context)")
 
     def update(self, outputs: dict) -> None:
-        """Write the step's new rows at [length, length + seq) of every buffer, then advance."""
+        """Write the step's new rows at [length, length + seq) of every buffer (grown first if they do not fit)."""
         seq = outputs[self.pairs[0][1]].shape[2]
+        need = self.length + seq
+        if need > self.rows:
+            grown = self._allocate(min(self.capacity, 1 << (need - 1).bit_length()))
+            for past, buffer in grown.items():
+                self.backend.write(buffer, self.buffers[past], 0)  # old rows, stale tail included (masked anyway)
+            self.buffers = grown
         for past, present in self.pairs:
             self.backend.write(self.buffers[past], outputs[present], self.length)
-        self.length += seq
+        self.length = need
 
     def reset(self) -> None:
-        self.length = 0  # stale rows stay: the graph masks everything at or past `length`
+        self.length = 0
+        if self.rows > 1:
+            self.buffers = self._allocate(1)  # the next prefill attends over one masked row

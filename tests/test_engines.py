@@ -35,9 +35,10 @@ def test_decoder_profiles_from_manifest_spec():
     for profile in (prefill, decode):
         assert set(profile) == set(spec.input_names)
         assert profile["past_length"] == ((1,), (1,), (1,))
-        for name in pasts:  # the cache is one static preallocated shape in every profile
-            assert profile[name] == ((1, 4, 2048, 8),) * 3
-    assert eb.describe([prefill, decode]) == "inputs_embeds[1] 1..640..2048 | static"
+    for name in pasts:  # the cache buffer grows from one row: prefill tuned for an empty cache, decode for a full one
+        assert prefill[name] == ((1, 4, 1, 8), (1, 4, 1, 8), (1, 4, 2048, 8))
+        assert decode[name] == ((1, 4, 1, 8), (1, 4, 2048, 8), (1, 4, 2048, 8))
+    assert eb.describe(spec) == "seq 1..640..2048, cache 1..1..2048 | cache 1..2048..2048"
 
 
 def test_static_graphs_have_one_fixed_profile():
@@ -177,7 +178,7 @@ def test_engines_command(bundle_dir, monkeypatch, capsys):
     a = parser.parse_args(["engines", "--bundle", str(bundle_dir)])
     a.run(a)
     out = capsys.readouterr().out
-    assert "[I] com.decoder: building (2 profile(s): inputs_embeds[1] 1..64..64 | static)" in out
+    assert "[I] com.decoder: building (2 profile(s): seq 1..64..64, cache 1..1..64 | cache 1..64..64)" in out
     assert "1 engines" in out and "NVIDIA H200" in out
     with pytest.raises(SystemExit):
         parser.parse_args(["engines", "--help"])

@@ -167,11 +167,6 @@ def test_runtime_never_imports_torch_or_transformers(m3_bundle, ct_small):
 SENTINEL = 12345.678
 
 
-def _fill(cache, value) -> None:
-    for buf in cache.buffers.values():
-        buf[...] = value  # in place: the bound buffer stays the same object
-
-
 def _prompt_embeds(graphs, n: int, seed: int = 0) -> np.ndarray:
     ids = np.random.default_rng(seed).integers(3, 32000, size=(1, n))
     return graphs.embed.run({"input_ids": ids.astype(np.int64)})["inputs_embeds"]
@@ -181,18 +176,24 @@ def test_prefill_writes_exactly_the_prompt_rows(m3_pipe):
     graphs = m3_pipe.task("com")
     cache, S = graphs.cache, 37
     cache.reset()
-    _fill(cache, SENTINEL)
+    assert cache.rows == 1  # a prefill from an empty context attends over one masked row
     embeds = _prompt_embeds(graphs, S)
     prefill(graphs.decoder, cache, embeds)
-    assert cache.length == S
-    # what the graph returns as new rows for this prompt (independent of the buffer: past_length is 0)
-    fresh = graphs.decoder.run({"inputs_embeds": embeds, "past_length": np.array([0], dtype=np.int64),
-                                **{k: np.zeros_like(v) for k, v in cache.buffers.items()}})
+    assert cache.length == S and cache.rows == 64  # the next power of two
+    # what the graph returns as new rows for this prompt, from a one-row cache of garbage (past_length is 0) and
+    # from 1000 rows of it (masked: equal up to the summation order of a longer softmax)
+    def fresh(rows: int) -> dict:
+        return graphs.decoder.run({"inputs_embeds": embeds, "past_length": np.array([0], dtype=np.int64),
+                                   **{k: np.full((1, v.shape[1], rows, v.shape[3]), SENTINEL, v.dtype)
+                                      for k, v in cache.buffers.items()}})
+
+    one, many = fresh(1), fresh(1000)
     for past, present in cache.pairs:
         buf = cache.buffers[past]
-        assert fresh[present].shape[2] == S
-        np.testing.assert_array_equal(buf[:, :, :S], fresh[present])
-        assert np.all(buf[:, :, S:] == SENTINEL), f"{past}: rows past the prompt were touched"
+        assert one[present].shape[2] == S
+        np.testing.assert_array_equal(buf[:, :, :S], one[present])
+        np.testing.assert_allclose(many[present], one[present], rtol=0, atol=1e-6)
+        assert np.all(buf[:, :, S:] == 0), f"{past}: rows past the prompt were written"
 
 
 def test_decode_writes_one_row_per_step_in_place(m3_pipe, monkeypatch):
@@ -207,34 +208,41 @@ def test_decode_writes_one_row_per_step_in_place(m3_pipe, monkeypatch):
 
     monkeypatch.setattr(cache.backend, "write", spy)
 
-    def run(fill) -> tuple[list[int], np.ndarray]:
+    def run(fill) -> tuple[list[int], np.ndarray, list[int]]:
         cache.reset()
-        _fill(cache, fill)
-        objects = {k: v for k, v in cache.buffers.items()}
-        pointers = {k: v.__array_interface__["data"][0] for k, v in cache.buffers.items()}
         logits = prefill(graphs.decoder, cache, _prompt_embeds(graphs, S, seed=1))
-        tokens = []
+        for buf in cache.buffers.values():
+            buf[:, :, cache.length:] = fill  # stale garbage past the context (in place)
+        tokens, sizes = [], [cache.rows]
         for _ in range(steps):
-            length = cache.length
-            before = {k: v[:, :, :length].copy() for k, v in cache.buffers.items()}
+            length, rows = cache.length, cache.rows
+            objects = dict(cache.buffers)
+            pointers = {k: v.__array_interface__["data"][0] for k, v in cache.buffers.items()}
+            before = {k: v.copy() for k, v in cache.buffers.items()}
             writes.clear()
             token = int(np.argmax(logits))
             tokens.append(token)
             logits = decode_one_token(graphs.decoder, graphs.embed, cache, token)
+            grew = length == rows  # full: the new row does not fit
             assert cache.length == length + 1
-            assert writes == [(1, length)] * len(cache.pairs)  # one new row per buffer, at the end
+            assert cache.rows == (2 * rows if grew else rows)
+            # a move copies the old buffers whole, then one new row per buffer, at the end
+            assert writes == [(rows, 0)] * len(cache.pairs) * grew + [(1, length)] * len(cache.pairs)
             for k, buf in cache.buffers.items():
-                assert buf is objects[k] and buf.__array_interface__["data"][0] == pointers[k], "cache reallocated"
-                np.testing.assert_array_equal(buf[:, :, :length], before[k])  # earlier rows untouched
+                same = buf is objects[k] and buf.__array_interface__["data"][0] == pointers[k]
+                assert same != grew, "the cache moved without growing (or grew in place)"
+                np.testing.assert_array_equal(buf[:, :, :length], before[k][:, :, :length])  # earlier rows kept
                 assert not np.any(buf[:, :, length] == fill)  # the new row was written
-                if fill is not None:
-                    assert np.all(buf[:, :, length + 1:] == fill)  # rows past `length` untouched
+                past_end = np.zeros_like(buf[:, :, length + 1:]) if grew else before[k][:, :, length + 1:]
+                np.testing.assert_array_equal(buf[:, :, length + 1:], past_end)  # untouched (or fresh zeros)
+            sizes.append(cache.rows)
         assert cache.length == S + steps
-        return tokens, logits
+        return tokens, logits, sizes
 
-    tokens, logits = run(SENTINEL)
+    tokens, logits, sizes = run(SENTINEL)
+    assert sorted(set(sizes)) == [32, 64, 128]  # 20 prompt rows -> 32, grown twice over 64 steps
     # stale rows past `length` are masked: a cache full of zeros instead of garbage decodes the same
-    tokens0, logits0 = run(0.0)
+    tokens0, logits0, _ = run(0.0)
     assert tokens == tokens0
     np.testing.assert_allclose(logits, logits0, rtol=0, atol=1e-5)
 

@@ -83,15 +83,17 @@ def make_bundle(root: Path, dtype: str = "fp32") -> Path:
 
 
 def run_steps(backend, bundle, steps):
-    """Prefill then decode through the real KVCache; per step (logits, copy of the first cache buffer)."""
+    """Prefill then decode through the real KVCache; per step (logits, copy of the first cache buffer, the cache
+    buffers the step was fed)."""
     decoder = backend.load(bundle, "com", "decoder")
     cache = KVCache(backend, decoder.spec)
     out = []
     for x in steps:  # x: [1, S, hidden]
         cache.check_room(x.shape[1])
+        fed = dict(cache.buffers)
         o = decoder.run({"inputs_embeds": x, **cache.feeds()})
         cache.update(o)
-        out.append((np.asarray(o["logits"]), np.array(np.asarray(next(iter(cache.buffers.values()))))))
+        out.append((np.asarray(o["logits"]), np.array(np.asarray(next(iter(cache.buffers.values())))), fed))
     return out, decoder, cache
 
 
