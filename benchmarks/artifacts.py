@@ -7,9 +7,6 @@
         com-gemm1       COM decoder with H-LoRA as ONE GEMM over [W; A*s; R] (export.hlora.FoldedHLora: W + [A; R])
         com-allpos      COM decoder returning logits for every position (shipped: last position only)
         com-dynamo      COM decoder exported with torch.onnx.export(dynamo=True) (shipped: TorchScript)
-        com-ctx256      the shipped COM decoder with max_context 256 (prices reading the whole 2048-row cache)
-        com-cache1      the shipped COM decoder with a 1-row cache input (RoPE tables still 2048): a prefill graph
-                        that skips the empty cache, to price attending over 2048 masked rows at prefill
     optimum/            optimum-onnx main_export(base, task="text-generation-with-past") of the plain base model
     genai-fp32/, genai-int4/   ONNX Runtime GenAI model builder output of the plain base (built in peers.py)
 
@@ -26,8 +23,7 @@ import warnings
 from pathlib import Path
 
 MAX_CONTEXT = 2048  # the bundle default (build.py export --max-context)
-VARIANTS = ("base", "com-gemm1", "com-allpos", "com-dynamo", "com-ctx256", "com-cache1")
-SMALL_CONTEXT = 256  # com-ctx256: the shipped graph with a 256-row cache, to price reading 2048 rows at short contexts
+VARIANTS = ("base", "com-gemm1", "com-allpos", "com-dynamo")
 
 
 def cache_root(layers: int) -> Path:
@@ -55,11 +51,10 @@ def checkpoint(layers: int) -> Path:
 
 
 def bundle(layers: int) -> Path:
-    out = cache_root(layers) / "bundle"
-    if (out / "manifest.json").is_file():
-        return out
+    """Always through export_bundle: it reuses every graph whose cache key (exporter version included) matches."""
     from export.bundle import export_bundle
 
+    out = cache_root(layers) / "bundle"
     start = time.perf_counter()
     export_bundle(checkpoint(layers), out, ("com", "gen"), "fp32", MAX_CONTEXT)
     log(f"bundle {out} in {time.perf_counter() - start:.0f}s")
@@ -72,11 +67,14 @@ def variant_dir(layers: int, name: str) -> Path:
 
 def variants(layers: int, names=VARIANTS) -> dict[str, Path | str]:
     """name -> directory, or -> 'not built: reason' (an export that fails is reported, not fatal)."""
+    from export.bundle import EXPORTER_VERSION
+
     out, todo = {}, []
     for name in names:
         d = variant_dir(layers, name)
         out[name] = d
-        if not (d / "manifest.json").is_file():
+        manifest = d / "manifest.json"
+        if not manifest.is_file() or json.loads(manifest.read_text()).get("exporter") != EXPORTER_VERSION:
             todo.append(name)
     if todo:
         out.update(_export_variants(layers, todo))
@@ -118,15 +116,13 @@ def _export_variants(layers: int, names: list[str]) -> dict[str, str]:
 
             module = AllPositionsDecoder(ref.llm, MAX_CONTEXT)
         else:
-            module = graphs.DecoderGraph(ref.llm, SMALL_CONTEXT if name == "com-ctx256" else MAX_CONTEXT)
-            if name == "com-cache1":
-                module.max_context = 1  # cache input of one (masked) row; cos/sin keep 2048 positions
+            module = graphs.DecoderGraph(ref.llm, MAX_CONTEXT)
         failed.update(_export_one(layers, name, module, ref.llm, dynamo=name == "com-dynamo",
-                                  all_positions=name == "com-allpos", max_context=module.max_context))
+                                  all_positions=name == "com-allpos"))
     return failed
 
 
-def _decoder_spec(llm, all_positions: bool, max_context: int = MAX_CONTEXT):
+def _decoder_spec(llm, all_positions: bool):
     from export import specs
     from runtime.graphspec import TensorSpec
 
@@ -134,7 +130,7 @@ def _decoder_spec(llm, all_positions: bool, max_context: int = MAX_CONTEXT):
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     vocab = llm.lm_head.weight.shape[0]
     spec = specs.decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, cfg.hidden_size, vocab,
-                         max_context, "float32")
+                         MAX_CONTEXT, "float32")
     if all_positions:
         logits = TensorSpec("logits", "float32", (1, "seq", vocab))
         spec = dataclasses.replace(spec, outputs=(logits, *spec.outputs[1:]))
@@ -142,11 +138,12 @@ def _decoder_spec(llm, all_positions: bool, max_context: int = MAX_CONTEXT):
 
 
 def _export_one(layers: int, name: str, module, llm, dynamo: bool = False,
-                all_positions: bool = False, max_context: int = MAX_CONTEXT) -> dict[str, str]:
+                all_positions: bool = False) -> dict[str, str]:
     """Export one decoder variant into variants/NAME/ (graph + weights.bin + a mini manifest)."""
     import numpy as np
     import onnx
 
+    from export.bundle import EXPORTER_VERSION
     from export.onnx_export import WeightStore, export_graph
 
     d = variant_dir(layers, name)
@@ -155,7 +152,7 @@ def _export_one(layers: int, name: str, module, llm, dynamo: bool = False,
 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    spec = _decoder_spec(llm, all_positions, max_context)
+    spec = _decoder_spec(llm, all_positions)
     feeds = spec.sample_inputs(np.random.default_rng(0), seq=3)
     start = time.perf_counter()
     try:
@@ -170,7 +167,8 @@ def _export_one(layers: int, name: str, module, llm, dynamo: bool = False,
     onnx.save(model, str(tmp / "decoder.onnx"))
     manifest = {"graphs": {"com.decoder": {"file": "decoder.onnx", "spec": spec.to_json(), "initializers": inits}},
                 "weights": {"file": "weights.bin", "tensors": store.tensors},
-                "export": "dynamo" if dynamo else "torchscript", "nodes": len(model.graph.node)}
+                "export": "dynamo" if dynamo else "torchscript", "nodes": len(model.graph.node),
+                "exporter": EXPORTER_VERSION}
     (tmp / "manifest.json").write_text(json.dumps(manifest))
     shutil.rmtree(d, ignore_errors=True)
     tmp.rename(d)
@@ -186,9 +184,9 @@ def _export_dynamo(spec, module, feeds):
     import torch
 
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
-    # torch.export dynamic shapes: the sequence axis of inputs_embeds; everything else static (as in the spec)
-    seq = torch.export.Dim("seq", min=1, max=MAX_CONTEXT)
-    dynamic = ({1: seq}, None, (None,) * (len(args) - 2))  # forward(inputs_embeds, past_length, *cache)
+    # torch.export dynamic shapes: the sequence axis of inputs_embeds and the cache's row axis (as in the spec)
+    seq, rows = torch.export.Dim("seq", min=1, max=MAX_CONTEXT), torch.export.Dim("cache", min=1, max=MAX_CONTEXT)
+    dynamic = ({1: seq}, None, ({2: rows},) * (len(args) - 2))  # forward(inputs_embeds, past_length, *cache)
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # torch.export first: torch.onnx.export(dynamo=True) re-types the *cache tuple of dynamic_shapes as a list

@@ -4,7 +4,7 @@ settings), the PyTorch reference, and optimum-onnx's ORTModelForCausalLM. Each g
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +21,33 @@ TOKEN = 1000  # any id below every vocabulary; decode cost does not depend on it
 # ---------------------------------------------------------------- our runtime
 @dataclass
 class OurDecoder:
-    """A decoder graph + its preallocated KVCache, driven exactly as runtime/generate.py drives it."""
+    """A decoder graph + its KVCache, driven exactly as runtime/generate.py drives it. full_cache: the cache held
+    at max_context rows at every context (the design before the cache grew by powers of two), for comparison."""
 
     graph: OrtGraph
     embed: OrtGraph
     cache: KVCache
     weight_bytes: int
     rss_delta: int = 0
-    extra: dict = field(default_factory=dict)
+    full_cache: bool = False
+
+    def at(self, context: int) -> None:
+        """The cache as the runtime has it after `context` tokens (rows >= length are masked: contents do not
+        matter): shipped, the power of two above; full_cache, capacity rows."""
+        want = self.rows_read(context)
+        if self.cache.rows != want:
+            self.cache.reset()
+            self.cache.reserve(want)
+        self.cache.length = context
+
+    def rows_read(self, context: int) -> int:
+        """Cache rows the graph reads for one step at `context` (KVCache.reserve's rule, or all of them)."""
+        rows = self.cache.capacity if self.full_cache else 1 << (max(context, 1) - 1).bit_length()
+        return min(self.cache.capacity, rows)
 
     def decode_case(self, context: int, concat_copy: bool = False) -> Case:
-        def prepare():
-            self.cache.length = context  # rows >= length are masked by the graph; contents do not matter
-
         if not concat_copy:
-            return Case(lambda: decode_one_token(self.graph, self.embed, self.cache, TOKEN), prepare)
+            return Case(lambda: decode_one_token(self.graph, self.embed, self.cache, TOKEN), lambda: self.at(context))
 
         def step():  # the shipped step, plus what a concat graph (present = concat(past, new)) costs extra
             x = self.embed.run({"input_ids": np.array([[TOKEN]], dtype=np.int64)})["inputs_embeds"]
@@ -45,14 +57,15 @@ class OurDecoder:
             self.cache.update(out)
             return out["logits"]
 
-        return Case(step, prepare)
+        return Case(step, lambda: self.at(context))
 
     def prefill_case(self, embeds: np.ndarray) -> Case:
-        return Case(lambda: prefill(self.graph, self.cache, embeds), self.cache.reset)
+        return Case(lambda: prefill(self.graph, self.cache, embeds), lambda: self.at(0))
 
-    def kv_bytes_read(self) -> int:
-        """The graph reads the whole preallocated buffer every step, whatever the context."""
-        return sum(b.nbytes for b in self.cache.buffers.values())
+    def kv_bytes_read(self, context: int) -> int:
+        """The graph reads the whole buffer every step: a power of two of rows >= context (or all of them)."""
+        per_row = sum(b.nbytes // b.shape[2] for b in self.cache.buffers.values())
+        return per_row * self.rows_read(context)
 
 
 def graph_weight_bytes(bundle: Bundle, task: str, name: str) -> int:
@@ -78,8 +91,7 @@ def our_decoder(bundle: Bundle, task: str, embed: OrtGraph, threads: int, backen
         graph = session(bundle, task, "decoder", backend, threads, **settings)
     cache = KVCache(OrtBackend("cpu", threads), graph.spec)  # host buffers, rows written in place
     dec = OurDecoder(graph, embed, cache, graph_weight_bytes(bundle, task, "decoder"))
-    dec.extra["backend"] = backend  # holds the OrtValues over the mmap that the session reads: keep it alive
-    dec.cache.length = min(600, cache.capacity - 1)
+    dec.at(min(600, cache.capacity - 1))
     decode_one_token(dec.graph, dec.embed, dec.cache, TOKEN)  # first run: lazy allocations land in the RSS figure
     dec.rss_delta = rss_bytes() - before
     return dec
@@ -106,12 +118,11 @@ def session(bundle: Bundle, task: str, name: str, backend: OrtBackend | None, th
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if spinning is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if weights == "shared":
-        shared = backend._shared_weights(bundle)  # the OrtBackend's own OrtValues over the mmap (kept alive there)
-        for tensor in bundle.entry(task, name)["initializers"]:
-            opts.add_initializer(tensor, shared[tensor])
+    shared = backend._shared_weights(bundle) if weights == "shared" else None  # OrtValues over the bundle's mmap
+    for tensor in bundle.entry(task, name)["initializers"] if shared else ():
+        opts.add_initializer(tensor, shared[tensor])
     s = ort.InferenceSession(str(bundle.path(task, name)), opts, providers=["CPUExecutionProvider"])
-    return OrtGraph(s, bundle.spec(task, name))
+    return OrtGraph(s, bundle.spec(task, name), shared)
 
 
 # ---------------------------------------------------------------- PyTorch reference (HF Phi3ForCausalLM)

@@ -67,11 +67,15 @@ def targets(res, rows, hl) -> list[dict]:
         add("decode >= 2x faster than the PyTorch reference (COM)",
             " / ".join(f"{sp[c]:.2f}x@{c}" for c in CTX), all(s >= 2 for s in sp.values()),
             "same weight bytes read by both; see README for what separates them")
-    ob, gf = rows.get("ours base"), rows.get("genai fp32 base")
+    ob, gf, g = rows.get("ours base"), rows.get("genai fp32 base"), res.get("genai", {}).get("fp32")
     if ob and gf:
-        r = {c: gf["ms"][c] / ob["ms"][c] for c in CTX}
+        # GenAI runs back to back in its own process; our base decoder is timed the same way right before and
+        # after it: that pair is the side-by-side figure (the round-robin group D1 runs under heavier cache traffic)
+        near = {c: (med(g["ours_base_before"][c]) + med(g["ours_base_after"][c])) / 2 for c in CTX}
+        r = {c: gf["ms"][c] / near[c] for c in CTX}
         add("plain base decode at least as fast as ORT GenAI fp32", " / ".join(f"{r[c]:.2f}x@{c}" for c in CTX),
-            all(x >= 1 for x in r.values()), "GenAI ratio = GenAI ms / ours ms (>= 1 means ours is as fast)")
+            all(x >= 1 for x in r.values()), "GenAI ms / ours ms, ours timed back to back right before and after "
+                                             "GenAI; >= 1 means ours is as fast")
     elif ob:
         add("plain base decode at least as fast as ORT GenAI fp32", str(res.get("genai", {}).get("fp32")), None)
     if oc:
@@ -125,7 +129,8 @@ def table(res: dict) -> str:
           f"{r['limit_ms']['600']:11.0f}  " + " / ".join(f(pl[c], "{:.0f}%") for c in CTX))
     w(f"  (limit = (weight bytes + {res['bytes']['kv_per_token'] / 1024:.0f} KiB of KV per cached token) / the "
       f"bandwidth of a {res['gemv_bytes'] / 2**30:.0f} GiB GEMV timed in the same round-robin; ours reads its whole "
-      f"{m['max_context']}-row cache: {res['bytes']['ours com'][1] / 1e6:.0f} MB/token of KV at any context)")
+      f"cache buffer, a power of two of rows >= the context: "
+      + " / ".join(f"{res['bytes']['ours com'][1][c] / 1e6:.0f}" for c in CTX) + " MB/token of KV)")
     for prec in ("fp32", "int4"):
         g = res.get("genai", {}).get(prec)
         if not isinstance(g, dict):
@@ -143,7 +148,7 @@ def table(res: dict) -> str:
         g = res.get("genai", {}).get(prec)
         if isinstance(g, dict):
             pre[f"genai {prec} base"] = g["prefill"]
-    w(f"PREFILL 616 tokens (576 image + 40 text), ms: "
+    w("PREFILL 616 tokens (576 image + 40 text), ms: "
       + " | ".join(f"{k} {med(s):.0f}" for k, s in pre.items()))
     hl = res["derived"]["hlora"]
     if hl:
@@ -181,17 +186,21 @@ def opt_lines(o: dict) -> list[str]:
                "layer's K/V), ms/token: " + "; ".join(
                    f"@{c} {med(kv[c]['in place (shipped)']):.0f} vs {med(kv[c]['concat copy (emulated)']):.0f}"
                    for c in CTX))
+    rows = o.get("cache_rows")
+    if isinstance(rows, dict):
+        out.append("KV cache grown by powers of two (shipped) vs held at max_context rows (the first design), ms: "
+                   + "; ".join(f"{'decode@' + c if c != 'prefill' else 'prefill'} "
+                               f"{med(rows[c]['grown (shipped)']):.0f} vs {med(rows[c]['max_context rows']):.0f}"
+                               for c in (*CTX, "prefill")))
     for name, label in (("com-gemm1", "H-LoRA one GEMM [W;A;R] vs W + [A;R] (shipped)"),
                         ("com-allpos", "logits for all positions vs last position (shipped)"),
-                        ("com-dynamo", "dynamo export vs TorchScript (shipped)"),
-                        ("com-ctx256", "cache read whole: 2048 rows (shipped) vs a 256-row cache"),
-                        ("com-cache1", "prefill attends the empty 2048-row cache (shipped) vs a 1-row cache")):
+                        ("com-dynamo", "dynamo export vs TorchScript (shipped)")):
         r = o.get(name)
         if not isinstance(r, dict):
             out.append(f"{label}: {r}")
             continue
         parts = [f"{m.replace('decode', 'decode@')} {med(r[m]['shipped']):.0f} -> {med(r[m][name]):.0f} ms"
-                 for m in ("decode100", "decode600", "prefill", "prefill_graph") if m in r]
+                 for m in ("decode600", "prefill") if m in r]
         out.append(f"{label}: " + ", ".join(parts) + f", RSS +{r['rss_delta'] / 2**30:.2f} GiB")
     s = o.get("session")
     if isinstance(s, dict):

@@ -102,6 +102,7 @@ def phases(a, arts, res, np, torch):
     from runtime.backend import OrtBackend
     from runtime.bundle import Bundle
     from runtime.image import load_image, preprocess
+    from runtime.kvcache import KVCache
     from runtime.pipeline import Pipeline
     from pydicom.data import get_testdata_file
 
@@ -139,7 +140,7 @@ def phases(a, arts, res, np, torch):
             return vq_torch(ti)
 
     res["vqgan"] = bench({"ours": lambda: vq_graph.run({"indices": idx}), "torch": torch_vq}, W, R)
-    del vq_graph, vq_torch, gen_vision
+    vq_graph = vq_torch = gen_vision = None  # free them (None, not del: the lambdas above name them)
     question = "What does this scan show? Describe the findings in the image in detail, please."
     ttft = {"ours ask": lambda: p.ask(scan, question, max_new_tokens=1),
             "torch answer": lambda: ref.answer(scan, question, max_new_tokens=1)}
@@ -173,15 +174,15 @@ def phases(a, arts, res, np, torch):
     if opt:
         pre["optimum base"] = opt.prefill_case(PROMPT)
     res["prefill_D1"] = bench(pre, W, R)
-    res["bytes"] = {"ours com": [ours.weight_bytes, ours.kv_bytes_read()],
-                    "ours base": [base.weight_bytes, base.kv_bytes_read()],
+    kv_read = lambda d: {str(c): d.kv_bytes_read(c) for c in CONTEXTS}  # noqa: E731
+    res["bytes"] = {"ours com": [ours.weight_bytes, kv_read(ours)], "ours base": [base.weight_bytes, kv_read(base)],
                     "torch com": [tref.weight_bytes, None],
                     **({"optimum base": [opt.weight_bytes, None]} if opt else {}),
                     "kv_per_token": 2 * bundle.config["layers"] * bundle.config["kv_heads"]
                     * bundle.config["head_dim"] * 4}
     res["peers"] = {"optimum": str(arts["optimum"]) if opt is None else "ORTModelForCausalLM (onnxruntime-gpu, "
                                                                          "CPU provider)"}
-    del d1, tref, opt, pre, ref
+    d1 = tref = opt = pre = ref = None
     gc.collect()
 
     # -- H-LoRA overhead (group D2): COM and GEN decoders vs the plain base decoder, side by side
@@ -193,7 +194,7 @@ def phases(a, arts, res, np, torch):
     d2 = {"ours com": ours, "ours gen": ours_gen, "ours base": base}
     res["decode_D2"] = {str(c): bench({**{k: d.decode_case(c) for k, d in d2.items()}, "GEMV": gemv.case()}, W, R)
                         for c in CONTEXTS}
-    res["bytes"]["ours gen"] = [ours_gen.weight_bytes, ours_gen.kv_bytes_read()]
+    res["bytes"]["ours gen"] = [ours_gen.weight_bytes, kv_read(ours_gen)]
     del d2, ours_gen, gen, gemv
     p._tasks.pop("gen")
     gc.collect()
@@ -204,9 +205,16 @@ def phases(a, arts, res, np, torch):
     opts["kv"] = {str(c): bench({"in place (shipped)": ours.decode_case(c),
                                  "concat copy (emulated)": ours.decode_case(c, concat_copy=True)}, W, R)
                   for c in CONTEXTS}
+    full = C.OurDecoder(com.decoder, com.embed, KVCache(OrtBackend("cpu", T), com.decoder.spec), ours.weight_bytes,
+                        full_cache=True)  # the same graph and session, its cache held at max_context rows
+    opts["cache_rows"] = {
+        **{str(c): bench({"grown (shipped)": ours.decode_case(c), "max_context rows": full.decode_case(c)}, W, R)
+           for c in CONTEXTS},
+        "prefill": bench({"grown (shipped)": ours.prefill_case(embeds), "max_context rows": full.prefill_case(embeds)},
+                         W, R)}
+    del full
     for name, what in (("com-gemm1", ("decode600", "prefill")), ("com-allpos", ("prefill",)),
-                       ("com-dynamo", ("decode600", "prefill")), ("com-ctx256", ("decode100",)),
-                       ("com-cache1", ("prefill_graph",))):
+                       ("com-dynamo", ("decode600", "prefill"))):
         d = arts["variants"].get(name)
         if not isinstance(d, Path):
             opts[name] = d or "skipped (--quick)"
@@ -218,10 +226,6 @@ def phases(a, arts, res, np, torch):
             for m in what:
                 if m == "prefill":
                     out[m] = bench({"shipped": ours.prefill_case(embeds), name: v.prefill_case(embeds)}, W, R)
-                elif m == "prefill_graph":  # the graph run alone (KVCache.check_room refuses 616 rows into 1)
-                    ours.cache.length = v.cache.length = 0
-                    out[m] = bench({k: (lambda d=d: d.graph.run({"inputs_embeds": embeds, **d.cache.feeds()}))
-                                    for k, d in (("shipped", ours), (name, v))}, W, R)
                 else:
                     c = int(m[len("decode"):])
                     out[m] = bench({"shipped": ours.decode_case(c), name: v.decode_case(c)}, W, R)
@@ -269,7 +273,7 @@ def phases(a, arts, res, np, torch):
                                                          "ours_base_before": before_, "ours_base_after": anchor()}
     if not a.quick:
         res["prefill_base_anchor"] = bench({"ours base": base.prefill_case(embeds)}, W, R)
-    del base
+    base = None
     gc.collect()
 
     # -- end to end: one constrained image generation (1024 decode steps), step times from on_token

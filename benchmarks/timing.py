@@ -112,7 +112,6 @@ def bandwidth(threads: int, warmup: int, reps: int, gib: float = 1.0) -> dict:
     for name, factor in (("gemv", 1), ("sum", 1), ("copy", 2)):
         out[f"{name}_GBps"] = factor * nbytes / (res[name]["median_ms"] / 1e3) / 1e9
         out[f"{name}_stat"] = res[name]
-    del a, dst, flat, chunks, dchunks
     return out
 
 

@@ -119,7 +119,7 @@ def save_manifest(root: Path, manifest: dict) -> None:
 
 
 def describe(spec: GraphSpec) -> str:
-    """The dynamic dims of each profile, or 'static': e.g. 'seq 1..640..2048, cache 1..1..2048 | cache 1..2048..2048'."""
+    """Each profile's dynamic dims, or 'static': e.g. 'seq 1..640..2048, cache 1..1..2048 | cache 1..2048..2048'."""
     dynamic = []
     for override in spec.profiles or ({},):
         ranges = {**spec.dims, **override}

@@ -1,7 +1,7 @@
 """Export-friendly torch modules, one per graph in export/specs.py, built from the loaded reference.
 
-The decoder is our own Phi-3 forward (not HF's) so that it can read a static, preallocated KV cache and emit only the
-new rows; its numerics follow HF's eager Phi-3 (fp32 RMSNorm and softmax, rotate_half RoPE with fp32 inv_freq).
+The decoder is our own Phi-3 forward (not HF's) so that it can read the runtime's in-place KV cache buffer and emit
+only the new rows; its numerics follow HF's eager Phi-3 (fp32 RMSNorm and softmax, rotate_half RoPE, fp32 inv_freq).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Backends run graphs; they know nothing about HealthGPT. The decode loop (runtime/generate.py) is the same for all.
 
-A backend provides `load(bundle, task, name) -> Graph`, and the two things a preallocated KV cache needs:
+A backend provides `load(bundle, task, name) -> Graph`, and the two things the in-place KV cache needs:
 `buffer(shape, dtype)` (a persistent tensor bound as a graph input in place) and `write(buffer, rows, at)`
 (put new rows at sequence offset `at`). `Graph.run(feeds) -> {name: array}`: outputs are host arrays, or device
 tensors the same backend's `write` accepts, valid until the same graph runs again (consume or copy them first).
@@ -9,6 +9,7 @@ tensors the same backend's `write` accepts, valid until the same graph runs agai
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -43,8 +44,9 @@ class Backend(Protocol):
 
 
 class OrtGraph:
-    def __init__(self, session, spec: GraphSpec):
+    def __init__(self, session, spec: GraphSpec, weights: dict | None = None):
         self.session, self.spec = session, spec
+        self.weights = weights  # the OrtValues handed in with add_initializer: ORT does not keep them alive
         self.providers = session.get_providers()  # what the session really got, not what was asked
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -52,11 +54,16 @@ class OrtGraph:
 
 
 class OrtBackend:
-    """ONNX Runtime. The weights file is memory-mapped once and every initializer is handed to every session
-    with `add_initializer`, so tensors both tasks use (CLIP blocks, base decoder weights) live once in memory.
+    """ONNX Runtime. The weights file is memory-mapped once and every initializer is handed to every session with
+    `add_initializer`: no session reads or parses weights itself, and tensors both tasks use (CLIP blocks, base
+    decoder weights) are mapped once. But the CPU provider *prepacks* MatMul weights into a private copy per session
+    (its kernels' layout; the Python API has no shared prepacked-weights container), so with prepack=True (default,
+    fastest decode) each session holds its own copy of its weights, and a pipeline with both tasks open holds the
+    base decoder twice. prepack=False: sessions compute from the shared mapping, one copy in all (measured here at
+    4 real-width layers: +0.01 instead of +1.9 GiB per decoder session, decode ~8% slower; benchmarks/README.md).
     The KV cache is a host numpy buffer: CPU sessions read it in place; CUDA sessions copy it in per step."""
 
-    def __init__(self, providers: str = "auto", threads: int | None = None):
+    def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool = True):
         import onnxruntime as ort
 
         if providers not in PROVIDERS:
@@ -65,24 +72,27 @@ class OrtBackend:
         self.ort, self.requested = ort, providers
         self.name = f"ort-{providers}"
         self.threads = threads or len(os.sched_getaffinity(0))
-        self.weights: dict[str, object] = {}  # tensor name -> OrtValue over the mmap (shared by all sessions)
+        self.prepack = prepack
+        self.weights: dict[Path, dict[str, object]] = {}  # bundle -> tensor name -> OrtValue over its mmap
 
     def _shared_weights(self, bundle: Bundle) -> dict[str, object]:
-        if not self.weights:
-            table = bundle.manifest["weights"]
+        if bundle.root not in self.weights:
+            table, weights = bundle.manifest["weights"], {}
             mm = np.memmap(bundle.root / table["file"], dtype=np.uint8, mode="r")
             for name, t in table["tensors"].items():
                 dtype = np.dtype(t["dtype"])
                 arr = mm[t["offset"]: t["offset"] + int(np.prod(t["shape"])) * dtype.itemsize].view(dtype)
-                arr = arr.reshape(t["shape"])
-                self.weights[name] = self.ort.OrtValue.ortvalue_from_numpy(arr)
-        return self.weights
+                weights[name] = self.ort.OrtValue.ortvalue_from_numpy(arr.reshape(t["shape"]))
+            self.weights[bundle.root] = weights
+        return self.weights[bundle.root]
 
     def load(self, bundle: Bundle, task: str, name: str) -> OrtGraph:
         opts = self.ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # onnxruntime-gpu warns about providers it cannot load; we report them instead
+        if not self.prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         weights = self._shared_weights(bundle)
         for tensor in bundle.entry(task, name)["initializers"]:
             opts.add_initializer(tensor, weights[tensor])
@@ -94,7 +104,7 @@ class OrtBackend:
         if self.requested in ("cuda", "tensorrt") and got[0] != PROVIDERS[self.requested][0]:
             raise UserError(f"{PROVIDERS[self.requested][0]} was requested but could not be loaded (the session "
                             f"got {', '.join(got)}); check the CUDA/cuDNN installation or use --providers cpu")
-        return OrtGraph(session, bundle.spec(task, name))
+        return OrtGraph(session, bundle.spec(task, name), weights)
 
     def buffer(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         return np.zeros(shape, DTYPES[dtype])
@@ -103,9 +113,9 @@ class OrtBackend:
         buffer[:, :, at: at + rows.shape[2]] = rows
 
 
-def open_backend(name: str, providers: str = "auto") -> Backend:
+def open_backend(name: str, providers: str = "auto", prepack: bool = True) -> Backend:
     if name == "ort":
-        return OrtBackend(providers)
+        return OrtBackend(providers, prepack=prepack)
     if name == "trt":
         from runtime.backend_trt import TrtBackend  # tensorrt and CUDA are imported only when asked for
 

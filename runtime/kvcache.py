@@ -44,18 +44,21 @@ class KVCache:
             raise UserError(f"the context would reach {self.length + new} tokens; this bundle holds at most "
                             f"{self.capacity} (re-export with a larger --max-context)")
 
-    def update(self, outputs: dict) -> None:
-        """Write the step's new rows at [length, length + seq) of every buffer (grown first if they do not fit)."""
-        seq = outputs[self.pairs[0][1]].shape[2]
-        need = self.length + seq
-        if need > self.rows:
-            grown = self._allocate(min(self.capacity, 1 << (need - 1).bit_length()))
+    def reserve(self, rows: int) -> None:
+        """Make the buffers hold at least `rows` rows: the next power of two (at most capacity), rows kept."""
+        if rows > self.rows:
+            grown = self._allocate(min(self.capacity, 1 << (rows - 1).bit_length()))
             for past, buffer in grown.items():
                 self.backend.write(buffer, self.buffers[past], 0)  # old rows, stale tail included (masked anyway)
             self.buffers = grown
+
+    def update(self, outputs: dict) -> None:
+        """Write the step's new rows at [length, length + seq) of every buffer (grown first if they do not fit)."""
+        seq = outputs[self.pairs[0][1]].shape[2]
+        self.reserve(self.length + seq)
         for past, present in self.pairs:
             self.backend.write(self.buffers[past], outputs[present], self.length)
-        self.length = need
+        self.length += seq
 
     def reset(self) -> None:
         self.length = 0

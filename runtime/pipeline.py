@@ -44,8 +44,10 @@ class Pipeline:
         self._vqgan: Graph | None = None
 
     @classmethod
-    def open(cls, bundle: str | Path, backend: str = "ort", providers: str = "auto") -> Pipeline:
-        return cls(Bundle.open(bundle), open_backend(backend, providers))
+    def open(cls, bundle: str | Path, backend: str = "ort", providers: str = "auto", prepack: bool = True) -> Pipeline:
+        """prepack=False: one copy of the weights for every task's sessions on ONNX Runtime's CPU provider, at some
+        decode speed (see OrtBackend); worth it when both tasks stay open in one process."""
+        return cls(Bundle.open(bundle), open_backend(backend, providers, prepack))
 
     def task(self, name: str) -> TaskGraphs:
         if name not in self.bundle.tasks:

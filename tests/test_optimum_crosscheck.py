@@ -1,5 +1,5 @@
 """Issue 3's independent cross-check: with H-LoRA left out and the vocabulary at the base size, our decoder graph
-(export/graphs.py: static preallocated cache in, new rows out) gives the same logits as optimum-onnx's
+(export/graphs.py: the in-place cache buffer in, new rows out) gives the same logits as optimum-onnx's
 `text-generation-with-past` export of the same base Phi-3, over a prefill and 8 greedy decode steps.
 
 The two graphs share nothing but the weights on disk: optimum traces HF's own Phi3ForCausalLM (growing cache,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.backend import OrtBackend
 from runtime.errors import UserError
 from runtime.generate import decode_one_token, generate, prefill
 from runtime.image import load_image
@@ -160,6 +161,16 @@ def test_runtime_never_imports_torch_or_transformers(m3_bundle, ct_small):
     assert proc.returncode == 0, proc.stderr
     assert "time to first token" in proc.stderr
     assert "blocked imports tried: []; loaded: []" in proc.stderr  # nothing even tried, quietly or not
+
+
+def test_prepack_off_shares_weights_and_answers_the_same(m3_bundle, m3_pipe, ct_small):
+    lean = Pipeline.open(m3_bundle, providers="cpu", prepack=False)
+    options = lean.task("com").decoder.session.get_session_options()
+    assert options.get_session_config_entry("session.disable_prepacking") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # the default: ORT prepacks
+        m3_pipe.task("com").decoder.session.get_session_options().get_session_config_entry("session.disable_prepacking")
+    question = "What does the image show?"
+    assert lean.ask(ct_small, question, max_new_tokens=8) == m3_pipe.ask(ct_small, question, max_new_tokens=8)
 
 
 # --- the KV cache -------------------------------------------------------------------------------------------------
@@ -331,7 +342,18 @@ def test_task_switch_keeps_both_tasks_loaded(switched):
         assert getattr(pipe.task("com"), name).session is session, f"com.{name} was reloaded"
     # tensors both tasks use were handed to both sessions from one table: the table holds each tensor once
     weights = pipe.bundle.manifest["weights"]["tensors"]
-    assert set(pipe.backend.weights) == set(weights)
+    assert set(pipe.backend.weights[pipe.bundle.root]) == set(weights)
+
+
+def test_a_graph_outlives_its_backend(m3_bundle, m3_pipe):
+    """ORT reads add_initializer's OrtValues without holding them: the graph must, or a dropped backend's mmap
+    views are freed under a live session (a segfault, seen in a profiling script before this was fixed)."""
+    import gc
+
+    ids = {"input_ids": np.array([[1, 2, 3]], dtype=np.int64)}
+    embed = OrtBackend("cpu").load(m3_pipe.bundle, "com", "embed")
+    gc.collect()
+    np.testing.assert_array_equal(embed.run(ids)["inputs_embeds"], m3_pipe.task("com").embed.run(ids)["inputs_embeds"])
 
 
 # --- refusals -----------------------------------------------------------------------------------------------------
