@@ -42,8 +42,7 @@ class OurDecoder:
 
     def rows_read(self, context: int) -> int:
         """Cache rows the graph reads for one step at `context` (KVCache.reserve's rule, or all of them)."""
-        rows = self.cache.capacity if self.full_cache else 1 << (max(context, 1) - 1).bit_length()
-        return min(self.cache.capacity, rows)
+        return self.cache.capacity if self.full_cache else self.cache.rows_for(context)
 
     def decode_case(self, context: int, concat_copy: bool = False) -> Case:
         if not concat_copy:

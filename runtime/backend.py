@@ -60,7 +60,7 @@ class OrtBackend:
     (its kernels' layout; the Python API has no shared prepacked-weights container), so with prepack=True (default,
     fastest decode) each session holds its own copy of its weights, and a pipeline with both tasks open holds the
     base decoder twice. prepack=False: sessions compute from the shared mapping, one copy in all (measured here at
-    4 real-width layers: +0.01 instead of +1.9 GiB per decoder session, decode ~8% slower; benchmarks/README.md).
+    4 real-width layers: +0.00 instead of +1.9 GiB per decoder session, decode 5-8% slower; benchmarks/README.md).
     The KV cache is a host numpy buffer: CPU sessions read it in place; CUDA sessions copy it in per step."""
 
     def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool = True):

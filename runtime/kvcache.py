@@ -44,10 +44,14 @@ class KVCache:
             raise UserError(f"the context would reach {self.length + new} tokens; this bundle holds at most "
                             f"{self.capacity} (re-export with a larger --max-context)")
 
+    def rows_for(self, length: int) -> int:
+        """Buffer rows for a context of `length`: the next power of two, at least 1, at most capacity."""
+        return min(self.capacity, 1 << (max(length, 1) - 1).bit_length())
+
     def reserve(self, rows: int) -> None:
-        """Make the buffers hold at least `rows` rows: the next power of two (at most capacity), rows kept."""
+        """Make the buffers hold at least `rows` rows (rows_for(rows) of them), the rows written so far kept."""
         if rows > self.rows:
-            grown = self._allocate(min(self.capacity, 1 << (rows - 1).bit_length()))
+            grown = self._allocate(self.rows_for(rows))
             for past, buffer in grown.items():
                 self.backend.write(buffer, self.buffers[past], 0)  # old rows, stale tail included (masked anyway)
             self.buffers = grown
