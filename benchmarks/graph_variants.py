@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from export.graphs import DecoderGraph
-from export.hlora import HLoraLinear
+from export.hlora import HLoraLinear, experts_out
 
 
 class FusedHLora(nn.Module):
@@ -25,9 +25,7 @@ class FusedHLora(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.w_a_route.t()
         base, a, route = y.split([self.out, self.rank, self.experts], dim=-1)
-        gate = torch.softmax(route.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
-        gated = (a.unflatten(-1, (self.experts, self.rank // self.experts)) * gate.unsqueeze(-1)).flatten(-2)
-        return base + gated @ self.lora_b.t()
+        return base + experts_out(a, route, self.lora_b, self.experts)
 
 
 class AllPositionsDecoder(DecoderGraph):

@@ -205,7 +205,7 @@ def phases(a, arts, res, np, torch):
     opts["kv"] = {str(c): bench({"in place (shipped)": ours.decode_case(c),
                                  "concat copy (emulated)": ours.decode_case(c, concat_copy=True)}, W, R)
                   for c in CONTEXTS}
-    full = C.OurDecoder(com.decoder, com.embed, KVCache(OrtBackend("cpu", T), com.decoder.spec), ours.weight_bytes,
+    full = C.OurDecoder(com.decoder, com.embed, KVCache(backend, com.decoder.spec), ours.weight_bytes,
                         full_cache=True)  # the same graph and session, its cache held at max_context rows
     opts["cache_rows"] = {
         **{str(c): bench({"grown (shipped)": ours.decode_case(c), "max_context rows": full.decode_case(c)}, W, R)

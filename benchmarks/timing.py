@@ -82,18 +82,13 @@ class Gemv:
     def case(self) -> Case:
         return Case(lambda: self.a @ self.x)
 
-    def gbps(self, st: dict) -> float:
-        return self.nbytes / (st["median_ms"] / 1e3) / 1e9
-
 
 def bandwidth(threads: int, warmup: int, reps: int, gib: float = 1.0) -> dict:
     """Memory bandwidth three ways, with `threads` threads (numpy's BLAS honours OPENBLAS_NUM_THREADS, set by
     run.py before numpy is imported): fp32 GEMV `a @ x` (a of `gib` GiB: the access pattern of decode), a
     threaded sum (read only), a threaded copy (read + write counted). GB/s = 1e9 bytes/s."""
-    n = int((gib * 2**30 / 4) ** 0.5) // 64 * 64
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    x = np.ones(n, np.float32)
-    flat = a.reshape(-1)
+    gemv = Gemv(gib)
+    flat = gemv.a.reshape(-1)
     chunks = np.array_split(flat, threads)
     dst = np.empty_like(flat)
     dchunks = np.array_split(dst, threads)
@@ -105,9 +100,9 @@ def bandwidth(threads: int, warmup: int, reps: int, gib: float = 1.0) -> dict:
     def tcopy():
         list(pool.map(lambda i: np.copyto(dchunks[i], chunks[i]), range(threads)))
 
-    res = bench({"gemv": lambda: a @ x, "sum": tsum, "copy": tcopy}, warmup, reps)
+    res = bench({"gemv": gemv.case(), "sum": tsum, "copy": tcopy}, warmup, reps)
     pool.shutdown()
-    nbytes = a.nbytes
+    nbytes = gemv.nbytes
     out = {"matrix_bytes": nbytes, "threads": threads}
     for name, factor in (("gemv", 1), ("sum", 1), ("copy", 2)):
         out[f"{name}_GBps"] = factor * nbytes / (res[name]["median_ms"] / 1e3) / 1e9

@@ -57,8 +57,12 @@ class FoldedHLora(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ar = x @ self.a_route.t()  # [.., r + experts]
-        a, route = ar[..., : self.rank], ar[..., self.rank:]
-        # fp32 island in fp16 graphs (softmax); never lower than the input's own precision
-        gate = torch.softmax(route.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
-        gated = (a.unflatten(-1, (self.experts, self.rank // self.experts)) * gate.unsqueeze(-1)).flatten(-2)
-        return x @ self.weight.t() + gated @ self.lora_b.t()
+        return x @ self.weight.t() + experts_out(ar[..., : self.rank], ar[..., self.rank:], self.lora_b, self.experts)
+
+
+def experts_out(a: torch.Tensor, route: torch.Tensor, lora_b: torch.Tensor, experts: int) -> torch.Tensor:
+    """(x A^T s) [.., r] gated per expert by softmax(x R^T) [.., experts], then B: the H-LoRA term of the output."""
+    # fp32 island in fp16 graphs (softmax); never lower than the input's own precision
+    gate = torch.softmax(route.to(torch.promote_types(a.dtype, torch.float32)), dim=-1).to(a.dtype)
+    gated = (a.unflatten(-1, (experts, a.shape[-1] // experts)) * gate.unsqueeze(-1)).flatten(-2)
+    return gated @ lora_b.t()

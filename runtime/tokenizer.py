@@ -2,7 +2,8 @@
 
 Torch-free: only `tokenizers` and the standard library. `encode` returns what the reference's slow tokenizer returns
 for `tokenizer(text).input_ids`; `decode` what its `decode` returns. Slow behaviours that a tokenizer.json cannot
-express are reproduced here (export/tokenizer.py proves the encoding on the real prompts, tests/test_tokenizer.py the decoding):
+express are reproduced here (export/tokenizer.py proves the encoding on the real prompts, tests/test_tokenizer.py
+the decoding):
 
 - Llama with `legacy=False` (Phi-3): the slow class prepends "▁" to the whole text, tokenizes, then drops a leading
   "▁" token only when the next token is one of `all_special_tokens`. So "<|system|>..." starts with a "▁" token
