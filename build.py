@@ -15,14 +15,14 @@ from runtime.errors import UserError
 
 
 def cmd_synth(a):
-    from export.synth import synthesize
+    from export.synth.checkpoint import synthesize
 
     paths = synthesize(a.out, a.variant, a.size, a.seed)
     print(f"[I] synthetic {a.variant} ({a.size}) checkpoint written to {paths.root}")
 
 
 def cmd_reference(a):
-    from export.reference import load_reference
+    from export.reference.model import load_reference
     from runtime.image import load_image, save_png
 
     ref = load_reference(a.checkpoint, a.task)
@@ -36,15 +36,15 @@ def cmd_reference(a):
 
 
 def cmd_export(a):
-    from export.bundle import export_bundle
+    from export.compile.bundle import export_bundle
 
     manifest = export_bundle(a.checkpoint, a.out, tuple(a.tasks.split(",")), a.dtype, a.max_context)
-    total = sum(f["bytes"] for f in manifest["files"].values())
-    print(f"[I] bundle {a.out}: {len(manifest['graphs'])} graphs, {total / 2**20:.1f} MiB in all")
+    total = sum(f.bytes for f in manifest.files.values())
+    print(f"[I] bundle {a.out}: {len(manifest.graphs)} graphs, {total / 2**20:.1f} MiB in all")
 
 
 def cmd_verify(a):
-    from export.verify import failures, verify
+    from export.parity.verify import failures, verify
 
     report = verify(a.bundle, a.checkpoint, a.backends.split(","), a.image, a.steps,
                     a.tasks.split(",") if a.tasks else None)
@@ -114,6 +114,9 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are staged and swapped in whole: nothing half-written is left behind
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

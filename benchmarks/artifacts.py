@@ -1,10 +1,11 @@
 """Everything the benchmark measures, built once and cached under $HGB_CACHE (default /tmp/healthgpt-bench/L{N}):
 
     ck/                 synthetic M3 checkpoint at real widths (export.synth 'real') with N decoder layers
-    bundle/             the shipped bundle: export.bundle.export_bundle(ck, bundle, ("com", "gen"), "fp32", MAX)
-    variants/NAME/      one decoder graph each, weights externalized like a bundle (a mini manifest.json):
-        base            plain base Phi-3 (no H-LoRA, base vocabulary): DecoderGraph(llm, MAX, fold_hlora=False)
-        com-gemm1       COM decoder with H-LoRA as ONE GEMM over [W; A*s; R] (export.hlora.FoldedHLora: W + [A; R])
+    bundle/             the shipped bundle: export.compile.bundle.export_bundle(ck, bundle, ("com", "gen"), "fp32", MAX)
+    variants/NAME/      one decoder graph each, as a bundle of its own (the shipped bundle's manifest, its graphs and
+                        weights replaced by the variant's; variant.json says how it was made):
+        base            plain base Phi-3 (no H-LoRA, base vocabulary): DecoderGraph(llm, MAX)
+        com-gemm1       COM decoder with H-LoRA as ONE GEMM over [W; A*s; R] (shipped: FoldedHLora, W + [A; R])
         com-allpos      COM decoder returning logits for every position (shipped: last position only)
         com-dynamo      COM decoder exported with torch.onnx.export(dynamo=True) (shipped: TorchScript)
     optimum/            optimum-onnx main_export(base, task="text-generation-with-past") of the plain base model
@@ -26,76 +27,82 @@ MAX_CONTEXT = 2048  # the bundle default (build.py export --max-context)
 VARIANTS = ("base", "com-gemm1", "com-allpos", "com-dynamo")
 
 
-def cache_root(layers: int) -> Path:
-    return Path(os.environ.get("HGB_CACHE", "/tmp/healthgpt-bench")) / f"L{layers}"
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The synthetic M3 the benchmark measures: `size` as `build.py synth --size` (real: the true widths; tiny: a
+    smoke run of the benchmark code), with `layers` decoder layers."""
+    size: str = "real"
+    layers: int = 4
+
+
+def cache_root(model: Model) -> Path:
+    name = f"L{model.layers}" if model.size == "real" else f"{model.size}-L{model.layers}"
+    return Path(os.environ.get("HGB_CACHE", "/tmp/healthgpt-bench")) / name
 
 
 def log(msg: str) -> None:
     print(f"[build] {msg}", flush=True)
 
 
-def checkpoint(layers: int) -> Path:
-    ck = cache_root(layers) / "ck"
+def checkpoint(model: Model) -> Path:
+    ck = cache_root(model) / "ck"
     if (ck / ".done").is_file():
         return ck
-    from export import synth
+    from export.synth.checkpoint import synthesize
 
-    # our own Size with N layers, registered in this process only (export/synth.py is not edited)
-    name = f"bench{layers}"
-    synth.SIZES["m3", name] = dataclasses.replace(synth.SIZES["m3", "real"], layers=layers)
     start = time.perf_counter()
-    synth.synthesize(ck, "m3", name, seed=0)
-    (ck / ".done").write_text(name)
-    log(f"checkpoint {ck} ({layers} layers) in {time.perf_counter() - start:.0f}s")
+    synthesize(ck, "m3", model.size, seed=0, layers=model.layers)
+    (ck / ".done").write_text(f"{model.size}, {model.layers} layers")
+    log(f"checkpoint {ck} ({model}) in {time.perf_counter() - start:.0f}s")
     return ck
 
 
-def bundle(layers: int) -> Path:
+def bundle(model: Model) -> Path:
     """Always through export_bundle: it reuses every graph whose cache key (exporter version included) matches."""
-    from export.bundle import export_bundle
+    from export.compile.bundle import export_bundle
 
-    out = cache_root(layers) / "bundle"
+    out = cache_root(model) / "bundle"
     start = time.perf_counter()
-    export_bundle(checkpoint(layers), out, ("com", "gen"), "fp32", MAX_CONTEXT)
+    export_bundle(checkpoint(model), out, ("com", "gen"), "fp32", MAX_CONTEXT)
     log(f"bundle {out} in {time.perf_counter() - start:.0f}s")
     return out
 
 
-def variant_dir(layers: int, name: str) -> Path:
-    return cache_root(layers) / "variants" / name
+def variant_dir(model: Model, name: str) -> Path:
+    return cache_root(model) / "variants" / name
 
 
-def variants(layers: int, names=VARIANTS) -> dict[str, Path | str]:
+def variants(model: Model, names=VARIANTS) -> dict[str, Path | str]:
     """name -> directory, or -> 'not built: reason' (an export that fails is reported, not fatal)."""
-    from export.bundle import EXPORTER_VERSION
+    from export.compile.bundle import EXPORTER_VERSION
 
     out, todo = {}, []
     for name in names:
-        d = variant_dir(layers, name)
+        d = variant_dir(model, name)
         out[name] = d
-        manifest = d / "manifest.json"
-        if not manifest.is_file() or json.loads(manifest.read_text()).get("exporter") != EXPORTER_VERSION:
+        made = d / "variant.json"
+        if not made.is_file() or json.loads(made.read_text()).get("exporter") != EXPORTER_VERSION:
             todo.append(name)
     if todo:
-        out.update(_export_variants(layers, todo))
+        out.update(_export_variants(model, todo))
     return out
 
 
-def _export_variants(layers: int, names: list[str]) -> dict[str, str]:
+def _export_variants(model: Model, names: list[str]) -> dict[str, str]:
     import torch
 
-    from export import graphs
-    from export.checkpoint import CheckpointPaths
-    from export.reference import load_reference
+    from export.compile import graphs
+    from export.reference.checkpoint import CheckpointPaths
+    from export.reference.model import load_reference
 
     failed = {}
-    ck = checkpoint(layers)
+    ck = checkpoint(model)
     if "base" in names:
         from transformers import Phi3ForCausalLM
 
         llm = Phi3ForCausalLM.from_pretrained(CheckpointPaths.find(ck).base, dtype=torch.float32,
                                               attn_implementation="eager", local_files_only=True).eval()
-        failed.update(_export_one(layers, "base", graphs.DecoderGraph(llm, MAX_CONTEXT, fold_hlora=False), llm))
+        failed.update(_export_one(model, "base", graphs.DecoderGraph(llm, MAX_CONTEXT), llm))
         del llm
     rest = [n for n in names if n != "base"]
     if not rest:
@@ -106,24 +113,20 @@ def _export_variants(layers: int, names: list[str]) -> dict[str, str]:
         if name == "com-gemm1":
             from benchmarks.graph_variants import FusedHLora
 
-            saved, graphs.FoldedHLora = graphs.FoldedHLora, FusedHLora  # this process only
-            try:
-                module = graphs.DecoderGraph(ref.llm, MAX_CONTEXT)
-            finally:
-                graphs.FoldedHLora = saved
+            module = graphs.DecoderGraph(ref.llm, MAX_CONTEXT, fold=FusedHLora)
         elif name == "com-allpos":
             from benchmarks.graph_variants import AllPositionsDecoder
 
             module = AllPositionsDecoder(ref.llm, MAX_CONTEXT)
         else:
             module = graphs.DecoderGraph(ref.llm, MAX_CONTEXT)
-        failed.update(_export_one(layers, name, module, ref.llm, dynamo=name == "com-dynamo",
+        failed.update(_export_one(model, name, module, ref.llm, dynamo=name == "com-dynamo",
                                   all_positions=name == "com-allpos"))
     return failed
 
 
 def _decoder_spec(llm, all_positions: bool):
-    from export import specs
+    from export.compile import specs
     from runtime.graphspec import TensorSpec
 
     cfg = llm.config
@@ -137,19 +140,23 @@ def _decoder_spec(llm, all_positions: bool):
     return spec
 
 
-def _export_one(layers: int, name: str, module, llm, dynamo: bool = False,
+def _export_one(model: Model, name: str, module, llm, dynamo: bool = False,
                 all_positions: bool = False) -> dict[str, str]:
-    """Export one decoder variant into variants/NAME/ (graph + weights.bin + a mini manifest)."""
+    """Export one decoder variant into variants/NAME/: a bundle holding only its com.decoder graph."""
+    import shutil
+
     import numpy as np
     import onnx
 
-    from export.bundle import EXPORTER_VERSION
-    from export.onnx_export import WeightStore, export_graph
+    from export.compile.bundle import EXPORTER_VERSION
+    from export.compile.onnx_export import WeightStore, export_graph
+    from runtime.bundle import Bundle
+    from runtime.files import file_digest
+    from runtime.manifest import MANIFEST, FileEntry, GraphEntry, TensorEntry, WeightsTable
 
-    d = variant_dir(layers, name)
+    d = variant_dir(model, name)
     tmp = d.with_name(name + ".partial")
-    import shutil
-
+    shipped = Bundle.open(cache_root(model) / "bundle", verify=False)  # built first (build_all)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     spec = _decoder_spec(llm, all_positions)
@@ -165,11 +172,15 @@ def _export_one(layers: int, name: str, module, llm, dynamo: bool = False,
     inits = store.externalize(model)
     store.close()
     onnx.save(model, str(tmp / "decoder.onnx"))
-    manifest = {"graphs": {"com.decoder": {"file": "decoder.onnx", "spec": spec.to_json(), "initializers": inits}},
-                "weights": {"file": "weights.bin", "tensors": store.tensors},
-                "export": "dynamo" if dynamo else "torchscript", "nodes": len(model.graph.node),
-                "exporter": EXPORTER_VERSION}
-    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copy(shipped.file(shipped.manifest.tokenizer.file), tmp / shipped.manifest.tokenizer.file)
+    tensors = {n: TensorEntry(t["offset"], t["dtype"], tuple(t["shape"])) for n, t in store.tensors.items()}
+    files = {p.name: FileEntry(file_digest(p), p.stat().st_size) for p in sorted(tmp.iterdir())}
+    manifest = dataclasses.replace(
+        shipped.manifest, graphs={"com.decoder": GraphEntry("com", "decoder.onnx", spec, name, tuple(inits))},
+        weights=WeightsTable("weights.bin", tensors), files=files, engines={})
+    (tmp / MANIFEST).write_text(manifest.to_json_text())
+    (tmp / "variant.json").write_text(json.dumps({"export": "dynamo" if dynamo else "torchscript",
+                                                  "nodes": len(model.graph.node), "exporter": EXPORTER_VERSION}))
     shutil.rmtree(d, ignore_errors=True)
     tmp.rename(d)
     log(f"variant {name}: {len(model.graph.node)} nodes in {time.perf_counter() - start:.0f}s")
@@ -199,18 +210,18 @@ def _export_dynamo(spec, module, feeds):
     return model
 
 
-def optimum(layers: int) -> Path | str:
-    out = cache_root(layers) / "optimum"
+def optimum(model: Model) -> Path | str:
+    out = cache_root(model) / "optimum"
     if (out / ".done").is_file():
         return out
-    from export.checkpoint import CheckpointPaths
+    from export.reference.checkpoint import CheckpointPaths
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from optimum.exporters.onnx import main_export
 
         start = time.perf_counter()
-        main_export(model_name_or_path=str(CheckpointPaths.find(checkpoint(layers)).base), output=str(out),
+        main_export(model_name_or_path=str(CheckpointPaths.find(checkpoint(model)).base), output=str(out),
                     task="text-generation-with-past", opset=17, device="cpu", dtype="fp32",
                     local_files_only=True, do_validation=False, monolith=False)
         (out / ".done").write_text("ok")
@@ -220,9 +231,9 @@ def optimum(layers: int) -> Path | str:
     return out
 
 
-def build_all(layers: int, quick: bool) -> dict:
+def build_all(model: Model, quick: bool) -> dict:
     """Build (or find) every artifact; returns paths or 'not built: reason' strings."""
-    arts = {"checkpoint": checkpoint(layers), "bundle": bundle(layers)}
-    arts["variants"] = variants(layers, ("base",) if quick else VARIANTS)
-    arts["optimum"] = "skipped (--quick)" if quick else optimum(layers)
+    arts = {"checkpoint": checkpoint(model), "bundle": bundle(model)}
+    arts["variants"] = variants(model, ("base",) if quick else VARIANTS)
+    arts["optimum"] = "skipped (--quick)" if quick else optimum(model)
     return arts

@@ -3,7 +3,6 @@ settings), the PyTorch reference, and optimum-onnx's ORTModelForCausalLM. Each g
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,14 +67,8 @@ class OurDecoder:
 
 
 def graph_weight_bytes(bundle: Bundle, task: str, name: str) -> int:
-    tensors = bundle.manifest["weights"]["tensors"]
-    return sum(int(np.prod(tensors[t]["shape"])) * np.dtype(tensors[t]["dtype"]).itemsize
-               for t in bundle.entry(task, name)["initializers"])
-
-
-def mini_bundle(root: Path) -> Bundle:
-    """A variant directory written by artifacts._export_one: one graph, its weights, a mini manifest."""
-    return Bundle(root, json.loads((root / "manifest.json").read_text()))
+    tensors = bundle.manifest.weights.tensors
+    return sum(tensors[t].nbytes for t in bundle.entry(task, name).initializers)
 
 
 def our_decoder(bundle: Bundle, task: str, embed: OrtGraph, threads: int, backend: OrtBackend | None = None,
@@ -117,8 +110,8 @@ def session(bundle: Bundle, task: str, name: str, backend: OrtBackend | None, th
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if spinning is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    shared = backend._shared_weights(bundle) if weights == "shared" else None  # OrtValues over the bundle's mmap
-    for tensor in bundle.entry(task, name)["initializers"] if shared else ():
+    shared = backend.shared_weights(bundle) if weights == "shared" else None  # OrtValues over the bundle's mmap
+    for tensor in bundle.entry(task, name).initializers if shared else ():
         opts.add_initializer(tensor, shared[tensor])
     s = ort.InferenceSession(str(bundle.path(task, name)), opts, providers=["CPUExecutionProvider"])
     return OrtGraph(s, bundle.spec(task, name), shared)

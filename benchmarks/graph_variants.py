@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.graphs import DecoderGraph
-from export.hlora import HLoraLinear, experts_out
+from export.compile.graphs import DecoderGraph
+from export.reference.hlora import HLoraLinear, experts_out
 
 
 class FusedHLora(nn.Module):

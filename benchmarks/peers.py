@@ -23,7 +23,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from benchmarks.artifacts import cache_root, checkpoint, log
+from benchmarks.artifacts import Model, cache_root, checkpoint, log
 
 GENAI_VERSION = "0.18.0"
 TRANSFORMERS_FOR_BUILDER = "5.23.0"
@@ -62,15 +62,15 @@ def genai_python() -> Path | str:
     return py
 
 
-def build(layers: int, precision: str) -> Path | str:
+def build(model: Model, precision: str) -> Path | str:
     """Model builder output of the plain base model (fp32 or int4) for CPU, cached; or 'not run: reason'."""
-    out = cache_root(layers) / f"genai-{precision}"
+    out = cache_root(model) / f"genai-{precision}"
     if (out / "genai_config.json").is_file():
         return out
     py = genai_python()
     if isinstance(py, str):
         return py
-    base = checkpoint(layers) / "Phi-3-mini-4k-instruct"
+    base = checkpoint(model) / "Phi-3-mini-4k-instruct"
     config = json.loads((base / "config.json").read_text())
     if config.get("original_max_position_embeddings") != config.get("max_position_embeddings"):
         return ("not run: the builder would take the LongRoPE path: original_max_position_embeddings != "

@@ -17,21 +17,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.cpu import physical_cores  # noqa: E402 - stdlib only: numpy must not load before the threads are set
+
 CONTEXTS = (100, 600, 1600)
 PROMPT = 616  # 576 image tokens + ~40 text tokens
-
-
-def physical_cores() -> int:
-    seen, cur, allowed = set(), {}, os.sched_getaffinity(0)
-    for line in [*open("/proc/cpuinfo"), "\n"]:
-        if ":" in line:
-            k, v = (s.strip() for s in line.split(":", 1))
-            cur[k] = v
-        elif cur:
-            if int(cur.get("processor", -1)) in allowed:
-                seen.add((cur.get("physical id"), cur.get("core id")))
-            cur = {}
-    return len(seen) or len(allowed)
 
 
 def parse(argv):
@@ -39,6 +30,9 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="2 layers, 1 warm-up + 3 runs; peers, variants, session "
                                                         "settings and the PyTorch TTFT skipped")
     p.add_argument("--layers", type=int, help="decoder layers of the synthetic model (default 4; --quick 2)")
+    p.add_argument("--size", choices=["real", "tiny"], default="real",
+                   help="widths of the synthetic model: real (M3's, the default) or tiny (a smoke run of this "
+                        "script: the figures mean nothing)")
     p.add_argument("--json", type=Path, help="where to write the results (default benchmarks/results/"
                                              "{full,quick}.json)")
     p.add_argument("--threads", type=int, help="intra-op threads for every contender (default: physical cores)")
@@ -61,7 +55,6 @@ def main(argv=None) -> int:
         os.environ[var] = str(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT))
     import numpy as np
     import torch
 
@@ -75,7 +68,7 @@ def main(argv=None) -> int:
                     "mem_available_start_GiB": round(mem_available() / 2**30, 1)}}
     print(f"[run] {a.layers} decoder layers, {a.threads} threads, warm-up {a.warmup}, {a.reps} runs per figure, "
           f"load {res['meta']['load_start']:.2f}", flush=True)
-    arts = artifacts.build_all(a.layers, a.quick)
+    arts = artifacts.build_all(artifacts.Model(a.size, a.layers), a.quick)
     res["meta"]["build_s"] = round(time.time() - t0)
     t1 = time.time()
 
@@ -92,191 +85,246 @@ def main(argv=None) -> int:
     return 0
 
 
+class Run:
+    """What the phases below share: the options, the artifacts, the results, and the objects one phase makes for the
+    next (the pipeline, the shipped COM decoder, the plain base decoder). A phase frees what it alone used."""
+
+    def __init__(self, a, arts: dict, res: dict):
+        from pydicom.data import get_testdata_file
+
+        from runtime.backend import OrtBackend
+        from runtime.bundle import Bundle
+        from runtime.image import load_image, preprocess
+        from runtime.pipeline import Pipeline
+
+        self.a, self.arts, self.res = a, arts, res
+        self.W, self.R, self.T = a.warmup, a.reps, a.threads
+        self.t0 = time.time()
+        self.bundle = Bundle.open(arts["bundle"], verify=False)
+        self.cfg = self.bundle.manifest.config
+        self.backend = OrtBackend("cpu", self.T)
+        self.p = Pipeline(self.bundle, self.backend)
+        self.scan = load_image(get_testdata_file("CT_small.dcm"))
+        self.pixels = preprocess(self.scan)
+        self.embeds = None  # a 616-token prompt's embeddings, for the prefill figures
+        self.ref = self.decoder = self.embed = self.ours = self.base = self.gemv = None
+
+    def say(self, message: str) -> None:
+        print(f"[run] {time.time() - self.t0:5.0f}s {message}", flush=True)
+
+    def bench(self, cases: dict) -> dict:
+        from benchmarks.timing import bench
+
+        return bench(cases, self.W, self.R)
+
+
 def phases(a, arts, res, np, torch):
-    from export.reference import load_reference
-    from export.variants import get_task
-    from export.vqgan import load_vqgan
-    from benchmarks import contenders as C
-    from benchmarks import peers
-    from benchmarks.timing import Gemv, bench, rss_bytes
-    from runtime.backend import OrtBackend
-    from runtime.bundle import Bundle
-    from runtime.image import load_image, preprocess
-    from runtime.kvcache import KVCache
-    from runtime.pipeline import Pipeline
-    from pydicom.data import get_testdata_file
+    r = Run(a, arts, res)
+    for phase in (vision_vqgan_ttft, decode_d1, decode_d2, optimizations, session_settings, genai, generate):
+        phase(r, np, torch)
+        gc.collect()
 
-    W, R, T = a.warmup, a.reps, a.threads
-    t0 = time.time()
-    say = lambda m: print(f"[run] {time.time() - t0:5.0f}s {m}", flush=True)  # noqa: E731
-    bundle = Bundle.open(arts["bundle"], verify=False)
-    backend = OrtBackend("cpu", T)
-    p = Pipeline(bundle, backend)
-    scan = load_image(get_testdata_file("CT_small.dcm"))
-    pixels = preprocess(scan)
 
-    # -- vision, vqgan, time to first token: our runtime vs the PyTorch reference (one reference: COM; the GEN
-    #    vision path is timed on it with GEN's clip_layer, identical shapes, only projector values differ)
-    say("vision / vqgan / time to first token")
-    ref = load_reference(arts["checkpoint"], "com")
-    ref_gen = __import__("dataclasses").replace(ref, cfg=get_task(ref.variant, "gen"))
-    pv = torch.from_numpy(pixels)
-    com = p.task("com")
-    gen_vision = backend.load(bundle, "gen", "vision")
+def vision_vqgan_ttft(r: Run, np, torch) -> None:
+    """Vision, VQGAN and time to first token: our runtime vs the PyTorch reference (one reference: COM; the GEN
+    vision path is timed on it with GEN's clip_layer, identical shapes, only projector values differ)."""
+    import dataclasses
+
+    from export.reference.checkpoint import CheckpointPaths
+    from export.reference.model import load_reference
+    from export.reference.variants import get_task
+    from export.reference.vqgan import load_vqgan
+    from runtime.healthgpt import COM, GEN, IMAGE_TOKENS, VQ_CODES
+
+    r.say("vision / vqgan / time to first token")
+    r.ref = ref = load_reference(r.arts["checkpoint"], COM.name)
+    ref_gen = dataclasses.replace(ref, cfg=get_task(ref.variant, GEN.name))
+    pv, pixels = torch.from_numpy(r.pixels), r.pixels
+    com, gen_vision = r.p.task(COM.name), r.backend.load(r.bundle, GEN.name, "vision")
     vision = {"ours com": lambda: com.vision.run({"pixel_values": pixels}),
               "ours gen": lambda: gen_vision.run({"pixel_values": pixels}),
               "torch com": lambda: ref.encode_image(pv), "torch gen": lambda: ref_gen.encode_image(pv)}
-    if a.quick:  # the reference runs the whole CLIP tower for both tasks (hidden_states[clip_layer]): same cost
+    if r.a.quick:  # the reference runs the whole CLIP tower for both tasks (hidden_states[clip_layer]): same cost
         vision.pop("torch gen")
-    res["vision"] = bench(vision, W, R)
-    vq_graph = backend.load(bundle, "gen", "vqgan")
-    paths = __import__("export.checkpoint", fromlist=["x"]).CheckpointPaths.find(arts["checkpoint"])
+    r.res["vision"] = r.bench(vision)
+    (vqgan,) = GEN.shared_graphs
+    vq_graph = r.p.shared(vqgan)
+    paths = CheckpointPaths.find(r.arts["checkpoint"])
     vq_torch = load_vqgan(paths.vqgan_ckpt, paths.vqgan_yaml)
-    idx = np.random.default_rng(0).integers(0, 8192, (1, 1024))
+    idx = np.random.default_rng(0).integers(0, VQ_CODES, (1, IMAGE_TOKENS))
     ti = torch.from_numpy(idx)
 
     def torch_vq():
         with torch.inference_mode():
             return vq_torch(ti)
 
-    res["vqgan"] = bench({"ours": lambda: vq_graph.run({"indices": idx}), "torch": torch_vq}, W, R)
-    vq_graph = vq_torch = gen_vision = None  # free them (None, not del: the lambdas above name them)
+    r.res["vqgan"] = r.bench({"ours": lambda: vq_graph.run({"indices": idx}), "torch": torch_vq})
     question = "What does this scan show? Describe the findings in the image in detail, please."
-    ttft = {"ours ask": lambda: p.ask(scan, question, max_new_tokens=1),
-            "torch answer": lambda: ref.answer(scan, question, max_new_tokens=1)}
-    if a.quick:
+    ttft = {"ours ask": lambda: r.p.ask(r.scan, question, max_new_tokens=1),
+            "torch answer": lambda: ref.answer(r.scan, question, max_new_tokens=1)}
+    if r.a.quick:
         ttft.pop("torch answer")
-    res["ttft"] = bench(ttft, W, R)
-    res["prompt_tokens"] = len(p.prompt("com", scan, question)[1][0])
-    com.vision, ref.clip, ref_gen = None, None, None
-    gc.collect()
+    r.res["ttft"] = r.bench(ttft)
+    r.res["prompt_tokens"] = r.p.prompt(COM, r.scan, question).shape[1]
+    # keep the COM decoder and embedding; drop both vision sessions and the reference's CLIP
+    r.decoder, r.embed = com.decoder, com.embed
+    r.p.unload(COM.name)
+    ref.clip = None
 
-    # -- decode and prefill: ours (Pipeline's COM decoder + KVCache), the plain base decoder, the reference,
-    #    optimum (group D1)
-    say("decode / prefill group D1")
-    embeds = np.random.default_rng(0).standard_normal((1, PROMPT, bundle.config["hidden"])).astype(np.float32)
-    ours = C.OurDecoder(com.decoder, com.embed, com.cache, C.graph_weight_bytes(bundle, "com", "decoder"))
-    base_dir = arts["variants"]["base"]
-    base = C.our_decoder(C.mini_bundle(base_dir), "com", com.embed, T)
-    tref = C.TorchDecoder(ref.llm)
-    opt = None
-    if isinstance(arts["optimum"], Path):
+
+def decode_d1(r: Run, np, torch) -> None:
+    """Decode and prefill: ours (the COM decoder + its KV cache), the plain base decoder, the reference, optimum."""
+    from benchmarks import contenders as C
+    from benchmarks.timing import Gemv
+    from runtime.bundle import Bundle
+
+    r.say("decode / prefill group D1")
+    r.embeds = np.random.default_rng(0).standard_normal((1, PROMPT, r.cfg.hidden)).astype(np.float32)
+    r.ours = ours = C.OurDecoder(r.decoder, r.embed, r.p.cache("com"), C.graph_weight_bytes(r.bundle, "com", "decoder"))
+    r.base = base = C.our_decoder(Bundle.open(r.arts["variants"]["base"]), "com", r.embed, r.T)
+    tref, opt = C.TorchDecoder(r.ref.llm), None
+    if isinstance(r.arts["optimum"], Path):
         try:
-            opt = C.OptimumDecoder(arts["optimum"], T)
+            opt = C.OptimumDecoder(r.arts["optimum"], r.T)
         except Exception as e:  # noqa: BLE001
-            arts["optimum"] = f"not run: {type(e).__name__}: {str(e)[:160]}"
+            r.arts["optimum"] = f"not run: {type(e).__name__}: {str(e)[:160]}"
     d1 = {"ours com": ours, "ours base": base, "torch com": tref, **({"optimum base": opt} if opt else {})}
-    gemv = Gemv(1.0)  # the bandwidth yardstick, timed in the same round-robin as the decoders
-    res["gemv_bytes"] = gemv.nbytes
-    res["decode_D1"] = {str(c): bench({**{k: d.decode_case(c) for k, d in d1.items()}, "GEMV": gemv.case()}, W, R)
-                        for c in CONTEXTS}
-    pre = {"ours com": ours.prefill_case(embeds), "torch com": tref.prefill_case(embeds)}
+    r.gemv = Gemv(1.0)  # the bandwidth yardstick, timed in the same round-robin as the decoders
+    r.res["gemv_bytes"] = r.gemv.nbytes
+    r.res["decode_D1"] = {str(c): r.bench({**{k: d.decode_case(c) for k, d in d1.items()}, "GEMV": r.gemv.case()})
+                          for c in CONTEXTS}
+    pre = {"ours com": ours.prefill_case(r.embeds), "torch com": tref.prefill_case(r.embeds)}
     if opt:
         pre["optimum base"] = opt.prefill_case(PROMPT)
-    res["prefill_D1"] = bench(pre, W, R)
-    kv_read = lambda d: {str(c): d.kv_bytes_read(c) for c in CONTEXTS}  # noqa: E731
-    res["bytes"] = {"ours com": [ours.weight_bytes, kv_read(ours)], "ours base": [base.weight_bytes, kv_read(base)],
-                    "torch com": [tref.weight_bytes, None],
-                    **({"optimum base": [opt.weight_bytes, None]} if opt else {}),
-                    "kv_per_token": 2 * bundle.config["layers"] * bundle.config["kv_heads"]
-                    * bundle.config["head_dim"] * 4}
-    res["peers"] = {"optimum": str(arts["optimum"]) if opt is None else "ORTModelForCausalLM (onnxruntime-gpu, "
-                                                                         "CPU provider)"}
-    d1 = tref = opt = pre = ref = None
-    gc.collect()
+    r.res["prefill_D1"] = r.bench(pre)
+    r.res["bytes"] = {"ours com": [ours.weight_bytes, _kv_read(ours)], "ours base": [base.weight_bytes, _kv_read(base)],
+                      "torch com": [tref.weight_bytes, None],
+                      **({"optimum base": [opt.weight_bytes, None]} if opt else {}),
+                      "kv_per_token": 2 * r.cfg.layers * r.cfg.kv_heads * r.cfg.head_dim * 4}
+    r.res["peers"] = {"optimum": str(r.arts["optimum"]) if opt is None else "ORTModelForCausalLM (onnxruntime-gpu, "
+                                                                             "CPU provider)"}
+    r.ref = None
 
-    # -- H-LoRA overhead (group D2): COM and GEN decoders vs the plain base decoder, side by side
-    say("decode group D2 (H-LoRA)")
+
+def _kv_read(decoder) -> dict[str, int]:
+    return {str(c): decoder.kv_bytes_read(c) for c in CONTEXTS}
+
+
+def decode_d2(r: Run, np, torch) -> None:
+    """H-LoRA overhead: COM and GEN decoders vs the plain base decoder, side by side."""
+    from benchmarks import contenders as C
+    from benchmarks.timing import rss_bytes
+
+    r.say("decode group D2 (H-LoRA)")
     before = rss_bytes()
-    gen = p.task("gen")
-    ours_gen = C.OurDecoder(gen.decoder, com.embed, gen.cache, C.graph_weight_bytes(bundle, "gen", "decoder"),
+    gen = r.p.task("gen")
+    ours_gen = C.OurDecoder(gen.decoder, r.embed, r.p.cache("gen"), C.graph_weight_bytes(r.bundle, "gen", "decoder"),
                             rss_bytes() - before)
-    d2 = {"ours com": ours, "ours gen": ours_gen, "ours base": base}
-    res["decode_D2"] = {str(c): bench({**{k: d.decode_case(c) for k, d in d2.items()}, "GEMV": gemv.case()}, W, R)
-                        for c in CONTEXTS}
-    res["bytes"]["ours gen"] = [ours_gen.weight_bytes, kv_read(ours_gen)]
-    del d2, ours_gen, gen, gemv
-    p._tasks.pop("gen")
-    gc.collect()
+    d2 = {"ours com": r.ours, "ours gen": ours_gen, "ours base": r.base}
+    r.res["decode_D2"] = {str(c): r.bench({**{k: d.decode_case(c) for k, d in d2.items()}, "GEMV": r.gemv.case()})
+                          for c in CONTEXTS}
+    r.res["bytes"]["ours gen"] = [ours_gen.weight_bytes, _kv_read(ours_gen)]
+    r.p.unload("gen")
+    r.gemv = None
 
-    # -- optimizations, each against the shipped COM decoder side by side
-    say("optimizations")
-    opts = res["opt"] = {}
-    opts["kv"] = {str(c): bench({"in place (shipped)": ours.decode_case(c),
-                                 "concat copy (emulated)": ours.decode_case(c, concat_copy=True)}, W, R)
+
+def optimizations(r: Run, np, torch) -> None:
+    """Each alternative against the shipped COM decoder, side by side."""
+    from benchmarks import contenders as C
+    from runtime.bundle import Bundle
+    from runtime.kvcache import KVCache
+
+    r.say("optimizations")
+    ours, embeds = r.ours, r.embeds
+    opts = r.res["opt"] = {}
+    opts["kv"] = {str(c): r.bench({"in place (shipped)": ours.decode_case(c),
+                                   "concat copy (emulated)": ours.decode_case(c, concat_copy=True)})
                   for c in CONTEXTS}
-    full = C.OurDecoder(com.decoder, com.embed, KVCache(backend, com.decoder.spec), ours.weight_bytes,
+    full = C.OurDecoder(r.decoder, r.embed, KVCache(r.backend, r.decoder.spec), ours.weight_bytes,
                         full_cache=True)  # the same graph and session, its cache held at max_context rows
     opts["cache_rows"] = {
-        **{str(c): bench({"grown (shipped)": ours.decode_case(c), "max_context rows": full.decode_case(c)}, W, R)
+        **{str(c): r.bench({"grown (shipped)": ours.decode_case(c), "max_context rows": full.decode_case(c)})
            for c in CONTEXTS},
-        "prefill": bench({"grown (shipped)": ours.prefill_case(embeds), "max_context rows": full.prefill_case(embeds)},
-                         W, R)}
+        "prefill": r.bench({"grown (shipped)": ours.prefill_case(embeds),
+                            "max_context rows": full.prefill_case(embeds)})}
     del full
     for name, what in (("com-gemm1", ("decode600", "prefill")), ("com-allpos", ("prefill",)),
                        ("com-dynamo", ("decode600", "prefill"))):
-        d = arts["variants"].get(name)
+        d = r.arts["variants"].get(name)
         if not isinstance(d, Path):
             opts[name] = d or "skipped (--quick)"
             continue
-        say(f"  variant {name}")
+        r.say(f"  variant {name}")
         try:
-            v = C.our_decoder(C.mini_bundle(d), "com", com.embed, T)
+            v = C.our_decoder(Bundle.open(d), "com", r.embed, r.T)
             out = {"rss_delta": v.rss_delta, "weight_bytes": v.weight_bytes}
             for m in what:
                 if m == "prefill":
-                    out[m] = bench({"shipped": ours.prefill_case(embeds), name: v.prefill_case(embeds)}, W, R)
+                    out[m] = r.bench({"shipped": ours.prefill_case(embeds), name: v.prefill_case(embeds)})
                 else:
                     c = int(m[len("decode"):])
-                    out[m] = bench({"shipped": ours.decode_case(c), name: v.decode_case(c)}, W, R)
+                    out[m] = r.bench({"shipped": ours.decode_case(c), name: v.decode_case(c)})
+            del v
         except Exception as e:  # noqa: BLE001 - one failed comparison is reported, the run goes on
             out = f"failed: {type(e).__name__}: {str(e)[:160]}"
         opts[name] = out
-        del v
         gc.collect()
-    settings = {} if a.quick else {
+
+
+def session_settings(r: Run, np, torch) -> None:
+    """ONNX Runtime session settings on the shipped COM decoder graph, each against the shipped settings."""
+    from benchmarks import contenders as C
+
+    settings = {} if r.a.quick else {
         "threads=1": dict(threads=1), "threads=0 (ORT default)": dict(threads=0),
         "opt level extended": dict(opt="extended"), "opt level basic": dict(opt="basic"),
         "opt level disable": dict(opt="disable"), "mem pattern off": dict(mem_pattern=False),
         "spinning off": dict(spinning=False), "own weights (prepack)": dict(weights="own"),
         "shared, prepack off": dict(prepack=False), "own weights, prepack off": dict(weights="own", prepack=False)}
-    opts["session"] = {} if settings else "skipped (--quick)"
+    out = r.res["opt"]["session"] = {} if settings else "skipped (--quick)"
     for label, kw in settings.items():
-        say(f"  session {label}")
-        threads = kw.pop("threads", T)
+        r.say(f"  session {label}")
+        threads = kw.pop("threads", r.T)
         try:
-            v = C.our_decoder(bundle, "com", com.embed, threads, backend, settings=kw)
-            r = bench({"shipped": ours.decode_case(600), label: v.decode_case(600)}, W, R)
-            opts["session"][label] = {"bench": r, "rss_delta": v.rss_delta}
+            v = C.our_decoder(r.bundle, "com", r.embed, threads, r.backend, settings=kw)
+            out[label] = {"bench": r.bench({"shipped": r.ours.decode_case(600), label: v.decode_case(600)}),
+                          "rss_delta": v.rss_delta}
+            del v
         except Exception as e:  # noqa: BLE001
-            opts["session"][label] = f"failed: {type(e).__name__}: {str(e)[:160]}"
-        del v
+            out[label] = f"failed: {type(e).__name__}: {str(e)[:160]}"
         gc.collect()
 
-    # -- ONNX Runtime GenAI (own venv, subprocess), with our plain base decoder measured right before and after
+
+def genai(r: Run, np, torch) -> None:
+    """ONNX Runtime GenAI (own venv, subprocess), with our plain base decoder measured right before and after."""
+    from benchmarks import artifacts, peers
+
+    a, T, res, base, say = r.a, r.T, r.res, r.base, r.say
     genai = res["genai"] = {}
     for prec in ("fp32", "int4"):
         if a.quick:
             genai[prec] = "skipped (--quick)"
             continue
         say(f"ORT GenAI {prec}")
-        model = peers.build(a.layers, prec)
+        model = peers.build(artifacts.Model(a.size, a.layers), prec)
         if isinstance(model, str):
             genai[prec] = model
             continue
-        anchor = lambda: {str(c): bench({"ours base": base.decode_case(c)}, W, R)["ours base"]  # noqa: E731
+        anchor = lambda: {str(c): r.bench({"ours base": base.decode_case(c)})["ours base"]  # noqa: E731
                           for c in CONTEXTS}
         before_ = anchor()
         json.dump(res, open("/tmp/healthgpt-bench-partial.json", "w"), default=str)  # in case anything dies
-        run = peers.run(model, T, list(CONTEXTS), PROMPT, W, R, 2048)
+        run = peers.run(model, T, list(CONTEXTS), PROMPT, r.W, r.R, r.cfg.max_context)
         genai[prec] = run if isinstance(run, str) else {**run, "weight_bytes": peers.weight_bytes(model),
                                                          "ours_base_before": before_, "ours_base_after": anchor()}
     if not a.quick:
-        res["prefill_base_anchor"] = bench({"ours base": base.prefill_case(embeds)}, W, R)
-    base = None
-    gc.collect()
+        res["prefill_base_anchor"] = r.bench({"ours base": base.prefill_case(r.embeds)})
+    r.base = None
 
-    # -- end to end: one constrained image generation (1024 decode steps), step times from on_token
+
+def generate(r: Run, np, torch) -> None:
+    """End to end: one constrained image generation (1024 decode steps), step times from on_token."""
+    a, res, p, scan, say = r.a, r.res, r.p, r.scan, r.say
     if a.quick or a.no_generate:
         res["generate"] = "skipped (--quick)" if a.quick else "skipped (--no-generate)"
         return

@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.cpu import physical_cores
+
 
 @dataclass
 class Case:
@@ -133,27 +135,6 @@ def machine(threads: int) -> dict:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "physical_cores": physical_cores(), "threads_used": threads, "mem_GiB": round(mem / 2**30, 1),
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
-def physical_cores() -> int:
-    """Distinct (physical id, core id) pairs of the CPUs this process may use."""
-    cores, cur = set(), {}
-    allowed = os.sched_getaffinity(0)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if ":" in line:
-                k, v = (s.strip() for s in line.split(":", 1))
-                if k in ("processor", "physical id", "core id"):
-                    cur[k] = v
-            elif cur:
-                if int(cur.get("processor", -1)) in allowed:
-                    cores.add((cur.get("physical id"), cur.get("core id")))
-                cur = {}
-        if cur and int(cur.get("processor", -1)) in allowed:
-            cores.add((cur.get("physical id"), cur.get("core id")))
-    except OSError:
-        pass
-    return len(cores) or len(allowed)
 
 
 def rss_bytes() -> int:

@@ -1,6 +1,6 @@
 """Bundle ONNX graphs -> TensorRT engines under BUNDLE/engines/<graph_id>.plan, recorded in the bundle manifest.
 
-One engine per graph of `manifest["graphs"]`:
+One engine per graph of the manifest:
 - optimization profiles come from the graph's spec (`GraphSpec.trt_profiles()`): the decoder gets a prefill profile
   (seq 1..max_context, tuned for the one-row cache of an empty context) and a single-token decode profile (tuned for
   a full cache); vision and vqgan are static (one min = opt = max profile);
@@ -8,8 +8,8 @@ One engine per graph of `manifest["graphs"]`:
   in the precision its ONNX graph carries, fp32 islands included: `precision` can only confirm the bundle's dtype.
   fp16 engines come from `build.py export --dtype fp16`; bf16 follows the same rule and needs a bf16 export;
 - one timing cache is shared by every build and saved after each (atomically), so rebuilds are fast;
-- each plan is written atomically, then recorded under manifest["engines"][graph_id] (GPU, compute capability,
-  TensorRT version, precision, profiles, cache key) and in manifest["files"], so the bundle's integrity check covers
+- each plan is written atomically, then recorded under the manifest's `engines[graph_id]` (GPU, compute
+  capability, TensorRT version, precision, profiles, cache key) and in its `files`, so the bundle's integrity check covers
   it; the manifest is rewritten atomically after every engine. An engine whose cache key (graph and weights
   content, spec, precision, GPU model, TensorRT version) still matches is kept ("[I] ... cached").
 
@@ -19,23 +19,25 @@ One engine per graph of `manifest["graphs"]`:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from engines.compat import DeviceInfo, check_compat, current_device
-from runtime.bundle import MANIFEST, Bundle, file_digest
+from runtime.bundle import Bundle
 from runtime.errors import UserError
+from runtime.files import check_file, write_atomic
 from runtime.graphspec import GraphSpec
+from runtime.manifest import MANIFEST, EngineEntry, FileEntry, Manifest
+from runtime.trt_compat import DeviceInfo, check_compat, current_device
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+BUILD_PRECISIONS = ("fp32", "fp16", "bf16")  # what TensorRT could build; a bundle holds fp32 or fp16
 BUILDER_VERSION = 1  # bump when the build settings below change: every cached engine is then rebuilt
 ENGINE_DIR = "engines"
 
-__all__ = ["PRECISIONS", "add_engines_command", "build_engines", "build_plan", "check_compat", "check_request",
+__all__ = ["BUILD_PRECISIONS", "add_engines_command", "build_engines", "build_plan", "check_compat", "check_request",
            "engine_entry", "engine_key", "profiles_for"]
 
 Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max) of one input
@@ -56,17 +58,17 @@ def profiles_for(spec: GraphSpec) -> list[dict[str, Shapes]]:
     return profiles
 
 
-def check_request(manifest: dict, precision: str | None, max_context: int | None) -> str:
+def check_request(manifest: Manifest, precision: str | None, max_context: int | None) -> str:
     """The precision to build (the bundle's own when None); refuses what the exported graphs cannot give."""
-    have, bundle_context = manifest["precision"]["dtype"], manifest["config"]["max_context"]
+    have, bundle_context = manifest.precision.dtype, manifest.config.max_context
     if max_context is not None and max_context != bundle_context:
         raise UserError(f"--max-context {max_context} differs from the bundle's {bundle_context}: the KV cache shape "
                         f"is baked into the exported graphs; re-export with `python build.py export --max-context "
                         f"{max_context}`, then build engines again")
     if precision is None:
         return have
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision not in BUILD_PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(BUILD_PRECISIONS)}")
     if precision != have:
         why = (f"--precision {precision} does not match the bundle, which holds {have} graphs: TensorRT builds "
                "strongly typed networks (TensorRT 11 has no weak typing), so an engine computes in the precision its "
@@ -79,43 +81,29 @@ def check_request(manifest: dict, precision: str | None, max_context: int | None
     return precision
 
 
-def engine_key(manifest: dict, graph_id: str, precision: str, device: DeviceInfo) -> str:
+def engine_key(manifest: Manifest, graph_id: str, precision: str, device: DeviceInfo) -> str:
     """Content hash of everything an engine depends on; an engine whose key matches is reused, never rebuilt."""
-    graph = manifest["graphs"][graph_id]
-    files = manifest["files"]
-    weights = manifest.get("weights", {}).get("file")
-    parts = [str(BUILDER_VERSION), graph_id, files[graph["file"]]["sha256"],
-             files[weights]["sha256"] if weights in files else "", json.dumps(graph["spec"], sort_keys=True),
-             precision, json.dumps(manifest["precision"].get("quantization")), device.name,
+    graph, files, quantization = manifest.graphs[graph_id], manifest.files, manifest.precision.quantization
+    parts = [str(BUILDER_VERSION), graph_id, files[graph.file].sha256, files[manifest.weights.file].sha256,
+             json.dumps(graph.spec.to_json(), sort_keys=True), precision,
+             json.dumps(quantization.to_json() if quantization else None), device.name,
              device.compute_capability, device.tensorrt_version]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def engine_entry(graph_id: str, file: str, sha256: str, nbytes: int, device: DeviceInfo, precision: str,
-                 profiles: list[dict[str, Shapes]], key: str, seconds: float) -> dict:
-    """The manifest record of one engine: what the runtime checks (engines.compat) and what built it."""
-    return {
-        "graph": graph_id, "file": file, "sha256": sha256, "bytes": nbytes,
-        "gpu_name": device.name, "compute_capability": device.compute_capability,
-        "tensorrt_version": device.tensorrt_version, "precision": precision,
-        "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in profiles],
-        "key": key, "build_seconds": round(seconds, 1),
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+                 profiles: list[dict[str, Shapes]], key: str, seconds: float) -> EngineEntry:
+    """The manifest record of one engine: what the runtime checks (runtime.trt_compat) and what built it."""
+    return EngineEntry(
+        graph=graph_id, file=file, sha256=sha256, bytes=nbytes, gpu_name=device.name,
+        compute_capability=device.compute_capability, tensorrt_version=device.tensorrt_version, precision=precision,
+        profiles=tuple({name: tuple(tuple(s) for s in shapes) for name, shapes in p.items()} for p in profiles),
+        key=key, build_seconds=round(seconds, 1),
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def write_atomic(path: Path, data) -> None:
-    """Write bytes (or any buffer) to a temporary file beside `path`, flush it to disk, then rename over `path`."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_manifest(root: Path, manifest: dict) -> None:
-    write_atomic(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+def save_manifest(root: Path, manifest: Manifest) -> None:
+    write_atomic(root / MANIFEST, manifest.to_json_text())
 
 
 def describe(spec: GraphSpec) -> str:
@@ -164,8 +152,8 @@ def _polygraphy_profile(Profile, shapes: dict[str, Shapes]):
 ##### the build #####
 
 def build_engines(bundle_dir: str | Path, precision: str | None = None, max_context: int | None = None,
-                  timing_cache: str | Path | None = None, force: bool = False) -> dict:
-    """Build (or keep, when its cache key matches) one engine per graph; returns manifest["engines"].
+                  timing_cache: str | Path | None = None, force: bool = False) -> dict[str, EngineEntry]:
+    """Build (or keep, when its cache key matches) one engine per graph; returns the manifest's engines.
 
     precision: "fp32" | "fp16" | "bf16", or None for the bundle's own; anything but the bundle's dtype is refused
     (the precision is carried by the ONNX graph). max_context: a check only (the cache shape is in the graphs).
@@ -174,10 +162,10 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, max_cont
     bundle = Bundle.open(root, verify=False)
     manifest = bundle.manifest
     precision = check_request(manifest, precision, max_context)
-    engines = manifest.setdefault("engines", {})
-    plan_files = {e["file"] for e in engines.values()}
-    Bundle(root, {**manifest, "files": {k: v for k, v in manifest["files"].items() if k not in plan_files}}
-           ).verify_files()  # the graphs and weights; plans are checked (and rebuilt if stale) one by one below
+    engines, files = dict(manifest.engines), dict(manifest.files)
+    plans = {e.file for e in engines.values()}
+    graphs_only = dataclasses.replace(manifest, engines={}, files={k: v for k, v in files.items() if k not in plans})
+    Bundle(root, graphs_only, bundle.digest).verify_files()  # plans are checked (rebuilt if stale) one by one below
     device = current_device()
     cache_path = Path(timing_cache) if timing_cache else root / ENGINE_DIR / "timing.cache"
     (root / ENGINE_DIR).mkdir(exist_ok=True)
@@ -185,18 +173,18 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, max_cont
     print(f"[I] building engines for {device.name} (compute capability {device.compute_capability}), "
           f"TensorRT {device.tensorrt_version}, {precision}, timing cache {cache_path}")
     start_all = time.perf_counter()
-    for graph_id, graph in manifest["graphs"].items():
-        spec = GraphSpec.from_json(graph["spec"])
+    for graph_id, graph in manifest.graphs.items():
+        spec = graph.spec
         profiles = profiles_for(spec)
         key = engine_key(manifest, graph_id, precision, device)
         file = f"{ENGINE_DIR}/{graph_id}.plan"
         old = engines.get(graph_id)
-        if not force and old and old.get("key") == key and _intact(root / old["file"], old):
-            print(f"[I] {graph_id}: cached engine {old['file']} ({old['bytes'] / 2**20:.1f} MiB, key matches)")
+        if not force and old and old.key == key and _intact(root / old.file, old):
+            print(f"[I] {graph_id}: cached engine {old.file} ({old.bytes / 2**20:.1f} MiB, key matches)")
             continue
         print(f"[I] {graph_id}: building ({len(profiles)} profile(s): {describe(spec)})", flush=True)
         start = time.perf_counter()
-        plan, cache = build_plan(root / graph["file"], profiles, cache_path.read_bytes() if cache_path.is_file()
+        plan, cache = build_plan(bundle.file(graph.file), profiles, cache_path.read_bytes() if cache_path.is_file()
                                  else None)
         write_atomic(root / file, plan)
         if cache:
@@ -204,16 +192,20 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, max_cont
         seconds = time.perf_counter() - start
         entry = engine_entry(graph_id, file, hashlib.sha256(plan).hexdigest(), plan.nbytes, device, precision,
                              profiles, key, seconds)
-        engines[graph_id] = entry
-        manifest["files"][file] = {"sha256": entry["sha256"], "bytes": entry["bytes"]}
+        engines[graph_id], files[file] = entry, FileEntry(entry.sha256, entry.bytes)
+        manifest = dataclasses.replace(manifest, engines=dict(engines), files=dict(files))
         save_manifest(root, manifest)
-        print(f"[I] {graph_id}: built in {seconds:.1f}s, {entry['bytes'] / 2**20:.1f} MiB -> {file}", flush=True)
+        print(f"[I] {graph_id}: built in {seconds:.1f}s, {entry.bytes / 2**20:.1f} MiB -> {file}", flush=True)
     print(f"[I] engines done in {time.perf_counter() - start_all:.1f}s")
     return engines
 
 
-def _intact(path: Path, entry: dict) -> bool:
-    return path.is_file() and path.stat().st_size == entry["bytes"] and file_digest(path) == entry["sha256"]
+def _intact(path: Path, entry: EngineEntry) -> bool:
+    try:
+        check_file(path, entry.sha256, entry.bytes)
+    except UserError:
+        return False
+    return True
 
 
 ##### CLI: `build.py engines` #####
@@ -226,7 +218,7 @@ def add_engines_command(subparsers) -> argparse.ArgumentParser:
                     "refuses engines built for another GPU architecture or TensorRT version. Needs TensorRT and a "
                     "CUDA GPU (pip install '.[tensorrt]'). Engines whose inputs did not change are kept.")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by `build.py export`")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
+    p.add_argument("--precision", choices=BUILD_PRECISIONS, default=None,
                    help="must be the bundle's dtype (the default): TensorRT 11 networks are strongly typed, so the "
                         "precision is carried by the ONNX graph. For fp16 engines export with `--dtype fp16`")
     p.add_argument("--max-context", type=int, default=None,
@@ -241,8 +233,8 @@ def add_engines_command(subparsers) -> argparse.ArgumentParser:
 def cmd_engines(a) -> None:
     engines = build_engines(a.bundle, a.precision, a.max_context, a.timing_cache, a.force)
     for graph_id, e in engines.items():
-        print(f"    {graph_id:16} {e['precision']:5} {len(e['profiles'])} profile(s) {e['bytes'] / 2**20:9.1f} MiB "
-              f"built in {e['build_seconds']:7.1f}s on {e['gpu_name']} (cc {e['compute_capability']}, TensorRT "
-              f"{e['tensorrt_version']})")
-    total = sum(e["bytes"] for e in engines.values())
+        print(f"    {graph_id:16} {e.precision:5} {len(e.profiles)} profile(s) {e.bytes / 2**20:9.1f} MiB "
+              f"built in {e.build_seconds:7.1f}s on {e.gpu_name} (cc {e.compute_capability}, TensorRT "
+              f"{e.tensorrt_version})")
+    total = sum(e.bytes for e in engines.values())
     print(f"[I] bundle {a.bundle}: {len(engines)} engines, {total / 2**20:.1f} MiB in all")

@@ -16,14 +16,8 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.errors import UserError
-from runtime.graphspec import DTYPES, GraphSpec
-
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-    "auto": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-}
+from runtime.graphspec import GraphSpec
+from runtime.providers import PROVIDERS, QUIET, VERBOSE
 
 
 class Graph(Protocol):
@@ -35,6 +29,7 @@ class Graph(Protocol):
 
 class Backend(Protocol):
     name: str
+    concurrent: bool  # may several threads run its graphs at once (each request with its own KV cache)?
 
     def load(self, bundle: Bundle, task: str, name: str) -> Graph: ...
 
@@ -61,40 +56,53 @@ class OrtBackend:
     fastest decode) each session holds its own copy of its weights, and a pipeline with both tasks open holds the
     base decoder twice. prepack=False: sessions compute from the shared mapping, one copy in all (measured here at
     4 real-width layers: +0.00 instead of +1.9 GiB per decoder session, decode 5-8% slower; benchmarks/README.md).
-    The KV cache is a host numpy buffer: CPU sessions read it in place; CUDA sessions copy it in per step."""
+    The KV cache is a host numpy buffer: CPU sessions read it in place; CUDA sessions copy it in per step.
+    Sessions run from several threads at once (ONNX Runtime's `run` is thread-safe), so `concurrent` is True.
 
-    def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool = True):
+    verbose: ONNX Runtime's own log from severity info up (default: quiet; a provider that fails to load is reported
+    by us instead, from session.get_providers). accuracy_level: MatMulNBits' accuracy level for quantized bundles
+    (default: the bundle's, from its manifest)."""
+
+    concurrent = True
+
+    def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool = True,
+                 verbose: bool = False, accuracy_level: int | None = None):
         import onnxruntime as ort
 
         if providers not in PROVIDERS:
             raise UserError(f"unknown providers {providers!r}; choose one of {', '.join(PROVIDERS)}")
-        ort.set_default_logger_severity(4)  # provider-load failures are reported by us (session.get_providers)
+        self.severity = VERBOSE if verbose else QUIET
+        ort.set_default_logger_severity(self.severity)
         self.ort, self.requested = ort, providers
         self.name = f"ort-{providers}"
         self.threads = threads or len(os.sched_getaffinity(0))
-        self.prepack = prepack
+        self.prepack, self.accuracy_level = prepack, accuracy_level
         self.weights: dict[Path, dict[str, object]] = {}  # bundle -> tensor name -> OrtValue over its mmap
 
-    def _shared_weights(self, bundle: Bundle) -> dict[str, object]:
+    def shared_weights(self, bundle: Bundle) -> dict[str, object]:
+        """Every tensor of the bundle's weights file as an OrtValue over one read-only memory map (made once)."""
         if bundle.root not in self.weights:
-            table, weights = bundle.manifest["weights"], {}
-            mm = np.memmap(bundle.root / table["file"], dtype=np.uint8, mode="r")
-            for name, t in table["tensors"].items():
-                dtype = np.dtype(t["dtype"])
-                arr = mm[t["offset"]: t["offset"] + int(np.prod(t["shape"])) * dtype.itemsize].view(dtype)
-                weights[name] = self.ort.OrtValue.ortvalue_from_numpy(arr.reshape(t["shape"]))
-            self.weights[bundle.root] = weights
+            table = bundle.manifest.weights
+            mm = np.memmap(bundle.file(table.file), dtype=np.uint8, mode="r")
+            self.weights[bundle.root] = {
+                name: self.ort.OrtValue.ortvalue_from_numpy(
+                    mm[t.offset: t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.shape))
+                for name, t in table.tensors.items()}
         return self.weights[bundle.root]
 
     def load(self, bundle: Bundle, task: str, name: str) -> OrtGraph:
         opts = self.ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3  # onnxruntime-gpu warns about providers it cannot load; we report them instead
+        opts.log_severity_level = min(self.severity, 3)  # 3: errors only, even when quiet
         if not self.prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
-        weights = self._shared_weights(bundle)
-        for tensor in bundle.entry(task, name)["initializers"]:
+        quantization = bundle.manifest.precision.quantization
+        level = self.accuracy_level if self.accuracy_level is not None else quantization and quantization.accuracy_level
+        if level is not None:
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        weights = self.shared_weights(bundle)
+        for tensor in bundle.entry(task, name).initializers:
             opts.add_initializer(tensor, weights[tensor])
         available = self.ort.get_available_providers()
         asked = [p for p in PROVIDERS[self.requested] if p in available]
@@ -107,15 +115,15 @@ class OrtBackend:
         return OrtGraph(session, bundle.spec(task, name), weights)
 
     def buffer(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        return np.zeros(shape, DTYPES[dtype])
+        return np.zeros(shape, np.dtype(dtype))
 
     def write(self, buffer: np.ndarray, rows: np.ndarray, at: int) -> None:
         buffer[:, :, at: at + rows.shape[2]] = rows
 
 
-def open_backend(name: str, providers: str = "auto", prepack: bool = True) -> Backend:
+def open_backend(name: str, providers: str = "auto", prepack: bool = True, verbose: bool = False) -> Backend:
     if name == "ort":
-        return OrtBackend(providers, prepack=prepack)
+        return OrtBackend(providers, prepack=prepack, verbose=verbose)
     if name == "trt":
         from runtime.backend_trt import TrtBackend  # tensorrt and CUDA are imported only when asked for
 

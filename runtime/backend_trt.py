@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.compat import DeviceInfo, check_compat, current_device
 from runtime.bundle import Bundle
 from runtime.errors import UserError
-from runtime.graphspec import DTYPES, GraphSpec
-from runtime.kvcache import PRESENT
+from runtime.graphspec import GraphSpec
+from runtime.healthgpt import graph_id as graph_id_of
+from runtime.manifest import EngineEntry
+from runtime.trt_compat import DeviceInfo, check_compat, current_device
 
 H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
 
@@ -66,16 +67,16 @@ def pick_profile(profiles: list[dict], shapes: dict[str, tuple[int, ...]]) -> in
     return min(fits)[1] if fits else None
 
 
-def find_engine(bundle: Bundle, graph_id: str, device: DeviceInfo) -> tuple[dict, Path]:
+def find_engine(bundle: Bundle, graph_id: str, device: DeviceInfo) -> tuple[EngineEntry, Path]:
     """The graph's engine entry and plan path, refused (UserError saying what to run) when it is missing or was
     built for another GPU architecture or TensorRT version."""
     rebuild = f"run `python build.py engines --bundle {bundle.root}` on this machine (or use the ort backend)"
-    entry = bundle.manifest.get("engines", {}).get(graph_id)
+    entry = bundle.manifest.engines.get(graph_id)
     if entry is None:
         raise UserError(f"bundle {bundle.root} has no TensorRT engine for {graph_id}: {rebuild}")
     for note in check_compat(entry, device, bundle.root):
         warnings.warn(note, stacklevel=3)
-    path = bundle.root / entry["file"]
+    path = bundle.file(entry.file)
     if not path.is_file():
         raise UserError(f"TensorRT engine {path} is missing: {rebuild}")
     return entry, path
@@ -91,7 +92,7 @@ class TrtGraph:
         self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
                        for n in spec.input_names + spec.output_names}
         self.staging: dict[str, object] = {}  # name -> DeviceArray: host feeds copied in, outputs written by TensorRT
-        self.on_device = {n for n in spec.output_names if n.startswith(PRESENT)}  # new KV rows stay for `write`
+        self.on_device = {present for _, present in spec.kv_pairs}  # new KV rows stay on the GPU for `write`
 
     def _staging(self, name: str, nbytes: int):
         from polygraphy import cuda
@@ -144,6 +145,7 @@ class TrtBackend:
     """Engines built on this machine by `build.py engines`. All graphs run on one stream, one after another."""
 
     name = "trt"
+    concurrent = False  # one stream, per-graph staging buffers and one shared scratch: one request at a time
 
     def __init__(self):
         self.device = current_device()  # first: a UserError with the install hint when TensorRT or the GPU is missing
@@ -160,7 +162,7 @@ class TrtBackend:
     def load(self, bundle: Bundle, task: str, name: str) -> TrtGraph:
         from polygraphy.backend.trt import engine_from_bytes
 
-        graph_id, spec = bundle.graph_id(task, name), bundle.spec(task, name)
+        graph_id, spec = graph_id_of(task, name), bundle.spec(task, name)
         entry, path = find_engine(bundle, graph_id, self.device)
         engine = engine_from_bytes(path.read_bytes(), runtime=self.runtime)
         io = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
@@ -170,7 +172,7 @@ class TrtBackend:
         if host := [n for n in spec.input_names if engine.is_shape_inference_io(n)]:
             raise RuntimeError(f"{graph_id}: {', '.join(host)} feed shape computations (host-side shape tensors), "
                                "which this backend does not bind; export them as data inputs")
-        graph = TrtGraph(self, graph_id, engine, spec, entry["profiles"])
+        graph = TrtGraph(self, graph_id, engine, spec, list(entry.profiles))
         self.graphs.append(graph)
         self._share_scratch(engine.device_memory_size_v2)
         return graph
@@ -185,7 +187,7 @@ class TrtBackend:
     def buffer(self, shape: tuple[int, ...], dtype: str) -> DeviceTensor:
         from polygraphy import cuda
 
-        dtype = np.dtype(DTYPES[dtype])
+        dtype = np.dtype(dtype)
         owner = cuda.DeviceArray.raw((int(np.prod(shape)) * dtype.itemsize,))
         t = DeviceTensor(owner.ptr, shape, dtype, owner)
         # Zeroed: rows past the cache length are masked, but a masked 0 * NaN from stale garbage would still be NaN.

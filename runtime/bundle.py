@@ -1,95 +1,123 @@
-"""Reading a bundle: the manifest, its format version, every file's sha256, and the graph specs."""
+"""Opening a bundle: its typed manifest, paths confined to the bundle, and every byte checked against the manifest.
+
+What `Bundle.open` checks (verify=True, the default): the manifest's schema, version and cross-references
+(runtime/manifest.py); that every listed file is a regular file inside the bundle directory with its recorded size
+and sha256; that the weights table tiles weights.bin (aligned, in bounds, no overlaps) and that each tensor's bytes
+hash to the digest its name carries, so an edited offset or two swapped entries are refused, not computed with.
+`digest` is the sha256 of manifest.json, which covers all of it: pin it to pin exactly what a deployment runs.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.files import CHUNK, file_digest
 from runtime.graphspec import GraphSpec
-
-FORMAT = "healthgpt-edge-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+from runtime.manifest import MANIFEST, GraphEntry, Manifest, ManifestError, TensorEntry
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tool_versions() -> dict[str, str | None]:
-    versions = {}
-    for pkg in ("torch", "transformers", "onnx", "onnxruntime-gpu", "onnxruntime", "tensorrt", "polygraphy", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return versions
-
-
-@dataclass
+@dataclass(frozen=True)
 class Bundle:
     root: Path
-    manifest: dict
+    manifest: Manifest
+    digest: str  # sha256 of manifest.json
 
     @classmethod
     def open(cls, root: str | Path, verify: bool = True) -> Bundle:
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise UserError(f"{root} is not a bundle: it is a file, not a directory")
         try:
-            manifest = json.loads((root / MANIFEST).read_text())
+            raw = (root / MANIFEST).read_bytes()
         except FileNotFoundError:
             raise UserError(f"{root} is not a bundle: {MANIFEST} is missing (run `build.py export` first)") from None
+        except OSError as e:
+            raise UserError(f"{root / MANIFEST}: cannot read: {e.strerror or e}") from None
+        try:
+            data = json.loads(raw)
         except ValueError as e:
             raise UserError(f"{root / MANIFEST} is not valid JSON ({e})") from None
-        if manifest.get("format") != FORMAT:
-            raise UserError(f"{root / MANIFEST} is not a healthgpt-edge bundle manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{root} has bundle format version {manifest.get('format_version')}; this runtime reads "
-                            f"version {FORMAT_VERSION}: re-export it with this release's `build.py export`")
-        bundle = cls(root, manifest)
+        try:
+            manifest = Manifest.from_json(data)
+        except ManifestError as e:
+            raise UserError(f"{root / MANIFEST}: {e}") from None
+        bundle = cls(root, manifest, hashlib.sha256(raw).hexdigest())
+        bundle.check_layout()
         if verify:
             bundle.verify_files()
         return bundle
 
+    def file(self, name: str) -> Path:
+        """The path of a listed file, refused when it resolves outside the bundle (a symlink, say)."""
+        if name not in self.manifest.files:
+            raise UserError(f"{self.root}: {name} is not listed in the manifest's files")
+        path = self.root / name
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise UserError(f"{self.root}: {name} resolves outside the bundle ({path.resolve()})")
+        return path
+
+    def check_layout(self) -> None:
+        """Cheap checks that need the file system but no hashing: every listed file is inside the bundle, and the
+        weights table tiles the weights file."""
+        for name in self.manifest.files:
+            self.file(name)
+        table = self.manifest.weights
+        size = self.file(table.file).stat().st_size if (self.root / table.file).is_file() else 0
+        end = 0
+        for name, t in sorted(table.tensors.items(), key=lambda kv: kv[1].offset):
+            if t.offset < end or t.offset + t.nbytes > size:
+                raise UserError(f"{self.root / MANIFEST}: weights tensor {name} ({t.offset}..{t.offset + t.nbytes}) "
+                                f"overlaps another or lies past the end of {table.file} ({size} bytes)")
+            end = t.offset + t.nbytes
+
     def verify_files(self) -> None:
-        for name, want in self.manifest["files"].items():
-            path = self.root / name
+        weights = self.manifest.weights.file
+        for name, want in self.manifest.files.items():
+            path = self.file(name)
             if not path.is_file():
-                raise UserError(f"bundle file {path} is missing")
-            if path.stat().st_size != want["bytes"] or file_digest(path) != want["sha256"]:
+                raise UserError(f"bundle file {path} is missing or not a regular file")
+            if path.stat().st_size != want.bytes:
+                raise UserError(f"bundle file {path} is corrupt (its size differs from the manifest); re-export")
+            digest = _hash_weights(path, self.manifest.weights.tensors) if name == weights else file_digest(path)
+            if digest != want.sha256:
                 raise UserError(f"bundle file {path} is corrupt (sha256 differs from the manifest); re-export")
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.manifest["tasks"])
+        return list(self.manifest.tasks)
 
-    @property
-    def config(self) -> dict:
-        return self.manifest["config"]
-
-    @property
-    def tokens(self) -> dict:
-        return self.manifest["tokens"]
-
-    def graph_id(self, task: str, name: str) -> str:
-        return f"shared.{name}" if name == "vqgan" else f"{task}.{name}"
+    def entry(self, task: str, name: str) -> GraphEntry:
+        return self.manifest.graph(task, name)
 
     def spec(self, task: str, name: str) -> GraphSpec:
-        return GraphSpec.from_json(self.entry(task, name)["spec"])
+        return self.entry(task, name).spec
 
     def path(self, task: str, name: str) -> Path:
-        return self.root / self.entry(task, name)["file"]
+        return self.file(self.entry(task, name).file)
 
-    def entry(self, task: str, name: str) -> dict:
-        graph_id = self.graph_id(task, name)
-        if graph_id not in self.manifest["graphs"]:
-            have = ", ".join(self.manifest["graphs"])
-            raise UserError(f"bundle {self.root} has no {graph_id} graph (it holds {have}); export with --tasks {task}")
-        return self.manifest["graphs"][graph_id]
+
+def _hash_weights(path: Path, tensors: dict[str, TensorEntry]) -> str:
+    """sha256 of the whole file and, in the same pass, of each tensor's bytes, checked against its name
+    (w.<first 24 hex digits of its sha256>...): content addressing makes the table tamper-evident."""
+    spans = sorted((t.offset, t.offset + t.nbytes, name) for name, t in tensors.items())
+    whole, i, pos, current = hashlib.sha256(), 0, 0, None
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            whole.update(chunk)
+            end, view = pos + len(chunk), memoryview(chunk)
+            while i < len(spans) and spans[i][0] < end:
+                lo, hi, name = spans[i]
+                current = current or hashlib.sha256()
+                current.update(view[max(lo, pos) - pos: min(hi, end) - pos])
+                if hi > end:
+                    break
+                if current.hexdigest()[:24] != name.split(".")[1]:
+                    raise UserError(f"bundle file {path} is corrupt: tensor {name} does not hold the bytes its name "
+                                    "was made from (edited offset or file); re-export")
+                i, current = i + 1, None
+            pos = end
+    return whole.hexdigest()

@@ -12,14 +12,14 @@ with --backend trt). Answers stream to stdout; progress, timings and errors go t
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import sys
 import time
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.healthgpt import COM, GEN, IMAGE_TOKENS
+from runtime.providers import quiet_ort
 
 PROG = "python -m runtime"
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "else the data's full range")
     dec = run.add_argument_group("decoding (greedy unless --temperature > 0)")
     dec.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
-                     help="stop after N new tokens (default: 1024 for ask, 1100 for generate, as the reference "
-                          "demos); generation also stops at the bundle's end-of-sequence tokens and at its context")
+                     help=f"stop after N new tokens (default: {COM.max_new_tokens} for ask, {GEN.max_new_tokens} "
+                          "for generate, as the reference demos); generation also stops at the bundle's "
+                          "end-of-sequence tokens and at its context")
     dec.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
                      help="sampling temperature; 0 = greedy argmax, the reference behaviour (default 0)")
     dec.add_argument("--top-k", type=_non_negative_int, default=0, metavar="K",
@@ -137,29 +138,6 @@ def _info(message: str) -> None:
     print(f"[I] {message}", file=sys.stderr, flush=True)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
-@contextlib.contextmanager
-def _quiet_ort(verbose: bool):
-    """Keep ONNX Runtime's provider-loading noise out of the output: its C++ log (onnxruntime-gpu logs every
-    provider library it fails to load) and its Python 'EP Error ... Falling back' lines, which go to stdout.
-    Failures that matter still surface: the backend raises a UserError when a requested provider did not load."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        yield
-        return
-    ort.set_default_logger_severity(2 if verbose else 4)
-    with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
-        yield
-
-
 def _load_input(a):
     from runtime.image import load_image
 
@@ -179,28 +157,28 @@ def _sampler(a):
     return Sampler(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
 
-def _open(a, task: str):
-    """The pipeline with `task`'s graphs loaded, so the timings below measure requests, not loading."""
+def _open(a, task, text: str):
+    """The pipeline with `task`'s graphs loaded, so the timings below measure requests, not loading. The request is
+    checked first (a prompt too long for the bundle is refused before any file is hashed or graph loaded)."""
     from runtime.pipeline import Pipeline
+    from runtime.providers import PROVIDERS, why_not_loadable
 
     start = time.perf_counter()
     try:
-        with _quiet_ort(a.verbose):
-            pipe = Pipeline.open(a.bundle, backend=a.backend, providers=a.providers)
-            pipe.task(task)
+        with quiet_ort(a.verbose):
+            pipe = Pipeline.open(a.bundle, backend=a.backend, providers=a.providers, verify=False, verbose=a.verbose)
+            pipe.check_request(task, a.image is not None, text)
+            pipe.bundle.verify_files()
+            pipe.task(task.name)
     except UserError as e:
         if a.backend == "ort" and a.providers in ("cuda", "tensorrt") and "could not be loaded" in str(e):
             import onnxruntime as ort
 
-            from runtime.backend import PROVIDERS
-            from runtime.info import why_not_loadable
-
-            reason = why_not_loadable(ort, PROVIDERS[a.providers][0])
-            if reason:
+            if reason := why_not_loadable(ort, PROVIDERS[a.providers][0]):
                 raise UserError(f"{e} (the provider library says: {reason})") from None
         raise
-    where = pipe.providers().get(f"{task}.decoder", ["?"])[0]
-    _info(f"bundle {a.bundle} ({pipe.bundle.manifest.get('variant')}, {task}) loaded in "
+    where = pipe.providers().get(f"{task.name}.decoder", ["?"])[0]
+    _info(f"bundle {a.bundle} ({pipe.bundle.manifest.variant}, {task.name}) loaded in "
           f"{time.perf_counter() - start:.2f} s on {where}")
     return pipe
 
@@ -212,10 +190,10 @@ def cmd_ask(a) -> int:
 
     image = _load_input(a)
     sampler = _sampler(a)
-    pipe = _open(a, "com")
+    pipe = _open(a, COM, a.question)
     stream = StreamDecoder(pipe.tokenizer)
     stamps: list[float] = []
-    out = sys.stdout  # the real one: _quiet_ort swaps sys.stdout to swallow ONNX Runtime's fallback messages
+    out = sys.stdout  # the real one: quiet_ort swaps sys.stdout to swallow ONNX Runtime's fallback messages
 
     def on_token(token: int) -> None:
         stamps.append(time.perf_counter())
@@ -225,8 +203,8 @@ def cmd_ask(a) -> int:
             out.flush()
 
     start = time.perf_counter()
-    with _quiet_ort(a.verbose):
-        pipe.ask(image, a.question, max_new_tokens=a.max_new_tokens or 1024, on_token=on_token, sampler=sampler)
+    with quiet_ort(a.verbose):
+        pipe.ask(image, a.question, max_new_tokens=a.max_new_tokens, on_token=on_token, sampler=sampler)
     end = time.perf_counter()
     out.write(stream.flush() + "\n")
     out.flush()
@@ -250,11 +228,10 @@ def cmd_generate(a) -> int:
         raise UserError("generate needs an --image (the scan to reconstruct or translate)")
     image = _load_input(a)
     sampler = _sampler(a)
-    pipe = _open(a, "gen")
-    t = pipe.bundle.tokens
-    lo, hi, need = t["idx_0"], t["idx_0"] + t["vq_codes"], t["image_tokens"]
+    pipe = _open(a, GEN, a.instruction)
+    lo, hi = pipe.bundle.manifest.tokens.image_range
     other = 0
-    bar = tqdm(total=need, desc="image tokens", unit="tok", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=IMAGE_TOKENS, desc="image tokens", unit="tok", file=sys.stderr, dynamic_ncols=True)
 
     def on_token(token: int) -> None:
         nonlocal other
@@ -266,14 +243,14 @@ def cmd_generate(a) -> int:
 
     start = time.perf_counter()
     try:
-        with _quiet_ort(a.verbose):
-            tokens = pipe.image_tokens(image, a.instruction, max_new_tokens=a.max_new_tokens or 1100,
+        with quiet_ort(a.verbose):
+            tokens = pipe.image_tokens(image, a.instruction, max_new_tokens=a.max_new_tokens,
                                        constrain_image_tokens=a.constrain_image_tokens, on_token=on_token,
                                        sampler=sampler)
     finally:
         bar.close()
     decoded = time.perf_counter()
-    with _quiet_ort(a.verbose):
+    with quiet_ort(a.verbose):
         pixels = pipe.decode_image(tokens)  # refuses anything but exactly 1024 image tokens, saying what came out
     end = time.perf_counter()
     save_png(pixels, a.out)

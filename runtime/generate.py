@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 
 from runtime.backend import Graph
+from runtime.errors import UserError
 from runtime.kvcache import KVCache
 from runtime.sampling import Sampler
 
@@ -25,12 +26,14 @@ def decode_one_token(decoder: Graph, embed: Graph, cache: KVCache, token: int) -
 
 
 def generate(decoder: Graph, embed: Graph, cache: KVCache, prompt_embeds: np.ndarray, max_new_tokens: int,
-             sample: Sampler, stop_ids: set[int], on_token: Callable[[int], None] | None = None) -> list[int]:
-    """New tokens only, the stop token excluded (HF generate's output minus its trailing eos)."""
-    cache.reset()
+             sample: Sampler, stop_ids: frozenset[int], on_token: Callable[[int], None] | None = None) -> list[int]:
+    """New tokens only, the stop token excluded (HF generate's output minus its trailing eos). `cache`: empty."""
     logits = prefill(decoder, cache, prompt_embeds)
     tokens: list[int] = []
     while True:
+        if not np.isfinite(logits).all():  # NaN weights or a failing backend: never an empty or garbage answer
+            raise UserError(f"the decoder returned non-finite logits after {len(tokens)} tokens: the bundle's weights "
+                            "or the backend are broken (run `build.py verify` on this bundle)")
         token = sample(logits)
         if token in stop_ids:
             return tokens

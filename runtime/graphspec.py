@@ -1,7 +1,7 @@
 """The description of one graph: tensor names, dtypes, symbolic dims with their ranges, profiles, tolerance.
 
-Declared once per graph in `export/specs.py`, written into the bundle manifest by the exporter, and read back from
-the manifest by the engine builder, the runtime and the verifier, so no one re-types a tensor name or a shape.
+Declared once per graph in `export/compile/specs.py`, written into the bundle manifest by the exporter, and read
+back from the manifest by the engine builder, the runtime and the verifier, so no one re-types a tensor name or a shape.
 Everything else (dynamic axes, TensorRT profiles, concrete shapes, sample feeds) is derived here.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
-DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "uint8": np.uint8}
 
 
 @dataclass(frozen=True)
@@ -60,6 +58,8 @@ class GraphSpec:
     # TensorRT optimization profiles as overrides of `dims` (e.g. prefill and decode); none means one profile.
     profiles: tuple[dict[str, Dim], ...] = ()
     tolerance: Tolerance = Tolerance(1e-4, 0.99999)
+    # Decoders: (cache input, new-rows output) per layer and kind, the pairs the runtime's KV cache binds.
+    kv_pairs: tuple[tuple[str, str], ...] = ()
 
     def tensor(self, name: str) -> TensorSpec:
         for t in self.inputs + self.outputs:
@@ -87,6 +87,12 @@ class GraphSpec:
         """Concrete shape of one tensor; unnamed symbolic dims take their `opt` value."""
         return tuple(d if isinstance(d, int) else dims.get(d, self.dims[d].opt) for d in self.tensor(name).shape)
 
+    def render(self, name: str) -> str:
+        """A tensor's shape for people, symbolic dims with their range: [1, seq=1..2048, 3072]."""
+        dims = (str(d) if isinstance(d, int) or d not in self.dims else f"{d}={self.dims[d].min}..{self.dims[d].max}"
+                for d in self.tensor(name).shape)
+        return f"[{', '.join(dims)}]"
+
     def trt_profiles(self) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
         """Per profile, input name -> (min, opt, max) shapes, as TensorRT's `Profile.add` takes them."""
         profiles = []
@@ -102,7 +108,7 @@ class GraphSpec:
     def sample_inputs(self, rng: np.random.Generator, **dims: int) -> dict[str, np.ndarray]:
         feeds = {}
         for t in self.inputs:
-            shape, dtype = self.shape(t.name, **dims), DTYPES[t.dtype]
+            shape, dtype = self.shape(t.name, **dims), np.dtype(t.dtype)
             if t.values is not None:
                 feeds[t.name] = rng.integers(*t.values, size=shape).astype(dtype)
             else:
@@ -118,6 +124,7 @@ class GraphSpec:
             "profiles": [{k: [d.min, d.opt, d.max] for k, d in p.items()} for p in self.profiles],
             "tolerance": {"max_abs": self.tolerance.max_abs, "min_cosine": self.tolerance.min_cosine},
             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in self.dynamic_axes().items()},
+            "kv_pairs": [list(p) for p in self.kv_pairs],
         }
 
     @classmethod
@@ -129,4 +136,5 @@ class GraphSpec:
             dims={k: Dim(*v) for k, v in d["dims"].items()},
             profiles=tuple({k: Dim(*v) for k, v in p.items()} for p in d["profiles"]),
             tolerance=Tolerance(**d["tolerance"]),
+            kv_pairs=tuple((past, present) for past, present in d["kv_pairs"]),
         )

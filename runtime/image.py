@@ -7,10 +7,7 @@ openai/clip-vit-large-patch14-336 (reference notes §1.4; checked by tests/test_
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,11 +15,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from runtime.errors import UserError
+from runtime.files import atomic_write
+from runtime.healthgpt import IMAGE_SIZE
 
 # openai/clip-vit-large-patch14-336 preprocessor_config.json
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_SIZE = 336
 RESAMPLE = Image.Resampling.BICUBIC  # == 3
 RESCALE = 1 / 255
 # The reference pads with tuple(int(x*255) for x in image_mean): int() truncates, giving (122, 116, 104).
@@ -224,23 +222,12 @@ def preprocess(img: Image.Image) -> np.ndarray:
 
 
 def save_png(array, path) -> None:
-    """Write a uint8 HxWx3 array as PNG atomically: temp file in the same folder, then os.replace."""
+    """Write a uint8 HxWx3 array as PNG atomically (runtime.files.atomic_write)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: images are saved as PNG only (lossless); use a .png file name")
     arr = np.asarray(array)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"save_png wants a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:  # a plain open keeps the umask's permissions (mkstemp would force 0600)
-            Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(OSError):  # only left behind when something above failed
-            tmp.unlink()
+    with atomic_write(path) as f:
+        Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")

@@ -3,36 +3,33 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from runtime.cli import _quiet_ort, _size
 from runtime.errors import UserError
+from runtime.graphspec import GraphSpec, TensorSpec
+from runtime.healthgpt import IMAGE_PATCHES
+from runtime.providers import PROVIDERS, quiet_ort, why_not_loadable
 
-def _shape(dims: dict, shape) -> str:
-    out = []
-    for d in shape:
-        if isinstance(d, int):
-            out.append(str(d))
-        elif d in dims:
-            lo, _, hi = dims[d]
-            out.append(f"{d}={lo}..{hi}")
-        else:
-            out.append(str(d))
-    return "[" + ", ".join(out) + "]"
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
 
 
 _LAYERED = re.compile(r"^(.*?)\.(\d+)\.(\w+)$")  # past_key_values.7.key, present.7.value
 
 
-def _tensor_lines(tensors: list[dict], dims: dict) -> list[str]:
-    """One line per tensor, the per-layer KV tensors folded into one line per group."""
+def _tensor_lines(spec: GraphSpec, tensors: tuple[TensorSpec, ...]) -> list[str]:
+    """One line per tensor (spec.render), the per-layer KV tensors folded into one line per group."""
     lines, groups = [], {}
     for t in tensors:
-        m = _LAYERED.match(t["name"])
+        m = _LAYERED.match(t.name)
         if m is None:
-            lines.append(f"{t['name']} {t['dtype']} {_shape(dims, t['shape'])}")
+            lines.append(f"{t.name} {t.dtype} {spec.render(t.name)}")
             continue
-        key = (m.group(1), t["dtype"], _shape(dims, t["shape"]))
+        key = (m.group(1), t.dtype, spec.render(t.name))
         if key not in groups:
             groups[key] = (len(lines), set(), set())
             lines.append(None)
@@ -45,33 +42,12 @@ def _tensor_lines(tensors: list[dict], dims: dict) -> list[str]:
     return lines
 
 
-_PROVIDER_LIBRARIES = {"CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
-                       "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so"}
-
-
-def why_not_loadable(ort, provider: str) -> str | None:
-    """ONNX Runtime falls back silently; loading the provider's shared library ourselves says what is missing."""
-    import ctypes
-
-    library = _PROVIDER_LIBRARIES.get(provider)
-    if library is None:
-        return None
-    path = Path(ort.__file__).parent / "capi" / library
-    if not path.is_file():
-        return f"{library} is not part of this onnxruntime installation"
-    try:
-        ctypes.CDLL(str(path))
-    except OSError as e:
-        return str(e).replace(f"{path}: ", "")
-    return None
-
-
 def _probe_providers(bundle) -> tuple[list[str], dict[str, str]]:
     """ONNX Runtime providers installed, and for each runtime choice whether a session really gets it (or why not),
     found by loading the bundle's smallest graph."""
     import onnxruntime as ort
 
-    from runtime.backend import PROVIDERS, OrtBackend
+    from runtime.backend import OrtBackend
 
     available = ort.get_available_providers()
     task = bundle.tasks[0]
@@ -82,7 +58,7 @@ def _probe_providers(bundle) -> tuple[list[str], dict[str, str]]:
             result[wanted] = "not installed"
             continue
         try:
-            with _quiet_ort(verbose=False):
+            with quiet_ort(verbose=False):
                 OrtBackend(choice).load(bundle, task, "embed")
             result[wanted] = "loadable"
         except UserError as e:
@@ -90,6 +66,16 @@ def _probe_providers(bundle) -> tuple[list[str], dict[str, str]]:
         except Exception as e:  # noqa: BLE001 - a provider that crashes on load is reported, not fatal
             result[wanted] = f"not loadable: {type(e).__name__}: {e}"
     return available, result
+
+
+def _quantization(q) -> str:
+    if q is None:
+        return "none"
+    block = f"blocks of {q.block_size}" if q.block_size else "per channel"
+    calib = f", calibrated on {len(q.calibration)} images" if q.calibration else ""
+    level = f", MatMulNBits accuracy level {q.accuracy_level}" if q.accuracy_level is not None else ""
+    where = "" if q.tensorrt else "; ONNX Runtime only (no TensorRT engines)"
+    return f"{q.scheme} {q.algorithm} ({block}) on {', '.join(q.graphs)}{calib}{level}{where}"
 
 
 def show(a) -> int:
@@ -100,52 +86,48 @@ def show(a) -> int:
 
     bundle = Bundle.open(a.bundle, verify=False)  # describe first, then check the files (below)
     m = bundle.manifest
-    cfg, prec, files = m.get("config", {}), m.get("precision", {}), m.get("files", {})
-    print(f"bundle        {bundle.root}  (format {m['format']} v{m['format_version']})")
-    print(f"variant       {m.get('variant')}  (template {m.get('template', {}).get('name')})")
-    print("tasks         " + ", ".join(f"{t} (H-LoRA rank {c.get('rank')}, CLIP layer {c.get('clip_layer')})"
-                                          for t, c in m["tasks"].items()))
-    quant = prec.get("quantization") or "none"
-    islands = ", ".join(prec.get("fp32_islands") or []) or "none"
-    print(f"precision     {prec.get('dtype')}  (quantization: {quant}; fp32 islands: {islands})")
-    print(f"max context   {cfg.get('max_context')} tokens (prompt, 576 image rows and generated tokens together)")
-    print(f"model         hidden {cfg.get('hidden')}, {cfg.get('layers')} layers, {cfg.get('heads')} heads "
-          f"({cfg.get('kv_heads')} KV), vocabulary {cfg.get('vocab')}")
-    tools = {k: v for k, v in (m.get("tools") or {}).items() if v}
-    if tools:
+    cfg, files = m.config, m.files
+    print(f"bundle        {bundle.root}  (format {m.format} v{m.format_version})")
+    print(f"digest        sha256 {bundle.digest} (of manifest.json, which hashes every file: pin this)")
+    print(f"variant       {m.variant}  (template {m.template.name})")
+    print("tasks         " + ", ".join(f"{t} (H-LoRA rank {c.rank}, CLIP layer {c.clip_layer})"
+                                          for t, c in m.tasks.items()))
+    islands = ", ".join(m.precision.fp32_islands) or "none"
+    print(f"precision     {m.precision.dtype}  (fp32 islands: {islands})")
+    print(f"quantization  {_quantization(m.precision.quantization)}")
+    print(f"max context   {cfg.max_context} tokens (prompt, {IMAGE_PATCHES} image rows and generated tokens together)")
+    print(f"model         hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads ({cfg.kv_heads} KV), "
+          f"vocabulary {cfg.vocab}")
+    if tools := {k: v for k, v in m.tools.items() if v}:
         print("exported with " + ", ".join(f"{k} {v}" for k, v in tools.items()))
 
     print("graphs:")
-    for graph_id, entry in m["graphs"].items():
-        spec = entry["spec"]
-        nbytes = files.get(entry["file"], {}).get("bytes")
-        print(f"  {graph_id:<14} {entry['file']} ({_size(nbytes) if nbytes is not None else '?'} + "
-              f"{len(entry.get('initializers', []))} tensors from {m.get('weights', {}).get('file', '?')})")
-        for kind in ("inputs", "outputs"):
-            for line in _tensor_lines(spec[kind], spec.get("dims", {})):
-                print(f"      {kind[:-1] if kind == 'inputs' else 'output':<6} {line}")
+    for graph_id, entry in m.graphs.items():
+        print(f"  {graph_id:<14} {entry.file} ({_size(files[entry.file].bytes)} + {len(entry.initializers)} "
+              f"tensors from {m.weights.file})")
+        for kind, tensors in (("input", entry.spec.inputs), ("output", entry.spec.outputs)):
+            for line in _tensor_lines(entry.spec, tensors):
+                print(f"      {kind:<6} {line}")
 
-    weights = m.get("weights", {})
-    if weights:
-        used = [set(e.get("initializers", [])) for e in m["graphs"].values()]
-        shared = sum(1 for name in weights.get("tensors", {}) if sum(name in u for u in used) > 1)
-        print(f"weights       {weights['file']}: {len(weights.get('tensors', {}))} tensors, {shared} of them used by "
-              f"more than one graph (stored and loaded once)")
+    used = [set(e.initializers) for e in m.graphs.values()]
+    shared = sum(1 for name in m.weights.tensors if sum(name in u for u in used) > 1)
+    print(f"weights       {m.weights.file}: {len(m.weights.tensors)} tensors, {shared} of them used by more than one "
+          f"graph (stored and loaded once)")
     print("files:")
     for name, f in sorted(files.items()):
-        print(f"  {name:<24} {_size(f['bytes']):>10}")
-    print(f"  {'total':<24} {_size(sum(f['bytes'] for f in files.values())):>10}")
+        print(f"  {name:<24} {_size(f.bytes):>10}")
+    print(f"  {'total':<24} {_size(sum(f.bytes for f in files.values())):>10}")
 
-    engines = m.get("engines") or {}
-    if engines:
+    if m.engines:
         print("TensorRT engines:")
-        for graph_id, e in engines.items():
-            print(f"  {graph_id:<14} {e.get('file')} ({_size(e.get('bytes', 0))}), {e.get('precision')}, built for "
-                  f"{e.get('gpu_name')} (compute capability {e.get('compute_capability')}), TensorRT "
-                  f"{e.get('tensorrt_version')}")
+        for graph_id, e in m.engines.items():
+            print(f"  {graph_id:<14} {e.file} ({_size(e.bytes)}), {e.precision}, built for {e.gpu_name} (compute "
+                  f"capability {e.compute_capability}), TensorRT {e.tensorrt_version}")
     else:
         print(f"TensorRT engines: none (build them on the target GPU: python build.py engines --bundle {bundle.root})")
 
+    bundle.verify_files()  # before any graph is handed to ONNX Runtime below
+    print(f"integrity     all {len(files)} files match their sha256 in the manifest (and every weight its name)")
     available, loadable = _probe_providers(bundle)
     print(f"onnxruntime   {_version(metadata, 'onnxruntime-gpu') or _version(metadata, 'onnxruntime')}: "
           f"providers available {', '.join(available)}")
@@ -153,9 +135,6 @@ def show(a) -> int:
         print(f"  {provider:<26} {state}")
     trt = _version(metadata, "tensorrt") or ("installed" if find_spec("tensorrt") else None)
     print(f"tensorrt      {trt or 'not installed'} (for --backend trt)")
-
-    bundle.verify_files()
-    print(f"integrity     all {len(files)} files match their sha256 in the manifest")
     return 0
 
 

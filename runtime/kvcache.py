@@ -15,14 +15,18 @@ from runtime.backend import Backend
 from runtime.errors import UserError
 from runtime.graphspec import GraphSpec
 
-PAST, PRESENT = "past_key_values.", "present."
+
+def check_room(length: int, capacity: int, detail: str = "") -> None:
+    """The one refusal of a context longer than the bundle's KV cache."""
+    if length > capacity:
+        raise UserError(f"the context would reach {length} tokens; this bundle holds at most {capacity}{detail} "
+                        "(shorten the prompt, or re-export with a larger --max-context)")
 
 
 class KVCache:
     def __init__(self, backend: Backend, spec: GraphSpec):
         self.backend, self.spec = backend, spec
-        pasts = [t for t in spec.inputs if t.name.startswith(PAST)]
-        self.pairs = [(t.name, PRESENT + t.name[len(PAST):]) for t in pasts]  # (cache input, new-rows output)
+        self.pairs = spec.kv_pairs  # (cache input, new-rows output), declared by the decoder's spec
         self.capacity = spec.dims["cache"].max  # the bundle's max_context
         self.length = 0
         self.buffers = self._allocate(1)
@@ -40,9 +44,7 @@ class KVCache:
         return {"past_length": np.array([self.length], dtype=np.int64), **self.buffers}
 
     def check_room(self, new: int) -> None:
-        if self.length + new > self.capacity:
-            raise UserError(f"the context would reach {self.length + new} tokens; this bundle holds at most "
-                            f"{self.capacity} (re-export with a larger --max-context)")
+        check_room(self.length + new, self.capacity)
 
     def rows_for(self, length: int) -> int:
         """Buffer rows for a context of `length`: the next power of two, at least 1, at most capacity."""

@@ -2,10 +2,19 @@
 
 Each task's graphs are loaded on first use and kept, so switching back and forth costs nothing after the first
 switch; tensors both tasks use are held once (see OrtBackend).
+
+Concurrency: one Pipeline may serve several threads at once. What requests share is read-only (the graphs, the
+weights, the tokenizer); what one request writes is its own (a KV cache made per request, its sampler). ONNX
+Runtime runs one session from several threads at once; a backend that cannot (`concurrent = False`: native
+TensorRT, one CUDA stream and shared staging buffers) gets its requests one after another, in arrival order, and
+a waiting request simply blocks until the one before it is done.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,94 +26,128 @@ from runtime.backend import Backend, Graph, open_backend
 from runtime.bundle import Bundle
 from runtime.errors import UserError
 from runtime.generate import generate
+from runtime.healthgpt import COM, GEN, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, Task
 from runtime.image import load_image, preprocess
-from runtime.kvcache import KVCache
-from runtime.prompt import IMAGE_TOKEN_INDEX, Template, vq_indices
+from runtime.kvcache import KVCache, check_room
+from runtime.prompt import Template, vq_indices
 from runtime.sampling import Sampler
 from runtime.tokenizer import Tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskGraphs:
     vision: Graph
     embed: Graph
     decoder: Graph
-    cache: KVCache
 
 
 class Pipeline:
     def __init__(self, bundle: Bundle, backend: Backend):
         self.bundle, self.backend = bundle, backend
-        tok = bundle.manifest["tokenizer"]
-        self.tokenizer = Tokenizer.load(bundle.root / tok["file"], tok["bos_id"], tok["add_bos"])
-        t = bundle.manifest["template"]
-        self.template = Template(t["system"], t["user"], t["assistant"], t["sep"])
-        self.stop_ids = set(bundle.tokens["eos"])
+        m = bundle.manifest
+        self.tokenizer = Tokenizer.load(bundle.file(m.tokenizer.file), m.tokenizer.bos_id, m.tokenizer.add_bos)
+        t = m.template
+        self.template = Template(t.system, t.user, t.assistant, t.sep)
+        self.stop_ids = frozenset(m.tokens.eos)
         self._tasks: dict[str, TaskGraphs] = {}
-        self._vqgan: Graph | None = None
+        self._shared: dict[str, Graph] = {}
+        self._loading = threading.Lock()
+        self._serial = contextlib.nullcontext() if getattr(backend, "concurrent", False) else threading.Lock()
 
     @classmethod
-    def open(cls, bundle: str | Path, backend: str = "ort", providers: str = "auto", prepack: bool = True) -> Pipeline:
+    def open(cls, bundle: str | Path, backend: str = "ort", providers: str = "auto", prepack: bool = True,
+             verify: bool = True, verbose: bool = False) -> Pipeline:
         """prepack=False: one copy of the weights for every task's sessions on ONNX Runtime's CPU provider, at some
-        decode speed (see OrtBackend); worth it when both tasks stay open in one process."""
-        return cls(Bundle.open(bundle), open_backend(backend, providers, prepack))
+        decode speed (see OrtBackend); worth it when both tasks stay open in one process. verify=False defers the
+        sha256 checks to `bundle.verify_files()` (the CLI refuses a bad request first, then verifies, then loads)."""
+        return cls(Bundle.open(bundle, verify=verify), open_backend(backend, providers, prepack, verbose))
+
+    @property
+    def tasks(self) -> dict[str, TaskGraphs]:
+        """The tasks loaded so far."""
+        return dict(self._tasks)
 
     def task(self, name: str) -> TaskGraphs:
         if name not in self.bundle.tasks:
             raise UserError(f"bundle {self.bundle.root} has no {name!r} task (it has {', '.join(self.bundle.tasks)})")
-        if name not in self._tasks:
-            load = lambda graph: self.backend.load(self.bundle, name, graph)  # noqa: E731
-            decoder = load("decoder")
-            self._tasks[name] = TaskGraphs(load("vision"), load("embed"), decoder, KVCache(self.backend, decoder.spec))
+        with self._loading:
+            if name not in self._tasks:
+                load = lambda graph: self.backend.load(self.bundle, name, graph)  # noqa: E731
+                self._tasks[name] = TaskGraphs(load("vision"), load("embed"), load("decoder"))
         return self._tasks[name]
+
+    def unload(self, name: str) -> None:
+        """Drop a task's graphs (their sessions and prepacked weights); the next request loads them again."""
+        with self._loading:
+            self._tasks.pop(name, None)
+
+    def cache(self, task: str) -> KVCache:
+        """A fresh, empty KV cache for one request on `task`'s decoder."""
+        return KVCache(self.backend, self.task(task).decoder.spec)
 
     def providers(self) -> dict[str, list[str]]:
         return {f"{t}.{g}": getattr(graphs, g).providers for t, graphs in self._tasks.items()
                 for g in ("vision", "embed", "decoder")}
 
-    def prompt(self, task: str, image, question: str) -> tuple[list[int], np.ndarray]:
-        """Prompt ids (with the -200 image slot) and their embeddings with the image rows spliced in: [1, L, H]."""
-        graphs = self.task(task)
-        ids = self.tokenizer.prompt_ids(self.template.render(question, image is not None, task))
-        text = [i for i in ids if i != IMAGE_TOKEN_INDEX]
-        graphs.cache.reset()  # a new request starts from an empty context
-        graphs.cache.check_room(len(ids) - 1 + (graphs.vision.spec.shape("image_embeds")[1] if image else 0))
-        embeds = graphs.embed.run({"input_ids": np.array([text], dtype=np.int64)})["inputs_embeds"]
+    def check_request(self, task: Task, has_image: bool, text: str) -> list[int]:
+        """The prompt ids (with the -200 image slot), refused before any work when the context cannot hold the
+        prompt and what the task must produce (one token; GEN: the 1024 image tokens)."""
+        ids = self.tokenizer.prompt_ids(self.template.render(text, has_image, task.name))
+        prompt = len(ids) - 1 + (self.bundle.spec(task.name, "vision").shape("image_embeds")[1] if has_image else 0)
+        need, what = (IMAGE_TOKENS, f"{IMAGE_TOKENS} image tokens") if task.makes_images else (1, "an answer")
+        check_room(prompt + need, self.bundle.manifest.config.max_context, f": a {prompt}-token prompt and {what}")
+        return ids
+
+    def prompt(self, task: Task, image, text: str) -> np.ndarray:
+        """The prompt's embeddings with the image rows spliced in: [1, L, H]."""
+        ids = self.check_request(task, image is not None, text)
+        graphs = self.task(task.name)
+        text_ids = np.array([[i for i in ids if i != IMAGE_TOKEN_INDEX]], dtype=np.int64)
+        embeds = graphs.embed.run({"input_ids": text_ids})["inputs_embeds"]
         if image is None:
-            return ids, embeds
+            return embeds
         pil = image if isinstance(image, Image.Image) else load_image(image)
         image_embeds = graphs.vision.run({"pixel_values": preprocess(pil)})["image_embeds"]
         at = ids.index(IMAGE_TOKEN_INDEX)
-        return ids, np.concatenate([embeds[:, :at], image_embeds.astype(embeds.dtype), embeds[:, at:]], axis=1)
+        return np.concatenate([embeds[:, :at], image_embeds.astype(embeds.dtype), embeds[:, at:]], axis=1)
 
-    def _generate(self, task, image, text, max_new_tokens, sampler, on_token) -> list[int]:
-        graphs = self.task(task)
-        ids, embeds = self.prompt(task, image, text)
-        budget = min(max_new_tokens, graphs.cache.capacity - embeds.shape[1])
-        return generate(graphs.decoder, graphs.embed, graphs.cache, embeds, budget, sampler or Sampler(),
-                        self.stop_ids, on_token)
+    def tokens(self, task: Task, image, text: str, max_new_tokens: int | None = None, sampler: Sampler | None = None,
+               on_token: Callable[[int], None] | None = None) -> list[int]:
+        """One request's new tokens (the stop token excluded): its own cache, its own sampler state."""
+        sampler = dataclasses.replace(sampler) if sampler else Sampler()  # a copy: the caller's RNG is not advanced
+        with self._serial:
+            embeds = self.prompt(task, image, text)
+            cache, graphs = self.cache(task.name), self.task(task.name)
+            budget = min(max_new_tokens or task.max_new_tokens, cache.capacity - embeds.shape[1])
+            return generate(graphs.decoder, graphs.embed, cache, embeds, budget, sampler, self.stop_ids, on_token)
 
-    def ask(self, image, question: str, max_new_tokens: int = 1024, on_token: Callable[[int], None] | None = None,
-            sampler: Sampler | None = None) -> str:
-        tokens = self._generate("com", image, question, max_new_tokens, sampler, on_token)
+    def ask(self, image, question: str, max_new_tokens: int | None = None,
+            on_token: Callable[[int], None] | None = None, sampler: Sampler | None = None) -> str:
+        tokens = self.tokens(COM, image, question, max_new_tokens, sampler, on_token)
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def image_tokens(self, image, instruction: str, max_new_tokens: int = 1100, constrain_image_tokens: bool = False,
-                     on_token: Callable[[int], None] | None = None, sampler: Sampler | None = None) -> list[int]:
+    def image_tokens(self, image, instruction: str, max_new_tokens: int | None = None,
+                     constrain_image_tokens: bool = False, on_token: Callable[[int], None] | None = None,
+                     sampler: Sampler | None = None) -> list[int]:
         """The raw token stream of a GEN request. Constrained: logits masked to <idx_*>, exactly 1024 steps."""
-        t = self.bundle.tokens
         if constrain_image_tokens:
-            sampler = sampler or Sampler()
-            sampler.allowed = (t["idx_0"], t["idx_0"] + t["vq_codes"])
-            max_new_tokens = t["image_tokens"]
-        return self._generate("gen", image, instruction, max_new_tokens, sampler, on_token)
+            sampler = dataclasses.replace(sampler or Sampler(), allowed=self.bundle.manifest.tokens.image_range)
+            max_new_tokens = IMAGE_TOKENS
+        return self.tokens(GEN, image, instruction, max_new_tokens, sampler, on_token)
+
+    def shared(self, name: str) -> Graph:
+        """A graph the tasks share (the VQGAN), loaded on first use."""
+        with self._loading:
+            if name not in self._shared:
+                self._shared[name] = self.backend.load(self.bundle, GEN.name, name)
+        return self._shared[name]
 
     def decode_image(self, tokens: list[int]) -> np.ndarray:
-        t = self.bundle.tokens
-        indices = vq_indices(tokens, t["idx_0"], t["vq_codes"], t["image_tokens"])
-        if self._vqgan is None:
-            self._vqgan = self.backend.load(self.bundle, "gen", "vqgan")
-        return self._vqgan.run({"indices": np.array([indices], dtype=np.int64)})["image"][0]  # [256, 256, 3] uint8
+        t = self.bundle.manifest.tokens
+        indices = vq_indices(tokens, t.idx_0, t.vq_codes, t.image_tokens)
+        (vqgan,) = GEN.shared_graphs
+        with self._serial:
+            return self.shared(vqgan).run({"indices": np.array([indices], dtype=np.int64)})["image"][0]  # [256,256,3]
 
     def generate_image(self, image, instruction: str, **kw) -> np.ndarray:
         return self.decode_image(self.image_tokens(image, instruction, **kw))

@@ -10,11 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from runtime.errors import UserError
-
-IMAGE_TOKEN = "<image>"
-IMAGE_TOKEN_INDEX = -200  # the slot where the 576 projected image vectors are spliced in
-START_INDEX = "<start_index>"  # appended to the GEN prompt; the model then emits <idx_N> tokens
-HEALTHGPT_TOKENS = ("<start_index>", *(f"<idx_{i}>" for i in range(8192)), "<end_index>", "<pixel_newline>")
+from runtime.healthgpt import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, TASKS, VQ_CODES
 
 
 @dataclass(frozen=True)
@@ -29,7 +25,7 @@ class Template:
     def render(self, question: str, has_image: bool, task: str) -> str:
         message = f"{IMAGE_TOKEN}\n{question}" if has_image else question
         prompt = f"{self.system}{self.sep}{self.user}{message}{self.sep}{self.assistant}"
-        return prompt + START_INDEX if task == "gen" else prompt
+        return prompt + TASKS[task].prompt_suffix
 
 
 TEMPLATES = {
@@ -65,7 +61,7 @@ def split_image_tokens(prompt: str, encode: Callable[[str], Sequence[int]], bos_
     return ids
 
 
-def vq_indices(token_ids: Sequence[int], idx0_id: int, codes: int = 8192, count: int = 1024) -> list[int]:
+def vq_indices(token_ids: Sequence[int], idx0_id: int, codes: int = VQ_CODES, count: int = IMAGE_TOKENS) -> list[int]:
     """Token-level version of the reference's `decode(...)[:-8]` + regex: every `<idx_N>` token, in order, as N.
 
     Exactly `count` are required (one 32x32 latent grid); anything else is an error that says what came out.

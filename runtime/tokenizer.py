@@ -1,9 +1,10 @@
-"""The runtime tokenizer: tokenizer.json (written and verified by export/tokenizer.py) behind the slow HF semantics.
+"""The runtime tokenizer: tokenizer.json (written and verified by export/compile/tokenizer.py) behind the slow HF
+semantics.
 
 Torch-free: only `tokenizers` and the standard library. `encode` returns what the reference's slow tokenizer returns
 for `tokenizer(text).input_ids`; `decode` what its `decode` returns. Slow behaviours that a tokenizer.json cannot
-express are reproduced here (export/tokenizer.py proves the encoding on the real prompts, tests/test_tokenizer.py
-the decoding):
+express are reproduced here (export/compile/tokenizer.py proves the encoding on the real prompts,
+tests/test_tokenizer.py the decoding):
 
 - Llama with `legacy=False` (Phi-3): the slow class prepends "▁" to the whole text, tokenizes, then drops a leading
   "▁" token only when the next token is one of `all_special_tokens`. So "<|system|>..." starts with a "▁" token
@@ -23,7 +24,8 @@ import re
 from pathlib import Path
 
 from runtime.errors import UserError
-from runtime.prompt import HEALTHGPT_TOKENS, split_image_tokens
+from runtime.healthgpt import HEALTHGPT_TOKENS
+from runtime.prompt import split_image_tokens
 
 UNDERLINE = "\u2581"  # SentencePiece's space
 PY_ONLY_SPACE = frozenset("\x1c\x1d\x1e\x1f")  # str.isspace() but not Unicode White_Space

@@ -17,42 +17,42 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def m3_checkpoint(tmp_path_factory):
-    from export.synth import synthesize
+    from export.synth.checkpoint import synthesize
 
     return synthesize(tmp_path_factory.mktemp("ckpt") / "m3", "m3", "tiny", seed=0).root
 
 
 @pytest.fixture(scope="session")
 def l14_checkpoint(tmp_path_factory):
-    from export.synth import synthesize
+    from export.synth.checkpoint import synthesize
 
     return synthesize(tmp_path_factory.mktemp("ckpt") / "l14", "l14", "tiny", seed=1).root
 
 
 @pytest.fixture(scope="session")
 def m3_com(m3_checkpoint):
-    from export.reference import load_reference
+    from export.reference.model import load_reference
 
     return load_reference(m3_checkpoint, "com")
 
 
 @pytest.fixture(scope="session")
 def m3_gen(m3_checkpoint):
-    from export.reference import load_reference
+    from export.reference.model import load_reference
 
     return load_reference(m3_checkpoint, "gen")
 
 
 @pytest.fixture(scope="session")
 def l14_com(l14_checkpoint):
-    from export.reference import load_reference
+    from export.reference.model import load_reference
 
     return load_reference(l14_checkpoint, "com")
 
 
 @pytest.fixture(scope="session")
 def m3_bundle(m3_checkpoint, tmp_path_factory):
-    from export.bundle import export_bundle
+    from export.compile.bundle import export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "m3"
     export_bundle(m3_checkpoint, out, ("com", "gen"), "fp32", max_context=2048)
@@ -61,7 +61,7 @@ def m3_bundle(m3_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def l14_bundle(l14_checkpoint, tmp_path_factory):
-    from export.bundle import export_bundle
+    from export.compile.bundle import export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "l14"
     export_bundle(l14_checkpoint, out, ("com",), "fp32", max_context=1024)

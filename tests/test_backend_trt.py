@@ -3,7 +3,7 @@ TensorRT and CUDA emulated, and, where TensorRT and a GPU exist, a real engine b
 run through the KV-cache loop against ONNX Runtime."""
 
 import ctypes
-import json
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -12,20 +12,20 @@ import pytest
 from tiny_bundle import H200, TINY, TRT_REASON, run_steps, steps
 
 from engines import build as eb
-from engines.compat import DeviceInfo
-from export import specs
+from export.compile import specs
 from runtime.backend import OrtBackend
 from runtime.backend_trt import find_engine, pick_profile
 from runtime.bundle import Bundle
 from runtime.errors import UserError
-from runtime.graphspec import GraphSpec
+from runtime.manifest import FileEntry
+from runtime.trt_compat import DeviceInfo
 
 
 def test_pick_profile_decode_for_one_token_prefill_otherwise():
     spec = specs.decoder(**TINY, dtype="float32")
     built = eb.profiles_for(spec)
     stored = eb.engine_entry("com.decoder", "engines/com.decoder.plan", "0" * 64, 1, H200, "fp32", built, "k",
-                             1.0)["profiles"]  # JSON lists, as the runtime reads them from the manifest
+                             1.0).profiles  # as the runtime reads them from the manifest
     for profiles in (built, stored):
         def shapes(seq):
             return {n: spec.shape(n, seq=seq) for n in spec.input_names}
@@ -36,17 +36,24 @@ def test_pick_profile_decode_for_one_token_prefill_otherwise():
         assert pick_profile(profiles, shapes(TINY["max_context"] + 1)) is None
 
 
+def with_engine(bundle: Bundle, entry) -> Bundle:
+    """The bundle as if `build.py engines` had recorded `entry` (the plan file itself is not there)."""
+    files = {**bundle.manifest.files, entry.file: FileEntry(entry.sha256, entry.bytes)}
+    manifest = dataclasses.replace(bundle.manifest, engines={entry.graph: entry}, files=files)
+    return Bundle(bundle.root, manifest, bundle.digest)
+
+
 def test_runtime_refuses_missing_or_foreign_engine(bundle_dir):
     bundle = Bundle.open(bundle_dir)
     with pytest.raises(UserError, match=r"no TensorRT engine for com.decoder: run `python build.py engines --bundle"):
         find_engine(bundle, "com.decoder", H200)
-    bundle.manifest["engines"] = {"com.decoder": eb.engine_entry(
-        "com.decoder", "engines/com.decoder.plan", "0" * 64, 1, DeviceInfo("NVIDIA A100", "8.0", "10.8.0.43"),
-        "fp32", [], "k", 1.0)}
+    entry = eb.engine_entry("com.decoder", "engines/com.decoder.plan", "0" * 64, 1,
+                            DeviceInfo("NVIDIA A100", "8.0", "10.8.0.43"), "fp32", [], "k", 1.0)
+    bundle = with_engine(bundle, entry)
     with pytest.raises(UserError, match="built for compute capability 8.0 .* rebuild with `python build.py engines"):
         find_engine(bundle, "com.decoder", H200)
-    entry = bundle.manifest["engines"]["com.decoder"]
-    entry.update(gpu_name="NVIDIA H100", compute_capability="9.0")  # same architecture, other model: a note only
+    # same architecture, other model: a note only
+    bundle = with_engine(bundle, dataclasses.replace(entry, gpu_name="NVIDIA H100", compute_capability="9.0"))
     with pytest.warns(UserWarning, match="built on a NVIDIA H100 and runs on a NVIDIA H200"):
         with pytest.raises(UserError, match="engine .*com.decoder.plan is missing: run `python build.py engines"):
             find_engine(bundle, "com.decoder", H200)
@@ -143,9 +150,7 @@ class OrtEngine:
 
 
 def specs_dtype(spec, name):
-    from runtime.graphspec import DTYPES
-
-    return DTYPES[spec.tensor(name).dtype]
+    return np.dtype(spec.tensor(name).dtype)
 
 
 class OrtContext:
@@ -213,9 +218,9 @@ def emulated_trt(monkeypatch):
 
     def engine_from_bytes(plan, runtime):
         path = Path(plan.decode())
-        manifest = json.loads((path.parent / "manifest.json").read_text())
-        graph = next(g for g in manifest["graphs"].values() if g["file"] == path.name)
-        return OrtEngine(str(path), GraphSpec.from_json(graph["spec"]))
+        manifest = Bundle.open(path.parent, verify=False).manifest
+        graph = next(g for g in manifest.graphs.values() if g.file == path.name)
+        return OrtEngine(str(path), graph.spec)
 
     monkeypatch.setattr(ptrt, "engine_from_bytes", engine_from_bytes, raising=False)
     return bt
@@ -307,7 +312,7 @@ def test_trt_pipeline_matches_onnxruntime_on_an_exported_bundle(m3_bundle, ct_sm
     bundle = tmp_path / "m3"
     shutil.copytree(m3_bundle, bundle)  # the session's bundle stays engine-free for the other tests
     engines = eb.build_engines(bundle)
-    assert set(engines) == set(Bundle.open(bundle).manifest["graphs"])
+    assert set(engines) == set(Bundle.open(bundle).manifest.graphs)
     question = "What does the image show?"
     want = Pipeline(Bundle.open(bundle), OrtBackend("cpu")).ask(ct_small, question, max_new_tokens=16)
     assert Pipeline(Bundle.open(bundle), TrtBackend()).ask(ct_small, question, max_new_tokens=16) == want

@@ -13,11 +13,12 @@ import pytest
 from tiny_bundle import H200, TINY, make_bundle
 
 from engines import build as eb
-from engines.compat import INSTALL_HINT, DeviceInfo, check_compat
-from export import specs
+from export.compile import specs
 from runtime.bundle import Bundle
 from runtime.errors import UserError
 from runtime.graphspec import GraphSpec
+from runtime.healthgpt import IMAGE_TOKENS
+from runtime.trt_compat import INSTALL_HINT, DeviceInfo, check_compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_static_graphs_have_one_fixed_profile():
     for spec in (specs.vision(32, "float16"), specs.vqgan()):
         (profile,) = eb.profiles_for(GraphSpec.from_json(spec.to_json()))
         assert all(lo == opt == hi for lo, opt, hi in profile.values())
-    assert eb.profiles_for(specs.vqgan())[0]["indices"][0] == (1, specs.VQ_TOKENS)
+    assert eb.profiles_for(specs.vqgan())[0]["indices"][0] == (1, IMAGE_TOKENS)
 
 
 def test_profiles_for_refuses_incomplete_profiles():
@@ -64,7 +65,7 @@ def test_profiles_for_refuses_incomplete_profiles():
 def test_engine_entry_fields():
     spec = specs.decoder(**TINY, dtype="float32")
     e = eb.engine_entry("com.decoder", "engines/com.decoder.plan", "ab" * 32, 1234, H200, "fp16",
-                        eb.profiles_for(spec), "key", 12.34)
+                        eb.profiles_for(spec), "key", 12.34).to_json()
     assert {"file", "sha256", "bytes", "gpu_name", "compute_capability", "tensorrt_version", "precision", "profiles",
             "built_at"} <= set(e)
     assert (e["compute_capability"], e["tensorrt_version"], e["gpu_name"]) == ("9.0", "10.8.0.43", "NVIDIA H200")
@@ -99,7 +100,7 @@ def test_precision_must_match_the_bundle(bundle_dir):
     fp16 = make_bundle(bundle_dir.parent / "fp16", dtype="fp16")
     with pytest.raises(UserError, match=r"holds fp16 graphs.*export --dtype fp32"):
         eb.build_engines(fp16, precision="fp32")
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest = Bundle.open(bundle_dir).manifest
     assert eb.check_request(manifest, None, None) == "fp32"
     assert eb.check_request(manifest, "fp32", TINY["max_context"]) == "fp32"
     with pytest.raises(UserError, match="unknown precision"):
@@ -141,13 +142,13 @@ def test_build_engines_writes_plans_and_manifest_atomically(bundle_dir, monkeypa
     monkeypatch.setattr(eb, "build_plan", fake_build_plan)
     engines = eb.build_engines(bundle_dir)
     assert calls == [("com.decoder.onnx", 2, None)]
-    entry = engines["com.decoder"]
+    entry = engines["com.decoder"].to_json()
     plan = bundle_dir / "engines" / "com.decoder.plan"
     assert entry["file"] == "engines/com.decoder.plan" and plan.read_bytes() == b"plan 1"
     assert entry["sha256"] == hashlib.sha256(b"plan 1").hexdigest() and entry["bytes"] == 6
     assert (entry["precision"], entry["compute_capability"], len(entry["profiles"])) == ("fp32", "9.0", 2)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    assert manifest["engines"] == engines
+    assert manifest["engines"] == {k: e.to_json() for k, e in engines.items()}
     assert manifest["files"]["engines/com.decoder.plan"] == {"sha256": entry["sha256"], "bytes": 6}
     Bundle.open(bundle_dir)  # the integrity check covers the plan
     assert (bundle_dir / "engines" / "timing.cache").read_bytes() == b"cache 1"
@@ -189,7 +190,7 @@ def test_engines_command(bundle_dir, monkeypatch, capsys):
 
 def test_modules_import_without_tensorrt():
     code = ("import sys; sys.modules['tensorrt'] = None\n"
-            "import engines.build, engines.compat, runtime.backend_trt\n"
+            "import engines.build, runtime.trt_compat, runtime.backend_trt\n"
             "assert 'torch' not in sys.modules, 'the runtime side must not import torch'\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 

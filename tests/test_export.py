@@ -9,12 +9,13 @@ import onnx
 import pytest
 from onnx import helper
 
-from export.bundle import export_bundle
-from export.lint import fp32_islands, lint
-from export.parity import graph_parity
+from export.compile.bundle import export_bundle
+from export.compile.lint import fp32_islands, lint
+from export.parity.graphs import graph_parity
 from runtime.backend import OrtBackend
 from runtime.bundle import Bundle
 from runtime.image import load_image
+from runtime.pipeline import Pipeline
 
 
 def graphs_of(bundle_dir):
@@ -77,7 +78,7 @@ def test_shared_weights_stored_once(m3_bundle):
 @pytest.mark.parametrize("task", ["com", "gen"])
 def test_graph_parity_m3(task, m3_bundle, m3_com, m3_gen, ct_small):
     ref = {"com": m3_com, "gen": m3_gen}[task]
-    checks = graph_parity(ref, Bundle.open(m3_bundle), OrtBackend("cpu"), load_image(ct_small))
+    checks = graph_parity(ref, Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu")), load_image(ct_small))
     graphs = {c.graph for c in checks}
     assert {f"{task}.vision", f"{task}.embed", f"{task}.decoder"} <= graphs
     assert sum(c.graph.endswith("decoder") for c in checks) == 9  # prefill + 8 decode steps
@@ -89,9 +90,9 @@ def test_graph_parity_m3(task, m3_bundle, m3_com, m3_gen, ct_small):
 
 def test_graph_parity_l14_gqa(l14_bundle, l14_com, ct_small):
     manifest = Bundle.open(l14_bundle).manifest
-    assert manifest["config"]["kv_heads"] < manifest["config"]["heads"]  # grouped-query attention
-    assert list(manifest["tasks"]) == ["com"]
-    for c in graph_parity(l14_com, Bundle.open(l14_bundle), OrtBackend("cpu"), load_image(ct_small)):
+    assert manifest.config.kv_heads < manifest.config.heads  # grouped-query attention
+    assert list(manifest.tasks) == ["com"]
+    for c in graph_parity(l14_com, Pipeline(Bundle.open(l14_bundle), OrtBackend("cpu")), load_image(ct_small)):
         assert c.ok, c
 
 
@@ -105,7 +106,7 @@ def test_reexport_reuses_and_interrupted_export_leaves_no_bundle(m3_checkpoint, 
     assert log.count("reused") == 3 and "exported" not in log
     assert json.loads((out / "manifest.json").read_text())["files"] == first["files"]
 
-    import export.bundle as eb
+    import export.compile.bundle as eb
 
     calls = []
 
@@ -132,7 +133,7 @@ def test_reexport_reuses_and_interrupted_export_leaves_no_bundle(m3_checkpoint, 
 def test_fp16_export_keeps_fp32_islands(m3_checkpoint, tmp_path):
     out = tmp_path / "fp16"
     manifest = export_bundle(m3_checkpoint, out, ("com",), "fp16", max_context=64)
-    model = onnx.load(str(out / manifest["graphs"]["com.decoder"]["file"]))
+    model = onnx.load(str(out / manifest.graphs["com.decoder"].file))
     assert fp32_islands(model) == []
     assert lint(model) == []
     types = {i.name: i.type.tensor_type.elem_type for i in (*model.graph.input, *model.graph.output)}

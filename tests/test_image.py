@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.pixels import get_decoder  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 
+from runtime import files  # noqa: E402
 from runtime import image as rimg  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 
@@ -305,7 +306,7 @@ def test_save_png_failure_leaves_target_and_no_temp(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(rimg.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)  # the one atomic writer save_png uses
     with pytest.raises(UserError, match="keep.png.*No space"):
         rimg.save_png(arr + 1, out)
     assert out.read_bytes() == before and os.listdir(tmp_path) == ["keep.png"]

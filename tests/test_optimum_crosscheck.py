@@ -1,5 +1,5 @@
 """Issue 3's independent cross-check: with H-LoRA left out and the vocabulary at the base size, our decoder graph
-(export/graphs.py: the in-place cache buffer in, new rows out) gives the same logits as optimum-onnx's
+(export/compile/graphs.py: the in-place cache buffer in, new rows out) gives the same logits as optimum-onnx's
 `text-generation-with-past` export of the same base Phi-3, over a prefill and 8 greedy decode steps.
 
 The two graphs share nothing but the weights on disk: optimum traces HF's own Phi3ForCausalLM (growing cache,
@@ -20,10 +20,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import specs
-from export.checkpoint import CheckpointPaths
-from export.graphs import DecoderGraph
-from export.onnx_export import export_graph
+from export.compile import specs
+from export.compile.graphs import DecoderGraph
+from export.compile.onnx_export import export_graph
+from export.reference.checkpoint import CheckpointPaths
 from runtime.backend import OrtBackend
 from runtime.graphspec import GraphSpec
 from runtime.kvcache import KVCache
@@ -68,7 +68,7 @@ def export_ours(llm, path) -> GraphSpec:
                          MAX_CONTEXT, "float32")
     feeds = spec.sample_inputs(np.random.default_rng(0), seq=5)
     feeds["past_length"] = np.array([3], dtype=np.int64)
-    model = export_graph(spec, DecoderGraph(llm, MAX_CONTEXT, fold_hlora=False), feeds)
+    model = export_graph(spec, DecoderGraph(llm, MAX_CONTEXT), feeds)
     onnx.save(model, str(path))
     return spec
 

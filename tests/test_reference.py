@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from export.checkpoint import PEFT_PREFIX
-from export.hlora import FoldedHLora, HLoraLinear
-from export.reference import load_reference
-from export.variants import VARIANTS, get_task
+from export.reference.checkpoint import PEFT_PREFIX
+from export.reference.hlora import FoldedHLora, HLoraLinear
+from export.reference.model import load_reference
+from export.reference.variants import VARIANTS, get_task
 from runtime.errors import UserError
 from runtime.image import load_image
 from runtime.prompt import vq_indices
@@ -91,7 +91,7 @@ def test_mean_rows(m3_checkpoint, m3_com):
 
 @pytest.mark.parametrize("task", ["com", "gen"])
 def test_clip_layer_equals_hidden_states_indexing(task, m3_com, m3_gen):
-    from export.graphs import VisionGraph
+    from export.compile.graphs import VisionGraph
 
     ref = {"com": m3_com, "gen": m3_gen}[task]
     pv = torch.randn(1, 3, 336, 336)

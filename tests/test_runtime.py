@@ -15,6 +15,7 @@ import pytest
 from runtime.backend import OrtBackend
 from runtime.errors import UserError
 from runtime.generate import decode_one_token, generate, prefill
+from runtime.healthgpt import COM
 from runtime.image import load_image
 from runtime.pipeline import Pipeline
 from runtime.prompt import vq_indices
@@ -185,8 +186,7 @@ def _prompt_embeds(graphs, n: int, seed: int = 0) -> np.ndarray:
 
 def test_prefill_writes_exactly_the_prompt_rows(m3_pipe):
     graphs = m3_pipe.task("com")
-    cache, S = graphs.cache, 37
-    cache.reset()
+    cache, S = m3_pipe.cache("com"), 37
     assert cache.rows == 1  # a prefill from an empty context attends over one masked row
     embeds = _prompt_embeds(graphs, S)
     prefill(graphs.decoder, cache, embeds)
@@ -209,7 +209,7 @@ def test_prefill_writes_exactly_the_prompt_rows(m3_pipe):
 
 def test_decode_writes_one_row_per_step_in_place(m3_pipe, monkeypatch):
     graphs = m3_pipe.task("com")
-    cache, S, steps = graphs.cache, 20, 64
+    cache, S, steps = m3_pipe.cache("com"), 20, 64
     writes: list[tuple[int, int]] = []
     real_write = cache.backend.write
 
@@ -319,14 +319,14 @@ def test_seeded_sampling_end_to_end(m3_pipe, ct_small):
 def test_generation_stops_on_eos_and_at_max_new_tokens(m3_pipe, ct_small):
     graphs = m3_pipe.task("com")
     eos = sorted(m3_pipe.stop_ids)
-    _, embeds = m3_pipe.prompt("com", load_image(ct_small), QUESTION)
+    embeds = m3_pipe.prompt(COM, load_image(ct_small), QUESTION)
     for stop in eos:
         picks = iter([100, 101, 102, stop, 103, 104])
         streamed = []
-        out = generate(graphs.decoder, graphs.embed, graphs.cache, embeds, 50, lambda _: next(picks),
+        out = generate(graphs.decoder, graphs.embed, m3_pipe.cache("com"), embeds, 50, lambda _: next(picks),
                        m3_pipe.stop_ids, streamed.append)
         assert out == streamed == [100, 101, 102]  # the stop token is neither returned nor streamed
-    out = generate(graphs.decoder, graphs.embed, graphs.cache, embeds, 5, Sampler(), m3_pipe.stop_ids)
+    out = generate(graphs.decoder, graphs.embed, m3_pipe.cache("com"), embeds, 5, Sampler(), m3_pipe.stop_ids)
     assert len(out) == 5
 
 
@@ -341,7 +341,7 @@ def test_task_switch_keeps_both_tasks_loaded(switched):
     for name, session in switched["com_sessions"].items():
         assert getattr(pipe.task("com"), name).session is session, f"com.{name} was reloaded"
     # tensors both tasks use were handed to both sessions from one table: the table holds each tensor once
-    weights = pipe.bundle.manifest["weights"]["tensors"]
+    weights = pipe.bundle.manifest.weights.tensors
     assert set(pipe.backend.weights[pipe.bundle.root]) == set(weights)
 
 
@@ -372,7 +372,7 @@ def test_overlong_prompt_is_refused_before_any_graph_runs(m3_pipe, ct_small, mon
 
 def test_second_request_gets_the_whole_context(m3_pipe, ct_small):
     image = load_image(ct_small)
-    m3_pipe.task("com").cache.length = 2000  # where a long previous answer left it
+    m3_pipe.ask(image, " ".join(["word"] * 300), max_new_tokens=200)  # a long previous request
     assert len(m3_pipe.ask(image, QUESTION, max_new_tokens=2)) > 0
 
 

@@ -9,10 +9,12 @@ import sys
 
 import pytest
 
-from export.synth_tokenizer import PHI3_ADDED, write_phi3_tokenizer, write_phi4_tokenizer
-from export.tokenizer import load_reference_tokenizer, prompt_set, write_runtime_tokenizer
+from export.compile.tokenizer import prompt_set, write_runtime_tokenizer
+from export.reference.tokenizer import load_reference_tokenizer
+from export.synth.tokenizer import PHI3_ADDED, write_phi3_tokenizer, write_phi4_tokenizer
 from runtime.errors import UserError
-from runtime.prompt import IMAGE_TOKEN_INDEX, TEMPLATES, split_image_tokens
+from runtime.healthgpt import IMAGE_TOKEN_INDEX
+from runtime.prompt import TEMPLATES, split_image_tokens
 from runtime.tokenizer import StreamDecoder, Tokenizer
 
 BASE_LEN = {"m3": 32011, "l14": 100352}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,8 +10,9 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 
-from runtime.bundle import file_digest
+from runtime.files import file_digest
 
 
 def run_verify(bundle, checkpoint, *extra):
@@ -52,8 +54,20 @@ def test_verify_fails_loudly_on_a_perturbed_graph(m3_bundle, m3_checkpoint, tmp_
     values = weights[tensor["offset"]: tensor["offset"] + 4 * count].view(np.float32)
     values *= 1.5  # a wrongly exported weight: the graph is internally consistent, just wrong
     weights.flush()
-    del weights
-    manifest["files"]["weights.bin"]["sha256"] = file_digest(bundle / "weights.bin")
+    # ... so, as the exporter would, the tensor is named after its (new) content in the manifest and the graph
+    new = f"w.{hashlib.sha256(values.tobytes()).hexdigest()[:24]}." + com_only[0].split(".", 2)[2]
+    del weights, values
+    manifest["weights"]["tensors"][new] = manifest["weights"]["tensors"].pop(com_only[0])
+    entry = graphs["com.decoder"]
+    entry["initializers"] = [new if t == com_only[0] else t for t in entry["initializers"]]
+    model = onnx.load(str(bundle / entry["file"]), load_external_data=False)
+    for init in model.graph.initializer:
+        init.name = new if init.name == com_only[0] else init.name
+    for node in model.graph.node:
+        node.input[:] = [new if i == com_only[0] else i for i in node.input]
+    onnx.save(model, str(bundle / entry["file"]))
+    for name in ("weights.bin", entry["file"]):
+        manifest["files"][name] = {"sha256": file_digest(bundle / name), "bytes": (bundle / name).stat().st_size}
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     r = run_verify(bundle, m3_checkpoint, "--backends", "ort-cpu", "--tasks", "com")
     assert r.returncode == 2

@@ -9,15 +9,14 @@ import pytest
 import torch
 import yaml
 
-from export.vqgan import (
+from export.reference.vqgan import (
     GUMBEL_TARGET,
     GumbelVQDecoder,
     VQGANConfig,
     load_vqgan,
-    random_vqgan,
     to_uint8_image,
-    write_synthetic_vqgan,
 )
+from export.synth.vqgan import random_vqgan, write_synthetic_vqgan
 from runtime.errors import UserError
 
 

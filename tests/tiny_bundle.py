@@ -1,19 +1,35 @@
 """A hand-made bundle for the engine and TensorRT-backend tests: one tiny decoder-shaped graph and its manifest,
 written here (no exporter, no torch), plus the prefill/decode loop both backends are driven through."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from engines.compat import DeviceInfo, current_device
-from export import specs
-from runtime.bundle import FORMAT, FORMAT_VERSION, file_digest
+from export.compile import specs
 from runtime.errors import UserError
+from runtime.files import file_digest
 from runtime.graphspec import GraphSpec
+from runtime.healthgpt import IMAGE_TOKENS, VQ_CODES
 from runtime.kvcache import KVCache
+from runtime.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    FileEntry,
+    GraphEntry,
+    KVInterface,
+    Manifest,
+    ModelConfig,
+    Precision,
+    TaskInfo,
+    TemplateInfo,
+    TokenizerInfo,
+    Tokens,
+    WeightsTable,
+)
+from runtime.trt_compat import DeviceInfo, current_device
 
 H200 = DeviceInfo("NVIDIA H200", "9.0", "10.8.0.43")
 TINY = dict(layers=1, kv_heads=2, head_dim=3, hidden=6, vocab=6, max_context=64)  # specs.decoder needs >= 64
@@ -63,22 +79,34 @@ def tiny_decoder_onnx(spec: GraphSpec) -> onnx.ModelProto:
     return model
 
 
+def make_manifest(spec: GraphSpec, dtype: str, files: dict[str, FileEntry]) -> Manifest:
+    """A complete, valid manifest around the one graph (the fields the graph does not use hold plausible values)."""
+    t = TINY
+    return Manifest(
+        format=FORMAT, format_version=FORMAT_VERSION, variant="m3",
+        tasks={"com": TaskInfo(rank=4, alpha=8, clip_layer=-2, experts=4, scaling=8.0, hlora_file="com.bin",
+                               fusion_file=None)},
+        config=ModelConfig(hidden=t["hidden"], layers=t["layers"], heads=2, kv_heads=t["kv_heads"], head_dim=3,
+                           vocab=8200, base_vocab=4, max_context=t["max_context"], sliding_window=None,
+                           clip_blocks_total=1),
+        tokens=Tokens(image_token_index=-200, start_index=4, idx_0=5, end_index=5 + VQ_CODES, vq_codes=VQ_CODES,
+                      image_tokens=IMAGE_TOKENS, eos=(0,)),
+        tokenizer=TokenizerInfo(file="tokenizer.json", bos_id=None, add_bos=False, eos_token="</s>", vocab_size=8200),
+        template=TemplateInfo(name="phi3_instruct", system="", user="", assistant="", sep=""),
+        precision=Precision(dtype, ()), kv_cache=KVInterface(),
+        graphs={"com.decoder": GraphEntry("com", "com.decoder.onnx", spec, "", ())},
+        weights=WeightsTable("weights.bin", {}), tools={}, files=files)
+
+
 def make_bundle(root: Path, dtype: str = "fp32") -> Path:
     """The bundle directory; `dtype` is what its manifest claims (the graph itself is fp32 either way)."""
     root.mkdir(parents=True, exist_ok=True)
     spec = specs.decoder(**TINY, dtype="float32")
     onnx.save(tiny_decoder_onnx(spec), str(root / "com.decoder.onnx"))
     (root / "weights.bin").write_bytes(bytes(4096))  # the shared weights file every bundle has (empty here)
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "variant": "m3", "tasks": {"com": {}},
-        "config": {"max_context": TINY["max_context"]},
-        "precision": {"dtype": dtype, "quantization": None},
-        "graphs": {"com.decoder": {"task": "com", "file": "com.decoder.onnx", "spec": spec.to_json(),
-                                   "initializers": []}},
-        "weights": {"file": "weights.bin", "tensors": {}},
-        "files": {p.name: {"sha256": file_digest(p), "bytes": p.stat().st_size} for p in sorted(root.iterdir())},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (root / "tokenizer.json").write_text("{}")  # listed like every bundle's; these tests never tokenize
+    files = {p.name: FileEntry(file_digest(p), p.stat().st_size) for p in sorted(root.iterdir())}
+    (root / MANIFEST).write_text(make_manifest(spec, dtype, files).to_json_text())
     return root
 
 

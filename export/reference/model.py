@@ -14,23 +14,30 @@ import torch
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModel, LogitsProcessor, Phi3ForCausalLM
 
-from export.checkpoint import PEFT_PREFIX, CheckpointPaths, assign_weights, load_state_dict
-from export.hlora import ADAPTED, attach_hlora
-from export.tokenizer import load_reference_tokenizer
-from export.variants import IMAGE_TOKENS, VQ_CODES, TaskConfig, Variant, get_task
-from export.vqgan import GumbelVQDecoder, load_vqgan
+from export.reference.checkpoint import PEFT_PREFIX, CheckpointPaths, assign_weights, check_loading, load_state_dict
+from export.reference.hlora import ADAPTED, attach_hlora
+from export.reference.tokenizer import load_reference_tokenizer
+from export.reference.variants import TaskConfig, Variant, get_task
+from export.reference.vqgan import GumbelVQDecoder, load_vqgan
 from runtime.errors import UserError
+from runtime.healthgpt import COM, GEN, HEALTHGPT_TOKENS, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, TASKS, VQ_CODES
 from runtime.image import expand2square
-from runtime.prompt import HEALTHGPT_TOKENS, IMAGE_TOKEN_INDEX, TEMPLATES, split_image_tokens, vq_indices
+from runtime.prompt import TEMPLATES, split_image_tokens, vq_indices
 
 
-def _hf_loaded(cls, path, dtype, what: str):
-    model, info = cls.from_pretrained(path, dtype=dtype, attn_implementation="eager", local_files_only=True,
-                                      output_loading_info=True)
-    if info["missing_keys"]:
-        raise UserError(f"{what} at {path} is missing {len(info['missing_keys'])} weight(s): "
-                        f"{', '.join(sorted(info['missing_keys'])[:10])}")
+def _hf_loaded(cls, path, dtype, what: str, unused: tuple[str, ...] = ()):
+    try:
+        model, info = cls.from_pretrained(path, dtype=dtype, attn_implementation="eager", local_files_only=True,
+                                          output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - truncated shards, unreadable configs, pickles HF refuses: say which
+        raise UserError(f"cannot load {what} from {path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                        ) from None
+    check_loading(info, path, what, unused)
     return model.eval()
+
+
+# A release CLIP folder is the whole CLIPModel; HealthGPT uses the vision tower only.
+CLIP_TEXT_TOWER = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 
 
 def extend_vocabulary(llm: Phi3ForCausalLM, new_len: int, n_new: int) -> None:
@@ -120,12 +127,12 @@ class HealthGPT:
         )[0].tolist()
         return out[:-1] if out and out[-1] in self.eos_ids else out
 
-    def answer(self, image, question: str, max_new_tokens: int = 1024) -> str:
+    def answer(self, image, question: str, max_new_tokens: int = COM.max_new_tokens) -> str:
         ids = self.generate(self.prompt_ids(question), self.encode_image(self.pixel_values(image)), max_new_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
-    def generate_image(self, image, instruction: str, max_new_tokens: int = 1100,
+    def generate_image(self, image, instruction: str, max_new_tokens: int = GEN.max_new_tokens,
                        constrain_image_tokens: bool = False) -> np.ndarray:
         """-> uint8 [256,256,3]; exactly 1024 `<idx_*>` tokens are required."""
         ids = self.generate(self.prompt_ids(instruction), self.encode_image(self.pixel_values(image)),
@@ -141,7 +148,7 @@ def load_reference(checkpoint: str, task: str, dtype: torch.dtype = torch.float3
     llm = _hf_loaded(Phi3ForCausalLM, paths.base, dtype, "the base LLM")
     extend_vocabulary(llm, len(tokenizer), len(HEALTHGPT_TOKENS))
     attach_hlora(llm, cfg.rank, cfg.alpha, cfg.experts)
-    clip = _hf_loaded(CLIPVisionModel, paths.clip, dtype, "CLIP")
+    clip = _hf_loaded(CLIPVisionModel, paths.clip, dtype, "CLIP", unused=CLIP_TEXT_TOWER)
     hidden = llm.config.hidden_size
     projector = nn.Sequential(nn.Linear(clip.config.hidden_size, hidden), nn.GELU(), nn.Linear(hidden, hidden))
     projector = projector.to(dtype).eval()
@@ -156,6 +163,6 @@ def load_reference(checkpoint: str, task: str, dtype: torch.dtype = torch.float3
     if (fusion := paths.fusion(task)) is not None:  # loaded after H-LoRA, over the extended vocabulary
         assign_weights({f"{PEFT_PREFIX}model.embed_tokens.weight": llm.model.embed_tokens.weight,
                         f"{PEFT_PREFIX}lm_head.weight": llm.lm_head.weight}, load_state_dict(fusion), fusion)
-    vqgan = load_vqgan(paths.vqgan_ckpt, paths.vqgan_yaml) if task == "gen" else None
+    vqgan = load_vqgan(paths.vqgan_ckpt, paths.vqgan_yaml) if TASKS[task].makes_images else None
     return HealthGPT(paths.variant, task, cfg, tokenizer, CLIPImageProcessor.from_pretrained(paths.clip), clip,
                      projector, llm.eval(), vqgan, paths.eos_ids())

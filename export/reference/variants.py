@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime import healthgpt
 from runtime.errors import UserError
 
 
@@ -40,8 +41,6 @@ class Variant:
 
 CLIP_DIR = "clip-vit-large-patch14-336"
 VQGAN_DIR = "taming_transformers/ckpt"  # last.ckpt + model.yaml, as HealthGPT's README places them
-VQ_CODES = 8192  # <idx_0> .. <idx_8191>
-IMAGE_TOKENS = 1024  # 32 x 32 latent grid -> one 256 x 256 image
 
 VARIANTS = {
     "m3": Variant(
@@ -75,8 +74,7 @@ def get_variant(name: str) -> Variant:
 
 
 def get_task(variant: Variant, task: str) -> TaskConfig:
-    if task not in ("com", "gen"):
-        raise UserError(f"unknown task {task!r}; choose com (answer questions) or gen (generate images)")
+    healthgpt.task(task)  # a task HealthGPT has at all
     if task not in variant.tasks:
         raise UserError(f"HealthGPT-{variant.name.upper()} has no {task} checkpoint: the release supports "
                         f"{', '.join(variant.tasks)} only (the reference refuses L14 generation too)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.manifest import EngineEntry
 
 INSTALL_HINT = "TensorRT is not installed: pip install '.[tensorrt]'"
 CC_MAJOR, CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor / Minor (CUDA runtime API, cudaDeviceAttr)
@@ -59,16 +60,16 @@ def cuda_device() -> tuple[str, str]:
     return name, f"{major.value}.{minor.value}"
 
 
-def check_compat(entry: dict, device: DeviceInfo, bundle: str | Path = "BUNDLE") -> list[str]:
+def check_compat(entry: EngineEntry, device: DeviceInfo, bundle: str | Path = "BUNDLE") -> list[str]:
     """Refuse an engine built for another compute capability or TensorRT version (UserError saying how to rebuild).
     Returns notes that do not stop it: the same architecture under another GPU name runs, maybe not at its best."""
-    built = (entry["compute_capability"], entry["tensorrt_version"])
+    built = (entry.compute_capability, entry.tensorrt_version)
     if built != (device.compute_capability, device.tensorrt_version):
-        raise UserError(f"engine {entry.get('graph', entry['file'])} was built for compute capability {built[0]} "
+        raise UserError(f"engine {entry.graph} was built for compute capability {built[0]} "
                         f"with TensorRT {built[1]}; this machine has {device.compute_capability} / "
                         f"{device.tensorrt_version}: rebuild with `python build.py engines --bundle {bundle}`")
-    if entry.get("gpu_name") and entry["gpu_name"] != device.name:
-        return [f"engine {entry.get('graph', entry['file'])} was built on a {entry['gpu_name']} and runs on a "
+    if entry.gpu_name and entry.gpu_name != device.name:
+        return [f"engine {entry.graph} was built on a {entry.gpu_name} and runs on a "
                 f"{device.name} (same compute capability {device.compute_capability}); its kernels were timed on the "
                 f"other GPU: rebuild with `python build.py engines --bundle {bundle}` for best speed"]
     return []

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from export.parity import graph_parity
-from export.reference import HealthGPT, load_reference
+from export.parity.graphs import graph_parity
+from export.reference.model import HealthGPT, load_reference
 from runtime.backend import open_backend
 from runtime.bundle import Bundle
 from runtime.errors import UserError
+from runtime.files import write_atomic
 from runtime.graphspec import Tolerance
+from runtime.healthgpt import GEN, IMAGE_TOKENS, TASKS
 from runtime.image import load_image
 from runtime.pipeline import Pipeline
 
@@ -43,21 +44,21 @@ def e2e_checks(ref: HealthGPT, pipe: Pipeline, image, steps: int, bounds: dict) 
     out.append({"check": f"{task} tokenization", "ok": ref_ids == run_ids,
                 "detail": f"{sum(a == b for a, b in zip(ref_ids, run_ids))}/{len(QUESTIONS)} prompts identical"})
     embeds = ref.encode_image(ref.pixel_values(image))
-    if task == "com":
+    if not TASKS[task].makes_images:
         want = ref.generate(ref_ids[0], embeds, steps)
-        got = pipe._generate("com", image, QUESTIONS[0], steps, None, None)
+        got = pipe.tokens(TASKS[task], image, QUESTIONS[0], steps)
         same = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
         agreement = same / max(len(want), len(got), 1)
         out.append({"check": "com greedy tokens", "ok": agreement >= bounds["token_agreement"],
                     "detail": f"first {same} of {len(want)} tokens identical (agreement {agreement:.3f}, "
                               f"required {bounds['token_agreement']})"})
     else:
-        want = ref.generate(ref_ids[0], embeds, 1100, constrain_image_tokens=True)
+        want = ref.generate(ref_ids[0], embeds, GEN.max_new_tokens, constrain_image_tokens=True)
         got = pipe.image_tokens(image, QUESTIONS[0], constrain_image_tokens=True)
         agree = sum(a == b for a, b in zip(want, got)) / len(want)
         want_img = ref.vqgan(torch.tensor([[t - ref.idx0 for t in want]]))[0].numpy()
         quality = psnr(pipe.decode_image(got), want_img)
-        out.append({"check": "gen 1024 indices", "ok": agree >= bounds["token_agreement"],
+        out.append({"check": f"gen {IMAGE_TOKENS} indices", "ok": agree >= bounds["token_agreement"],
                     "detail": f"{agree:.4f} of indices identical (required {bounds['token_agreement']})"})
         out.append({"check": "gen image PSNR", "ok": quality >= bounds["min_psnr"],
                     "detail": f"{quality:.1f} dB (required >= {bounds['min_psnr']})"})
@@ -71,7 +72,7 @@ def verify(bundle_dir: str | Path, checkpoint: str | Path, backends: list[str], 
     if unknown:
         raise UserError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     tasks = tasks or bundle.tasks
-    precision = bundle.manifest["precision"]["dtype"]
+    precision = bundle.manifest.precision.dtype
     bounds = E2E[precision]
 
     def tolerance(spec) -> Tolerance:
@@ -88,7 +89,7 @@ def verify(bundle_dir: str | Path, checkpoint: str | Path, backends: list[str], 
             backend = open_backend(*BACKENDS[name])
             pipe = Pipeline(bundle, backend)
             for task in tasks:
-                for c in graph_parity(refs[task], bundle, backend, pil, tolerance=tolerance):
+                for c in graph_parity(refs[task], pipe, pil, tolerance=tolerance):
                     entry["checks"].append(c.to_json())
                 entry["e2e"] += e2e_checks(refs[task], pipe, pil, steps, bounds)
             entry["providers"] = pipe.providers()
@@ -121,9 +122,7 @@ def write_report(root: Path, report: dict) -> None:
         lines += [f"| {e['check']} | {e['detail']} | {'yes' if e['ok'] else '**NO**'} |" for e in b["e2e"]]
         lines.append("")
     for name, text in (("parity.json", json.dumps(report, indent=1)), ("parity.md", "\n".join(lines))):
-        tmp = root / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, root / name)
+        write_atomic(root / name, text)
 
 
 def failures(report: dict) -> list[str]:

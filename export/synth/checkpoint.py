@@ -5,8 +5,8 @@ with few decoder layers, for benchmarks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel, Phi3Config, Phi3ForCausalLM
 
-from export.checkpoint import PEFT_PREFIX, CheckpointPaths
-from export.hlora import ADAPTED
-from export.synth_tokenizer import write_phi3_tokenizer, write_phi4_tokenizer
-from export.variants import CLIP_DIR, VQGAN_DIR, get_variant
-from export.vqgan import VQGANConfig, write_synthetic_vqgan
+from export.outdir import SYNTHETIC_MARKER, staged
+from export.reference.checkpoint import PEFT_PREFIX, CheckpointPaths
+from export.reference.hlora import ADAPTED
+from export.reference.variants import CLIP_DIR, VQGAN_DIR, get_variant
+from export.reference.vqgan import VQGANConfig
+from export.synth.tokenizer import write_phi3_tokenizer, write_phi4_tokenizer
+from export.synth.vqgan import write_synthetic_vqgan
 from runtime.errors import UserError
-from runtime.prompt import HEALTHGPT_TOKENS
+from runtime.healthgpt import HEALTHGPT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -109,14 +111,23 @@ def hlora_state_dict(config: Phi3Config, clip_width: int, rank: int, gen: torch.
     return sd
 
 
-def synthesize(out: str | Path, variant: str = "m3", size: str = "tiny", seed: int = 0) -> CheckpointPaths:
-    """Write a complete random checkpoint to `out` (replaced atomically: built beside it, then renamed)."""
+def synthesize(out: str | Path, variant: str = "m3", size: str = "tiny", seed: int = 0,
+               layers: int | None = None) -> CheckpointPaths:
+    """Write a complete random checkpoint to `out` (swapped in whole when done; see export/outdir.py).
+    layers: decoder layers instead of the size's own (benchmarks at real widths with N layers)."""
     v = get_variant(variant)
     if (variant, size) not in SIZES:
         raise UserError(f"unknown size {size!r}; choose one of {', '.join(sorted({s for _, s in SIZES}))}")
-    s, out = SIZES[variant, size], Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if layers is not None and layers < 1:
+        raise UserError(f"layers must be at least 1, got {layers}")
+    s = SIZES[variant, size] if layers is None else dataclasses.replace(SIZES[variant, size], layers=layers)
+    with staged(out, "checkpoint", []) as tmp:
+        _write(tmp, v, variant, s, seed)
+        (tmp / SYNTHETIC_MARKER).write_text(f"{variant} {size} seed {seed}\n")
+    return CheckpointPaths.find(out)
+
+
+def _write(tmp: Path, v, variant: str, s: Size, seed: int) -> None:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     config = write_base(tmp / v.base_dir, variant, s)
@@ -131,6 +142,3 @@ def synthesize(out: str | Path, variant: str = "m3", size: str = "tiny", seed: i
             torch.save(OrderedDict((k, t.to(torch.bfloat16)) for k, t in fusion.items()),
                        tmp / v.release_dir / cfg.fusion_file)
     write_synthetic_vqgan(tmp / VQGAN_DIR, seed=seed, config=VQGANConfig.full() if s.full_vqgan else None)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return CheckpointPaths.find(out)

@@ -4,19 +4,15 @@ verifier read them back from there (runtime.graphspec.GraphSpec.from_json)."""
 from __future__ import annotations
 
 from runtime.graphspec import Dim, GraphSpec, TensorSpec, Tolerance
-
-IMAGE_SIDE = 336
-IMAGE_PATCHES = 576  # (336 / 14) ** 2, CLS dropped
-VQ_TOKENS = 1024  # 32 x 32 latent grid
-VQ_CODES = 8192
-OUT_SIDE = 256
+from runtime.healthgpt import IMAGE_PATCHES, IMAGE_SIZE, IMAGE_TOKENS, OUT_SIZE, VQ_CODES
+from runtime.manifest import KVInterface
 
 
 def vision(hidden: int, dtype: str) -> GraphSpec:
     """pixel_values -> the task's projected image features (CLIP cut after the task's block, projector inside)."""
     return GraphSpec(
         name="vision",
-        inputs=(TensorSpec("pixel_values", "float32", (1, 3, IMAGE_SIDE, IMAGE_SIDE)),),
+        inputs=(TensorSpec("pixel_values", "float32", (1, 3, IMAGE_SIZE, IMAGE_SIZE)),),
         outputs=(TensorSpec("image_embeds", dtype, (1, IMAGE_PATCHES, hidden)),),
         tolerance=Tolerance(max_abs=1e-3, min_cosine=0.99999),
     )
@@ -33,11 +29,6 @@ def embed(hidden: int, vocab: int, max_context: int, dtype: str) -> GraphSpec:
     )
 
 
-def kv_names(layers: int) -> list[tuple[str, str]]:
-    """(cache input, new-rows output) name pairs, keys and values of every layer, in graph order."""
-    return [(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}") for i in range(layers) for kind in ("key", "value")]
-
-
 def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, max_context: int,
             dtype: str) -> GraphSpec:
     """One step over `seq` new positions. Reads the runtime's KV buffers ([1, kv_heads, cache, head_dim], rows
@@ -45,19 +36,20 @@ def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, 
     [past_length, past_length + seq): the graph never copies the cache. `cache` is the buffer's row count, which the
     runtime grows in steps as the context grows (runtime/kvcache.py): a prefill from an empty context attends over
     one masked row, not over max_context of them."""
-    cache = (1, kv_heads, "cache", head_dim)
+    cache, pairs = (1, kv_heads, "cache", head_dim), KVInterface().pairs(layers)
     return GraphSpec(
         name="decoder",
         inputs=(TensorSpec("inputs_embeds", dtype, (1, "seq", hidden)),
                 TensorSpec("past_length", "int64", (1,), values=(0, 1)),
-                *(TensorSpec(past, dtype, cache) for past, _ in kv_names(layers))),
+                *(TensorSpec(past, dtype, cache) for past, _ in pairs)),
         outputs=(TensorSpec("logits", "float32", (1, vocab)),
-                 *(TensorSpec(present, dtype, (1, kv_heads, "seq", head_dim)) for _, present in kv_names(layers))),
+                 *(TensorSpec(present, dtype, (1, kv_heads, "seq", head_dim)) for _, present in pairs)),
         dims={"seq": Dim(1, min(64, max_context), max_context), "cache": Dim(1, max_context, max_context)},
         # TensorRT: prefill (from an empty, one-row cache) and single-token decode want different kernels (anchors.md).
         profiles=({"seq": Dim(1, min(640, max_context), max_context), "cache": Dim(1, 1, max_context)},
                   {"seq": Dim(1, 1, 1)}),
         tolerance=Tolerance(max_abs=1e-3, min_cosine=0.99999),
+        kv_pairs=pairs,
     )
 
 
@@ -65,7 +57,7 @@ def vqgan() -> GraphSpec:
     """1024 VQ indices in raster order -> 256x256 RGB uint8, clamp/scale/truncate inside the graph (fp32 always)."""
     return GraphSpec(
         name="vqgan",
-        inputs=(TensorSpec("indices", "int64", (1, VQ_TOKENS), values=(0, VQ_CODES)),),
-        outputs=(TensorSpec("image", "uint8", (1, OUT_SIDE, OUT_SIDE, 3)),),
+        inputs=(TensorSpec("indices", "int64", (1, IMAGE_TOKENS), values=(0, VQ_CODES)),),
+        outputs=(TensorSpec("image", "uint8", (1, OUT_SIZE, OUT_SIZE, 3)),),
         tolerance=Tolerance(max_abs=1.0, min_cosine=0.9999),
     )

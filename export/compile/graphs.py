@@ -1,4 +1,4 @@
-"""Export-friendly torch modules, one per graph in export/specs.py, built from the loaded reference.
+"""Export-friendly torch modules, one per graph in export/compile/specs.py, built from the loaded reference.
 
 The decoder is our own Phi-3 forward (not HF's) so that it can read the runtime's in-place KV cache buffer and emit
 only the new rows; its numerics follow HF's eager Phi-3 (fp32 RMSNorm and softmax, rotate_half RoPE, fp32 inv_freq).
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.hlora import FoldedHLora, HLoraLinear
-from export.reference import HealthGPT
+from export.reference.hlora import FoldedHLora, HLoraLinear
+from export.reference.model import HealthGPT
 from runtime.errors import UserError
 
 
@@ -55,22 +55,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Block(nn.Module):
     """One Phi-3 layer's weights, shared with the reference (not copied); H-LoRA linears folded for export."""
 
-    def __init__(self, layer: nn.Module, fold_hlora: bool):
+    def __init__(self, layer: nn.Module, fold: type[nn.Module]):
         super().__init__()
 
-        def fold(m):
-            return FoldedHLora(m) if fold_hlora and isinstance(m, HLoraLinear) else m
+        def folded(m):
+            return fold(m) if isinstance(m, HLoraLinear) else m
 
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv, self.o = fold(layer.self_attn.qkv_proj), fold(layer.self_attn.o_proj)
-        self.gate_up, self.down = fold(layer.mlp.gate_up_proj), fold(layer.mlp.down_proj)
+        self.qkv, self.o = folded(layer.self_attn.qkv_proj), folded(layer.self_attn.o_proj)
+        self.gate_up, self.down = folded(layer.mlp.gate_up_proj), folded(layer.mlp.down_proj)
 
 
 class DecoderGraph(nn.Module):
     """inputs_embeds [1,S,H], past_length [1], cache [1,kvh,C,d] x 2L -> logits [1,V], new rows [1,kvh,S,d] x 2L.
-    C (the cache buffer's rows, <= max_context) is dynamic; positions up to max_context have RoPE tables."""
+    C (the cache buffer's rows, <= max_context) is dynamic; positions up to max_context have RoPE tables.
+    fold: what each H-LoRA linear becomes in the graph (FoldedHLora: W kept apart, shareable; benchmarks try others)."""
 
-    def __init__(self, llm: nn.Module, max_context: int, fold_hlora: bool = True):
+    def __init__(self, llm: nn.Module, max_context: int, fold: type[nn.Module] = FoldedHLora):
         super().__init__()
         cfg = llm.config
         if cfg.rope_scaling or getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
@@ -81,7 +82,7 @@ class DecoderGraph(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.window = cfg.sliding_window  # HF 4.57: key j is seen by query i iff i - window < j <= i
         self.max_context = max_context
-        self.blocks = nn.ModuleList(Block(layer, fold_hlora) for layer in llm.model.layers)
+        self.blocks = nn.ModuleList(Block(layer, fold) for layer in llm.model.layers)
         self.norm, self.lm_head = llm.model.norm, llm.lm_head
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float()
                                              / self.head_dim))

@@ -17,13 +17,12 @@ from polygraphy.comparator.struct import IterationResult
 from polygraphy.logger import G_LOGGER
 from transformers import DynamicCache
 
-from export.reference import HealthGPT
-from runtime.backend import Backend
-from runtime.bundle import Bundle
-from runtime.graphspec import GraphSpec, Tolerance
+from export.reference.model import HealthGPT
 from runtime.generate import decode_one_token, prefill
+from runtime.graphspec import GraphSpec, Tolerance
+from runtime.healthgpt import IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
 from runtime.image import preprocess
-from runtime.kvcache import KVCache
+from runtime.pipeline import Pipeline
 
 
 @dataclass
@@ -61,25 +60,26 @@ def measure(graph: str, what: str, got, want, tolerance) -> Check:
 
 
 @torch.no_grad()
-def graph_parity(ref: HealthGPT, bundle: Bundle, backend: Backend, image, steps: int = 8, seed: int = 0,
+def graph_parity(ref: HealthGPT, pipe: Pipeline, image, steps: int = 8, seed: int = 0,
                  tolerance: Callable[[GraphSpec], Tolerance] = lambda spec: spec.tolerance) -> list[Check]:
-    """vision, embed, decoder (prefill + `steps` greedy decode steps) and, for gen, vqgan."""
+    """vision, embed, decoder (prefill + `steps` greedy decode steps) and the task's shared graphs (gen: vqgan), on
+    the sessions `pipe` holds (the same ones the end-to-end checks use)."""
     task, checks, rng = ref.task, [], np.random.default_rng(seed)
-    graph = {name: backend.load(bundle, task, name) for name in ("vision", "embed", "decoder")}
+    graph = vars(pipe.task(task))  # vision, embed, decoder
 
     pv = preprocess(image)
     want_img = ref.encode_image(torch.from_numpy(pv).to(ref.dtype))
     got_img = graph["vision"].run({"pixel_values": pv})["image_embeds"]
     checks.append(measure(f"{task}.vision", "image_embeds", got_img, want_img.float(), tolerance(graph["vision"].spec)))
 
-    ids = rng.integers(0, bundle.config["vocab"], size=(1, 17))
+    ids = rng.integers(0, pipe.bundle.manifest.config.vocab, size=(1, 17))
     want = ref.llm.model.embed_tokens(torch.from_numpy(ids)).float()
     got = graph["embed"].run({"input_ids": ids})["inputs_embeds"]
     checks.append(measure(f"{task}.embed", "inputs_embeds", got, want, tolerance(graph["embed"].spec)))
 
     # Decoder: the reference's own prompt (image spliced in), then greedy steps; both sides fed the same tokens.
     embeds = ref.embed(ref.prompt_ids("What does this scan show?"), want_img)
-    cache, hf_cache = KVCache(backend, graph["decoder"].spec), DynamicCache()
+    cache, hf_cache = pipe.cache(task), DynamicCache()
     tol = tolerance(graph["decoder"].spec)
     out = ref.llm(inputs_embeds=embeds, past_key_values=hf_cache, use_cache=True)
     logits = prefill(graph["decoder"], cache, embeds.float().numpy().astype(graph["decoder"].spec.tensor(
@@ -94,10 +94,10 @@ def graph_parity(ref: HealthGPT, bundle: Bundle, backend: Backend, image, steps:
         out = ref.llm(input_ids=torch.tensor([[token]]), past_key_values=hf_cache, use_cache=True)
         logits = decode_one_token(graph["decoder"], graph["embed"], cache, token)
 
-    if task == "gen" and ref.vqgan is not None:
-        vq = backend.load(bundle, task, "vqgan")
-        indices = rng.integers(0, 8192, size=(1, 1024))
+    for name in TASKS[task].shared_graphs:  # the VQGAN
+        vq = pipe.shared(name)
+        indices = rng.integers(0, VQ_CODES, size=(1, IMAGE_TOKENS))
         want = ref.vqgan(torch.from_numpy(indices)).numpy()
         got = vq.run({"indices": indices})["image"]
-        checks.append(measure("shared.vqgan", "image (uint8)", got, want, tolerance(vq.spec)))
+        checks.append(measure(graph_id(task, name), "image (uint8)", got, want, tolerance(vq.spec)))
     return checks

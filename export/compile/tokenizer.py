@@ -1,4 +1,4 @@
-"""The reference tokenizer (slow HF, exactly as HealthGPT builds it) and its conversion to the runtime's tokenizer.json.
+"""The runtime's tokenizer.json, converted from the reference (slow) tokenizer and proven equal to it.
 
 The runtime never sees the slow tokenizer: `write_runtime_tokenizer` converts it, then proves on the prompts HealthGPT
 actually builds that the runtime tokenizer gives the same ids, and refuses to write a file that disagrees.
@@ -7,12 +7,13 @@ actually builds that the runtime tokenizer gives the same ids, and refuses to wr
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
 from runtime.errors import UserError
-from runtime.prompt import HEALTHGPT_TOKENS, IMAGE_TOKEN, START_INDEX, TEMPLATES, split_image_tokens
+from runtime.files import write_atomic
+from runtime.healthgpt import IMAGE_TOKEN
+from runtime.prompt import TEMPLATES, split_image_tokens
 
 QUESTIONS = (
     "Could you explain what this mass in the MRI means for my health? Is it very serious?",
@@ -42,52 +43,6 @@ RAW = (
 )
 
 
-def load_reference_tokenizer(base_dir: Path):
-    """`AutoTokenizer.from_pretrained(base, padding_side="right", use_fast=False)` + HealthGPT's added tokens.
-
-    Like `add_special_tokens_and_resize_model`, the 8195 tokens are added as additional special tokens unless the
-    tokenizer already has additional special tokens; then they must already be in the vocabulary.
-    """
-    from transformers import AutoTokenizer
-
-    base_dir = Path(base_dir)
-    try:
-        tok = AutoTokenizer.from_pretrained(base_dir, padding_side="right", use_fast=False, local_files_only=True)
-    except Exception as e:  # missing dir, missing/corrupt tokenizer.model, vocab.json, config, ...
-        raise UserError(f"cannot load the base tokenizer from {base_dir}: {type(e).__name__}: {e}") from e
-    if not tok.additional_special_tokens:
-        _add_special_tokens_fast(tok, list(HEALTHGPT_TOKENS))
-    elif START_INDEX not in tok.get_vocab():
-        raise UserError(
-            f"the tokenizer in {base_dir} already has additional special tokens "
-            f"({tok.additional_special_tokens[:3]}...), so HealthGPT adds none, but {START_INDEX} is not in its "
-            "vocabulary: use the unmodified base-model tokenizer files"
-        )
-    return tok
-
-
-def _add_special_tokens_fast(tok, tokens: list[str]) -> None:
-    """`tok.add_special_tokens({"additional_special_tokens": tokens})`, with identical results, in 0.1 s not 40 s.
-
-    transformers' slow `_add_tokens` recomputes `all_special_tokens` (a list of all 8195+ tokens) once per added
-    token. The list cannot change inside that loop (the tokens are registered as additional specials before it), so a
-    per-call cache of it is exact; the class swap is undone before returning.
-    """
-    cls = type(tok)
-    cache: list = []
-
-    def all_special_tokens(self):
-        if not cache:
-            cache.append(frozenset(cls.all_special_tokens.fget(self)))
-        return cache[0]
-
-    tok.__class__ = type(cls.__name__, (cls,), {"all_special_tokens": property(all_special_tokens)})
-    try:
-        tok.add_special_tokens({"additional_special_tokens": tokens})
-    finally:
-        tok.__class__ = cls
-
-
 def prompt_set(slow_tokenizer) -> list[str]:
     """The strings fast == slow is checked on: every template x question x task, and raw strings with added tokens."""
     prompts = [t.render(q, has_image, task) for t in TEMPLATES.values() for q in QUESTIONS
@@ -103,18 +58,11 @@ def write_runtime_tokenizer(slow_tokenizer, path: Path) -> dict:
     backend = _convert(slow_tokenizer)
     bos_id = slow_tokenizer.bos_token_id
     add_bos = bool(getattr(slow_tokenizer, "add_bos_token", False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tokenizer.", suffix=".json", dir=path.parent)
-    os.close(fd)
-    try:
-        backend.save(tmp)
-        fast = Tokenizer.load(Path(tmp), bos_id, add_bos)
-        _verify(slow_tokenizer, fast)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a bundle is read by whoever runs it
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory() as scratch:  # proven on the very file the runtime will read
+        candidate = Path(scratch) / path.name
+        backend.save(str(candidate))
+        _verify(slow_tokenizer, Tokenizer.load(candidate, bos_id, add_bos))
+        write_atomic(path, candidate.read_bytes())
     return {"file": path.name, "bos_id": bos_id, "add_bos": add_bos, "eos_token": str(slow_tokenizer.eos_token),
             "vocab_size": len(slow_tokenizer)}  # fmt: skip
 

@@ -1,0 +1,1 @@
+"""The compiler proper: reference modules -> per-task ONNX graphs, one weights file, the manifest (a bundle)."""

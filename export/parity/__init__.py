@@ -1,0 +1,1 @@
+"""Verification: every backend of a bundle against the PyTorch reference (parity.json, parity.md)."""

@@ -1,0 +1,1 @@
+"""The PyTorch reference and release-file loading: what HealthGPT computes, read from the release files."""

@@ -1,0 +1,26 @@
+"""The benchmark script runs end to end (tiny widths, one repetition: a smoke run of its code, not a measurement)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "results.json"
+    env = {**os.environ, "HGB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--size", "tiny", "--layers", "1",
+                           "--warmup", "0", "--reps", "1", "--threads", "1", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["meta"]["layers"] == 1 and res["meta"]["cpu"]  # the machine is recorded with the table
+    for key in ("vision", "vqgan", "ttft", "decode_D1", "prefill_D1", "decode_D2"):
+        assert res[key], key
+    assert set(res["decode_D1"]) == {"100", "600", "1600"}
+    assert "ours com" in res["decode_D1"]["600"] and "GEMV" in res["decode_D1"]["600"]
