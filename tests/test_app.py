@@ -64,7 +64,7 @@ class Served:
         self.model = LocalModel.open(bundle, "ort", "cpu")
         self.pixel_values: list[np.ndarray] = []
         self.decoder_runs = 0
-        self.slow = threading.Event()  # set: each decode step takes 50 ms more, so a person could press stop
+        self.slow = threading.Event()  # set: each decode step takes 100 ms more, so a person could press stop
         com = self.model.pipe.task("com")
         vision_run, decoder_run = com.vision.run, com.decoder.run
 
@@ -75,7 +75,7 @@ class Served:
         def watched_decoder(feeds):
             self.decoder_runs += 1
             if self.slow.is_set():
-                time.sleep(0.05)
+                time.sleep(0.1)
             return decoder_run(feeds)
 
         com.vision.run, com.decoder.run = watched_vision, watched_decoder
@@ -90,7 +90,7 @@ class Served:
         deadline = time.monotonic() + 30
         while not self.server.started:
             assert time.monotonic() < deadline and self.thread.is_alive(), "the app did not start"
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     def audit(self) -> list[dict]:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
@@ -224,11 +224,32 @@ def test_workstation_session(page, served, reference, m3_bundle):
     assert (page.input_value("#center"), page.input_value("#width")) == ("-600", "1500")
     screenshot(page, "03-lung")
 
+    want, n_tokens = expected_answer(reference, Image.fromarray(lung), QUESTION, 24)
+    assert n_tokens >= 8, "the fixture model stops too early to test stopping"
+
+    # Stop really stops the decode loop: no decoder step runs after it, far short of the budget.
+    served.slow.set()
+    try:
+        ask(page, QUESTION, 1000, wait_for="running")
+        wait_until(page, "() => parseInt(document.getElementById('tokens').textContent) >= 3")
+        assert page.text_content("#ask-status") == "running…"  # the tokens stream in while it runs
+        page.click("#ask-stop")
+        wait_status(page, "#ask-status", "stopped")
+        runs = served.decoder_runs
+        time.sleep(0.5)
+        assert served.decoder_runs == runs
+        stopped_at = int(page.text_content("#tokens").split()[0])
+        assert 3 <= stopped_at < 24
+        partial = page.text_content("#answer")
+        assert partial and want.startswith(partial)  # greedy: the same answer, cut short
+    finally:
+        served.slow.clear()
+    screenshot(page, "04-stopped")
+
     # Ask: the streamed answer is Pipeline.ask's on the windowed image, and the model saw exactly those pixels.
     served.pixel_values.clear()
     status = ask(page, QUESTION, 24)
     answer = page.text_content("#answer")
-    want, n_tokens = expected_answer(reference, Image.fromarray(lung), QUESTION, 24)
     assert answer == want and answer
     assert len(served.pixel_values) == 1
     assert np.array_equal(served.pixel_values[0], preprocess(Image.fromarray(lung)))
@@ -236,23 +257,8 @@ def test_workstation_session(page, served, reference, m3_bundle):
     assert re.fullmatch(r"first token \d+\.\d{3} s", page.text_content("#ttft"))
     assert re.fullmatch(r"\d+\.\d tokens/s", page.text_content("#rate"))
     assert page.text_content("#tokens") == f"{n_tokens} tokens"
-    screenshot(page, "04-answer")
+    screenshot(page, "05-answer")
 
-    # Stop really stops the decode loop: no decoder step runs after it, far short of the budget.
-    served.slow.set()
-    try:
-        ask(page, QUESTION, 1000, wait_for="running")
-        wait_until(page, "() => parseInt(document.getElementById('tokens').textContent) >= 3")
-        page.click("#ask-stop")
-        wait_status(page, "#ask-status", "stopped")
-        runs = served.decoder_runs
-        time.sleep(0.5)
-        assert served.decoder_runs == runs
-        stopped_at = int(page.text_content("#tokens").split()[0])
-        assert 3 <= stopped_at < 100
-    finally:
-        served.slow.clear()
-    screenshot(page, "05-stopped")
 
     # Generate: progress over 1024 image tokens, then the image beside the input equals Pipeline.generate_image.
     page.click("#generate")
@@ -279,7 +285,7 @@ def test_workstation_session(page, served, reference, m3_bundle):
         assert r["input_sha256"] == ct_sha and r["bundle_manifest_sha256"] == manifest
         assert r["window"] == list(LUNG) and r["frame"] == 0 and r["duration_s"] > 0 and r["time"].endswith("+00:00")
     assert asked[0]["prompt"] == QUESTION and asked[0]["tokens"] == n_tokens
-    assert stopped[0]["tokens"] == stopped_at
+    assert stopped[0]["tokens"] == stopped_at and stopped[0]["answer"] == partial
     assert made[0]["prompt"] == INSTRUCTION and made[0]["status"] == "done" and made[0]["constrain_image_tokens"]
     assert not any("pixel" in key for r in records for key in r)
     only_own_host(page, served)

@@ -66,7 +66,7 @@ def parity_status(root: Path, backend: str, provider: str) -> dict:
     path = root / "parity.json"
     if not path.is_file():
         return {"status": "not verified", "backend": key,
-                "detail": "the bundle has no parity report (run `build.py verify` on it)"}
+                "detail": "the bundle has no parity report; run `build.py verify` on it"}
     try:
         backends = json.loads(path.read_text())["backends"]
     except (ValueError, KeyError, TypeError, OSError) as e:
