@@ -3,6 +3,7 @@
     python -m runtime ask --bundle B --image scan.dcm "What does this image show?"
     python -m runtime generate --bundle B --image scan.dcm "Reconstruct the image." --out out.png
     python -m runtime info --bundle B
+    python -m runtime app --bundle B          # the web app on http://127.0.0.1:7860/
 
 Torch-free: imports only the runtime's own modules (numpy, onnxruntime, tokenizers, Pillow, pydicom, tqdm; tensorrt
 with --backend trt). Answers stream to stdout; progress, timings and errors go to stderr. A mistake the user can fix
@@ -129,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "TensorRT engines; then the ONNX Runtime providers installed here and which of "
                                    "them really load; then check every file's sha256.")
     i.set_defaults(run=cmd_info)
+
+    w = sub.add_parser("app", help="the clinician's web app: DICOM viewer, questions, image generation, audit log",
+                       description="Serve the workstation app on this machine: open a DICOM, PNG or JPEG, window it, "
+                                   "ask questions (streamed answers) and generate images, every request written to "
+                                   "an audit log. Fully offline: the page loads nothing from any other host.")
+    where = w.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bundle", type=Path, metavar="DIR", help="bundle directory written by `build.py export`")
+    where.add_argument("--server", metavar="URL", help="a Triton server running the bundle (not in this build yet)")
+    w.add_argument("--backend", choices=["ort", "trt"], default="ort", help="as for `ask` (default ort)")
+    w.add_argument("--providers", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                   help="as for `ask` (default auto)")
+    w.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; the app has no login)")
+    w.add_argument("--port", type=_number(int, lambda v: 0 <= v <= 65535, "must be a port number 0..65535"),
+                   default=7860, help="TCP port (default 7860; 0: any free port)")
+    w.add_argument("--audit-log", type=Path, metavar="FILE",
+                   help="JSON-lines audit log, appended (default $XDG_STATE_HOME/healthgpt-edge/audit.jsonl)")
+    w.set_defaults(run=cmd_app)
     return parser
 
 
@@ -264,6 +283,17 @@ def cmd_info(a) -> int:
     from runtime.info import show  # imported when asked: it probes provider libraries
 
     return show(a)
+
+
+def cmd_app(a) -> int:
+    try:
+        from runtime.app import audit, server
+    except ModuleNotFoundError as e:
+        if e.name not in ("starlette", "uvicorn"):
+            raise
+        raise UserError(f"the app needs {e.name}: install it with `pip install -e '.[app]'`") from None
+    return server.serve(a.bundle, a.server, a.host, a.port, a.audit_log or audit.default_path(), a.backend,
+                        a.providers, lambda: quiet_ort(False))
 
 
 ##### entry point #####

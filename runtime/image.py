@@ -7,8 +7,11 @@ openai/clip-vit-large-patch14-336 (reference notes §1.4; checked by tests/test_
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,45 +42,105 @@ def load_image(path, *, frame: int | None = None, window: tuple[float, float] | 
     frame: index into a multi-frame file (default 0). window: (center, width) for monochrome DICOM, in modality
     units (e.g. Hounsfield units for CT); default: the file's first WindowCenter/WindowWidth, else the data's min/max.
     """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    return open_image(path).frame(frame).render(window)
+
+
+def open_image(source, name: str | None = None) -> DicomFile | PillowFile:
+    """Open a path, or the bytes of an uploaded file called `name`, for decoding frame by frame (`load_image` in
+    steps, so that a viewer decodes a frame once and re-windows it as often as it likes)."""
+    if isinstance(source, bytes):
+        name = name or "upload"
+        head, suffix = source[:132], Path(name).suffix
+    else:
+        path = Path(source)
+        name, suffix = str(path), path.suffix
+        try:
+            with open(path, "rb") as f:
+                head = f.read(132)
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
     has_magic = head[128:132] == b"DICM"
-    if has_magic or path.suffix.lower() in _DICOM_SUFFIXES:
-        return _load_dicom(path, frame, window, force=not has_magic)
-    if window is not None:
-        raise UserError(f"{path}: a display window applies only to DICOM images, and this is not a DICOM file")
-    return _load_pillow(path, frame)
+    if has_magic or suffix.lower() in _DICOM_SUFFIXES:
+        return DicomFile.read(source, name, force=not has_magic)
+    return PillowFile(source, name)
 
 
-def _frame_index(path: Path, frame: int | None, n_frames: int) -> int:
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame before display. Monochrome DICOM keeps its modality values (e.g. Hounsfield units) and
+    the file's own window; anything else is already 8-bit RGB."""
+
+    name: str
+    pixels: np.ndarray  # monochrome DICOM: float64 [H, W] modality values; otherwise uint8 [H, W, 3]
+    window: tuple[float, float] | None  # monochrome DICOM: the file's (center, width), else the data's range
+    photometric: str | None  # None: not DICOM
+    monochrome1: bool = False
+
+    def render(self, window: tuple[float, float] | None = None) -> Image.Image:
+        """The 8-bit RGB image under `window` (default: the frame's own): what is shown and what the model gets."""
+        if self.window is None:
+            if window is not None and self.photometric is None:
+                raise UserError(f"{self.name}: a display window applies only to DICOM images, and this is not a "
+                                "DICOM file")
+            if window is not None:
+                raise UserError(f"{self.name}: a display window applies only to monochrome images; this one is "
+                                f"{self.photometric}")
+            return Image.fromarray(self.pixels)
+        if window is not None:
+            center, width = (float(v) for v in window)
+            if not (np.isfinite(center) and np.isfinite(width) and width > 0):
+                raise UserError(f"window {window!r}: need a finite center and a width > 0")
+        else:
+            center, width = self.window
+        grey = _window(self.pixels, center, width)
+        if self.monochrome1:  # low values are bright
+            grey = 255 - grey
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+
+
+def _frame_index(name: str, frame: int | None, n_frames: int) -> int:
     if frame is None:
         return 0
     if not 0 <= frame < n_frames:
-        raise UserError(f"{path}: frame {frame} is out of range: the file has {n_frames} frame(s), "
+        raise UserError(f"{name}: frame {frame} is out of range: the file has {n_frames} frame(s), "
                         f"valid indices 0..{n_frames - 1}")
     return frame
 
 
-def _load_pillow(path: Path, frame: int | None) -> Image.Image:
+@contextlib.contextmanager
+def _pillow_errors(name: str):
     try:
-        with Image.open(path) as im:
-            index = _frame_index(path, frame, getattr(im, "n_frames", 1))
-            if index:
-                im.seek(index)
-            return im.convert("RGB")  # as the reference demos do (a 16-bit grey PNG saturates here, as there)
+        yield
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file Pillow can read (PNG, JPEG, TIFF, BMP, ...) "
+        raise UserError(f"{name}: not an image file Pillow can read (PNG, JPEG, TIFF, BMP, ...) "
                         "and not DICOM (no 'DICM' magic, no .dcm suffix)") from None
     except Image.DecompressionBombError as e:
-        raise UserError(f"{path}: {e}") from None
+        raise UserError(f"{name}: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's ways of saying truncated/corrupt
-        raise UserError(f"{path}: corrupt or truncated image: {e}") from None
+        raise UserError(f"{name}: corrupt or truncated image: {e}") from None
+
+
+class PillowFile:
+    def __init__(self, source, name: str):
+        self._source, self.name = source, name
+        with self._open() as im:
+            self.n_frames = getattr(im, "n_frames", 1)
+
+    @contextlib.contextmanager
+    def _open(self):
+        with _pillow_errors(self.name), \
+                Image.open(io.BytesIO(self._source) if isinstance(self._source, bytes) else self._source) as im:
+            yield im
+
+    def frame(self, index: int | None = None) -> Frame:
+        index = _frame_index(self.name, index, self.n_frames)
+        with self._open() as im:
+            if index:
+                im.seek(index)
+            rgb = im.convert("RGB")  # as the reference demos do (a 16-bit grey PNG saturates here, as there)
+            return Frame(self.name, np.asarray(rgb), None, None)
 
 
 def _install_hint(decoder) -> str:
@@ -106,70 +169,77 @@ def _functional_group(ds, index: int, sequence: str):
     return None
 
 
-def _load_dicom(path: Path, frame: int | None, window, *, force: bool) -> Image.Image:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, pixel_array
+class DicomFile:
+    """A DICOM file read and checked (pixel data present, a decoder for its transfer syntax); `ds` keeps its tags."""
 
-    try:
-        ds = pydicom.dcmread(path, force=force)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as e:
-        raise UserError(f"{path}: not a readable DICOM file: {e}") from None
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        sop = ds.get("SOPClassUID")
-        what = f"a '{sop.name}' object" if sop else "this file"
-        raise UserError(f"{path}: DICOM file has no pixel data: {what} holds no image (or the file is truncated)")
-    try:
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
-    index = _frame_index(path, frame, n_frames)
+    def __init__(self, ds, name: str, n_frames: int, syntax: str, decoder):
+        self.ds, self.name, self.n_frames = ds, name, n_frames
+        self._syntax, self._decoder = syntax, decoder
 
-    meta = ds.file_meta
-    if "TransferSyntaxUID" not in meta and ds.original_encoding[0] is not None:
-        # A bare dataset without file meta (read via the .dcm suffix) is native; say which native encoding.
-        implicit, little = ds.original_encoding
-        meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
-                                  pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
-    ts = meta.get("TransferSyntaxUID")
-    if ts is None:
-        raise UserError(f"{path}: DICOM file meta has no Transfer Syntax UID, so its pixel encoding is unknown")
-    syntax = f"transfer syntax '{ts.name}' ({ts})"
-    try:
-        decoder = get_decoder(ts)
-    except NotImplementedError:
-        raise UserError(f"{path}: pydicom cannot decode {syntax}; convert the file to an uncompressed "
-                        "transfer syntax first (e.g. `gdcmconv --raw`)") from None
-    if not decoder.is_available:
-        raise UserError(f"{path}: no installed decoder handles {syntax}; {_install_hint(decoder)}")
-    try:  # pydicom converts YBR_FULL/YBR_FULL_422 (and the JPEG 2000 colour transforms) to RGB here
-        arr = pixel_array(ds, index=index if n_frames > 1 else None)
-    except RuntimeError as e:  # every installed plugin failed on this data (e.g. Pillow on 12-bit JPEG)
-        detail = " ".join(str(e).split())
-        raise UserError(f"{path}: cannot decode {syntax}: {detail}; {_install_hint(decoder)}") from None
-    except (ValueError, AttributeError, NotImplementedError, KeyError) as e:  # truncated or inconsistent
-        raise UserError(f"{path}: corrupt or truncated DICOM pixel data: {' '.join(str(e).split())}") from None
+    @classmethod
+    def read(cls, source, name: str, *, force: bool) -> DicomFile:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+        from pydicom.pixels import get_decoder
 
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric == "PALETTE COLOR":
-        rgb = _to_uint8(apply_color_lut(arr, ds), int(ds.RedPaletteColorLookupTableDescriptor[2]))
-    elif arr.ndim == 3:  # colour: no VOI windowing in DICOM, just scale the stored bit depth to 8 bits
-        rgb = _to_uint8(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
-    else:
-        rgb = None
-    if rgb is not None:
-        if window is not None:
-            raise UserError(f"{path}: a display window applies only to monochrome images; this one is {photometric}")
-        return Image.fromarray(np.ascontiguousarray(rgb))
+        try:
+            ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, force=force)
+        except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as e:
+            raise UserError(f"{name}: not a readable DICOM file: {e}") from None
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            sop = ds.get("SOPClassUID")
+            what = f"a '{sop.name}' object" if sop else "this file"
+            raise UserError(f"{name}: DICOM file has no pixel data: {what} holds no image (or the file is truncated)")
+        try:
+            n_frames = int(ds.get("NumberOfFrames") or 1)
+        except (TypeError, ValueError):
+            raise UserError(f"{name}: invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
 
-    rescale = ds if ("RescaleSlope" in ds or "ModalityLUTSequence" in ds) else \
-        _functional_group(ds, index, "PixelValueTransformationSequence")
-    values = np.asarray(apply_modality_lut(arr, rescale) if rescale is not None else arr, dtype=np.float64)
-    if window is not None:
-        center, width = (float(v) for v in window)
-        if not (np.isfinite(center) and np.isfinite(width) and width > 0):
-            raise UserError(f"window {window!r}: need a finite center and a width > 0")
-    else:
+        meta = ds.file_meta
+        if "TransferSyntaxUID" not in meta and ds.original_encoding[0] is not None:
+            # A bare dataset without file meta (read via the .dcm suffix) is native; say which native encoding.
+            implicit, little = ds.original_encoding
+            meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                      pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
+        ts = meta.get("TransferSyntaxUID")
+        if ts is None:
+            raise UserError(f"{name}: DICOM file meta has no Transfer Syntax UID, so its pixel encoding is unknown")
+        syntax = f"transfer syntax '{ts.name}' ({ts})"
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError:
+            raise UserError(f"{name}: pydicom cannot decode {syntax}; convert the file to an uncompressed "
+                            "transfer syntax first (e.g. `gdcmconv --raw`)") from None
+        if not decoder.is_available:
+            raise UserError(f"{name}: no installed decoder handles {syntax}; {_install_hint(decoder)}")
+        return cls(ds, name, n_frames, syntax, decoder)
+
+    def frame(self, index: int | None = None) -> Frame:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+
+        ds, name = self.ds, self.name
+        index = _frame_index(name, index, self.n_frames)
+        try:  # pydicom converts YBR_FULL/YBR_FULL_422 (and the JPEG 2000 colour transforms) to RGB here
+            arr = pixel_array(ds, index=index if self.n_frames > 1 else None)
+        except RuntimeError as e:  # every installed plugin failed on this data (e.g. Pillow on 12-bit JPEG)
+            detail = " ".join(str(e).split())
+            raise UserError(f"{name}: cannot decode {self._syntax}: {detail}; {_install_hint(self._decoder)}") from None
+        except (ValueError, AttributeError, NotImplementedError, KeyError) as e:  # truncated or inconsistent
+            raise UserError(f"{name}: corrupt or truncated DICOM pixel data: {' '.join(str(e).split())}") from None
+
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        if photometric == "PALETTE COLOR":
+            rgb = _to_uint8(apply_color_lut(arr, ds), int(ds.RedPaletteColorLookupTableDescriptor[2]))
+        elif arr.ndim == 3:  # colour: no VOI windowing in DICOM, just scale the stored bit depth to 8 bits
+            rgb = _to_uint8(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
+        else:
+            rgb = None
+        if rgb is not None:
+            return Frame(name, np.ascontiguousarray(rgb), None, photometric)
+
+        rescale = ds if ("RescaleSlope" in ds or "ModalityLUTSequence" in ds) else \
+            _functional_group(ds, index, "PixelValueTransformationSequence")
+        values = np.asarray(apply_modality_lut(arr, rescale) if rescale is not None else arr, dtype=np.float64)
         voi = ds if "WindowCenter" in ds else _functional_group(ds, index, "FrameVOILUTSequence")
         center = width = None
         if voi is not None and voi.get("WindowCenter") is not None and voi.get("WindowWidth") is not None:
@@ -177,10 +247,7 @@ def _load_dicom(path: Path, frame: int | None, window, *, force: bool) -> Image.
         if width is None or not width > 0:  # no usable window in the file: stretch the data's range
             lo, hi = float(values.min()), float(values.max())
             center, width = (lo + hi) / 2, (hi - lo) or 1.0
-    grey = _window(values, center, width)
-    if photometric == "MONOCHROME1":  # low values are bright
-        grey = 255 - grey
-    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+        return Frame(name, values, (center, width), photometric, photometric == "MONOCHROME1")
 
 
 def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
