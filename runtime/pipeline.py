@@ -65,7 +65,7 @@ class Pipeline:
     def prompt(self, task: str, image, question: str) -> tuple[list[int], np.ndarray]:
         """Prompt ids (with the -200 image slot) and their embeddings with the image rows spliced in: [1, L, H]."""
         graphs = self.task(task)
-        ids = self.tokenizer.prompt_ids(self.template.render(question, image is not None, task))
+        ids = self.tokenizer.prompt_ids(self.template.parts(question, image is not None, task))
         text = [i for i in ids if i != IMAGE_TOKEN_INDEX]
         graphs.cache.reset()  # a new request starts from an empty context
         graphs.cache.check_room(len(ids) - 1 + (graphs.vision.spec.shape("image_embeds")[1] if image else 0))
