@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
+import struct
 import uuid
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +34,8 @@ FILL = tuple(int(x * 255) for x in CLIP_MEAN)
 _MEAN32 = np.array(CLIP_MEAN, dtype=np.float32)
 _STD32 = np.array(CLIP_STD, dtype=np.float32)
 _DICOM_SUFFIXES = (".dcm", ".dicom")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_DEEP_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # Pillow's grey modes deeper than 8 bits
 # pip names for the dependencies pydicom reports as missing, where they differ from the import name.
 _PIP_NAMES = {"gdcm": "python-gdcm"}
 
@@ -40,21 +45,49 @@ def load_image(path, *, frame: int | None = None, window: tuple[float, float] | 
 
     frame: index into a multi-frame file (default 0). window: (center, width) for monochrome DICOM, in modality
     units (e.g. Hounsfield units for CT); default: the file's first WindowCenter/WindowWidth, else the data's min/max.
+    Images deeper than 8 bits (16-bit PNG, 32-bit or float TIFF) are mapped to 8 bits by their min/max. A flat
+    (one colour) or non-finite image is refused: there is nothing in it to ask about.
     """
     path = Path(path)
+    with _open_regular(path) as f:
+        has_magic = f.read(132)[128:132] == b"DICM"
+        f.seek(0)
+        if has_magic or path.suffix.lower() in _DICOM_SUFFIXES:
+            img = _load_dicom(path, f, frame, window, force=not has_magic)
+        elif window is not None:
+            raise UserError(f"{path}: a display window applies only to DICOM images, and this is not a DICOM file")
+        else:
+            img = _load_pillow(path, f, frame)
+    pixels = np.asarray(img)
+    if pixels.min() == pixels.max():
+        rgb = tuple(int(v) for v in pixels.reshape(-1, 3)[0])
+        raise UserError(f"{path}: the image is one flat colour (every pixel is RGB {rgb}"
+                        + (f" with window {window}; try a wider --window" if window else "")
+                        + "): there is nothing in it to ask about")
+    return img
+
+
+def _open_regular(path: Path):
+    """Open `path` for reading only if it is a regular file: a FIFO or device would block or never end.
+
+    The check is on the opened descriptor (opened non-blocking, so even a FIFO opens at once), not on the name, so
+    nothing can be swapped in between."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(132)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-    has_magic = head[128:132] == b"DICM"
-    if has_magic or path.suffix.lower() in _DICOM_SUFFIXES:
-        return _load_dicom(path, frame, window, force=not has_magic)
-    if window is not None:
-        raise UserError(f"{path}: a display window applies only to DICOM images, and this is not a DICOM file")
-    return _load_pillow(path, frame)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "not a regular file")
+        raise UserError(f"{path}: is {kind}: only regular image files are read; give the image file itself")
+    f = os.fdopen(fd, "rb")
+    f.raw.name = str(path)  # not the descriptor number: pydicom and Pillow put the name in their messages
+    return f
 
 
 def _frame_index(path: Path, frame: int | None, n_frames: int) -> int:
@@ -66,13 +99,18 @@ def _frame_index(path: Path, frame: int | None, n_frames: int) -> int:
     return frame
 
 
-def _load_pillow(path: Path, frame: int | None) -> Image.Image:
+def _load_pillow(path: Path, f, frame: int | None) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with Image.open(f) as im:
             index = _frame_index(path, frame, getattr(im, "n_frames", 1))
             if index:
                 im.seek(index)
-            return im.convert("RGB")  # as the reference demos do (a 16-bit grey PNG saturates here, as there)
+            if im.mode in _DEEP_MODES:  # convert("RGB") would saturate them (a 16-bit grey PNG turns white)
+                values = np.asarray(im, dtype=np.float64)
+                _check_finite(path, values)
+                grey = _window(values, *_full_range(path, values))
+                return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+            return im.convert("RGB")  # as the reference demos do
     except UnidentifiedImageError:
         raise UserError(f"{path}: not an image file Pillow can read (PNG, JPEG, TIFF, BMP, ...) "
                         "and not DICOM (no 'DICM' magic, no .dcm suffix)") from None
@@ -80,6 +118,22 @@ def _load_pillow(path: Path, frame: int | None) -> Image.Image:
         raise UserError(f"{path}: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's ways of saying truncated/corrupt
         raise UserError(f"{path}: corrupt or truncated image: {e}") from None
+
+
+def _check_finite(path: Path, values: np.ndarray) -> None:
+    bad = np.count_nonzero(~np.isfinite(values))
+    if bad:
+        raise UserError(f"{path}: {bad} of {values.size} pixel values are NaN or infinite: an image with undefined "
+                        "values is refused")
+
+
+def _full_range(path: Path, values: np.ndarray) -> tuple[float, float]:
+    """(center, width) of a window over the data's min..max; a flat image has none."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi == lo:
+        raise UserError(f"{path}: the image is flat: every pixel has the value {lo:g}, so there is nothing in it "
+                        "to ask about")
+    return (lo + hi) / 2, hi - lo
 
 
 def _install_hint(decoder) -> str:
@@ -108,19 +162,21 @@ def _functional_group(ds, index: int, sequence: str):
     return None
 
 
-def _load_dicom(path: Path, frame: int | None, window, *, force: bool) -> Image.Image:
+def _load_dicom(path: Path, f, frame: int | None, window, *, force: bool) -> Image.Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, pixel_array
 
     try:
-        ds = pydicom.dcmread(path, force=force)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as e:
+        ds = pydicom.dcmread(f, force=force)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, struct.error, zlib.error) as e:
         raise UserError(f"{path}: not a readable DICOM file: {e}") from None
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
         sop = ds.get("SOPClassUID")
         what = f"a '{sop.name}' object" if sop else "this file"
         raise UserError(f"{path}: DICOM file has no pixel data: {what} holds no image (or the file is truncated)")
+    if not any(ds.get(k) for k in _PIXEL_KEYWORDS):
+        raise UserError(f"{path}: the DICOM pixel data element is empty: the file holds no image")
     try:
         n_frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
@@ -154,7 +210,10 @@ def _load_dicom(path: Path, frame: int | None, window, *, force: bool) -> Image.
 
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric == "PALETTE COLOR":
-        rgb = _to_uint8(apply_color_lut(arr, ds), int(ds.RedPaletteColorLookupTableDescriptor[2]))
+        try:
+            rgb = _to_uint8(apply_color_lut(arr, ds), int(ds.RedPaletteColorLookupTableDescriptor[2]))
+        except (ValueError, AttributeError, IndexError) as e:  # the palette lookup table is missing or broken
+            raise UserError(f"{path}: PALETTE COLOR image without a usable colour lookup table: {e}") from None
     elif arr.ndim == 3:  # colour: no VOI windowing in DICOM, just scale the stored bit depth to 8 bits
         rgb = _to_uint8(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
     else:
@@ -166,7 +225,12 @@ def _load_dicom(path: Path, frame: int | None, window, *, force: bool) -> Image.
 
     rescale = ds if ("RescaleSlope" in ds or "ModalityLUTSequence" in ds) else \
         _functional_group(ds, index, "PixelValueTransformationSequence")
+    slope = rescale.get("RescaleSlope") if rescale is not None else None
+    if slope is not None and not (np.isfinite(_first(slope)) and _first(slope) != 0):
+        raise UserError(f"{path}: invalid RescaleSlope {slope!r}: it must be a finite number other than 0 (with 0 "
+                        "every pixel maps to the intercept)")
     values = np.asarray(apply_modality_lut(arr, rescale) if rescale is not None else arr, dtype=np.float64)
+    _check_finite(path, values)
     if window is not None:
         center, width = (float(v) for v in window)
         if not (np.isfinite(center) and np.isfinite(width) and width > 0):
@@ -176,9 +240,8 @@ def _load_dicom(path: Path, frame: int | None, window, *, force: bool) -> Image.
         center = width = None
         if voi is not None and voi.get("WindowCenter") is not None and voi.get("WindowWidth") is not None:
             center, width = _first(voi.WindowCenter), _first(voi.WindowWidth)
-        if width is None or not width > 0:  # no usable window in the file: stretch the data's range
-            lo, hi = float(values.min()), float(values.max())
-            center, width = (lo + hi) / 2, (hi - lo) or 1.0
+        if width is None or not (width > 0 and np.isfinite(width) and np.isfinite(center)):  # none usable in the file
+            center, width = _full_range(path, values)
     grey = _window(values, center, width)
     if photometric == "MONOCHROME1":  # low values are bright
         grey = 255 - grey
