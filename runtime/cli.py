@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import io
 import os
 import sys
@@ -20,9 +21,11 @@ import time
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.prompt import check_question
 
 PROG = "python -m runtime"
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+DECODE_LIMIT_S = 120  # reading the input image; seconds
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,6 +55,13 @@ def _number(parse, ok=lambda v: True, requirement: str = ""):
 _positive_int = _number(int, lambda v: v >= 1, "must be at least 1")
 _non_negative_int = _number(int, lambda v: v >= 0, "must be 0 or more")
 _float = _number(float)
+
+
+def _bundle_dir(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a bundle directory")
+    return path
 _temperature = _number(float, lambda v: v >= 0, "must be 0 (greedy) or more")
 _top_p = _number(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
 
@@ -63,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     bundle = _Parser(add_help=False)
-    bundle.add_argument("--bundle", type=Path, required=True, metavar="DIR",
+    bundle.add_argument("--bundle", type=_bundle_dir, required=True, metavar="DIR",
                         help="bundle directory written by `build.py export` (manifest.json, ONNX graphs, weights)")
     bundle.add_argument("-v", "--verbose", action="store_true",
                         help="show ONNX Runtime's own log messages (hidden by default; its provider-loading failures "
@@ -98,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--top-p", type=_top_p, default=1.0, metavar="P",
                      help="with --temperature > 0: sample only among the most likely tokens whose probabilities add "
                           "up to P (nucleus sampling; default 1 = all)")
-    dec.add_argument("--seed", type=int, metavar="S",
+    dec.add_argument("--seed", type=_non_negative_int, metavar="S",
                      help="with --temperature > 0: random seed, so the same command gives the same output "
                           "(default: a fresh seed each run)")
 
@@ -167,7 +177,13 @@ def _load_input(a):
         if a.frame is not None or a.window is not None:
             raise UserError("--frame and --window need an --image")
         return None
-    return load_image(a.image, frame=a.frame, window=tuple(a.window) if a.window else None)
+    # A decoder stuck in native code (one hang seen in 441 runs) cannot be interrupted from Python: past the limit
+    # faulthandler prints every thread's stack and ends the process (exit 1), so a hang is bounded and diagnosable.
+    faulthandler.dump_traceback_later(DECODE_LIMIT_S, exit=True)
+    try:
+        return load_image(a.image, frame=a.frame, window=tuple(a.window) if a.window else None)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _sampler(a):
@@ -210,6 +226,7 @@ def _open(a, task: str):
 def cmd_ask(a) -> int:
     from runtime.tokenizer import StreamDecoder
 
+    check_question(a.question)
     image = _load_input(a)
     sampler = _sampler(a)
     pipe = _open(a, "com")
@@ -242,10 +259,10 @@ def cmd_ask(a) -> int:
 def cmd_generate(a) -> int:
     from tqdm import tqdm
 
-    from runtime.image import save_png
+    from runtime.image import check_png_path, save_png
 
-    if a.out.suffix.lower() != ".png":
-        raise UserError(f"{a.out}: images are saved as PNG only (lossless); use a .png file name")
+    check_png_path(a.out)  # now, not after the generation; save_png still writes atomically at the end
+    check_question(a.instruction)
     if a.image is None:
         raise UserError("generate needs an --image (the scan to reconstruct or translate)")
     image = _load_input(a)

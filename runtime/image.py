@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import struct
+import tempfile
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -286,11 +287,32 @@ def preprocess(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
 
 
-def save_png(array, path) -> None:
-    """Write a uint8 HxWx3 array as PNG atomically: temp file in the same folder, then os.replace."""
+def _png_name(path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: images are saved as PNG only (lossless); use a .png file name")
+    return path
+
+
+def check_png_path(path) -> None:
+    """Refuse a path `save_png` could not write, before the work that makes the image: a .png name, not a folder,
+    whose nearest existing folder takes a new file (probed with a temp file, removed again; no folder is created)."""
+    path = _png_name(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give the PNG file to write")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: cannot write into {folder}: {e.strerror or e}") from None
+
+
+def save_png(array, path) -> None:
+    """Write a uint8 HxWx3 array as PNG atomically: temp file in the same folder, then os.replace."""
+    path = _png_name(path)
     arr = np.asarray(array)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"save_png wants a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")

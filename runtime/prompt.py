@@ -29,11 +29,7 @@ class Template:
 
     def parts(self, question: str, has_image: bool, task: str) -> list[Part]:
         """The prompt as template text around the user's question: only the template may hold control tokens."""
-        if IMAGE_TOKEN in question:
-            # Refused rather than kept literal: it is what a LLaVA-style prompt ("<image>\n...") pasted as a question
-            # holds, and the model never saw the literal text; the template already places the one image.
-            raise UserError(f"the question contains {IMAGE_TOKEN}: the image is placed by the prompt template, "
-                            f"so remove {IMAGE_TOKEN} from the question")
+        check_question(question)
         head = f"{self.system}{self.sep}{self.user}" + (f"{IMAGE_TOKEN}\n" if has_image else "")
         tail = f"{self.sep}{self.assistant}" + (START_INDEX if task == "gen" else "")
         return [(head, False), (question, True), (tail, False)]
@@ -58,6 +54,22 @@ TEMPLATES = {
         sep="<|im_end|>",
     ),
 }
+
+
+def check_question(question: str) -> None:
+    """Refuse a question no prompt can hold (callers check it before loading anything)."""
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable argv bytes arrive as surrogate escapes (U+DC80..U+DCFF)
+        char = question[e.start]
+        what = f"byte 0x{ord(char) - 0xDC00:02X}" if 0xDC80 <= ord(char) <= 0xDCFF else f"U+{ord(char):04X}"
+        raise UserError(f"the question is not valid UTF-8 text ({what} at character {e.start}): "
+                        "retype it in a UTF-8 terminal or convert it to UTF-8") from None
+    if IMAGE_TOKEN in question:
+        # Refused rather than kept literal: it is what a LLaVA-style prompt ("<image>\n...") pasted as a question
+        # holds, and the model never saw the literal text; the template already places the one image.
+        raise UserError(f"the question contains {IMAGE_TOKEN}: the image is placed by the prompt template, "
+                        f"so remove {IMAGE_TOKEN} from the question")
 
 
 def split_image_tokens(prompt: str | Sequence[Part], encode: Callable[[list[Part]], Sequence[int]],
