@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     img = run.add_argument_group("input image")
     img.add_argument("--image", type=Path, metavar="FILE",
                      help="PNG, JPEG, TIFF, BMP (anything Pillow reads) or DICOM (.dcm, or any file with the DICM "
-                          "magic). Colour images are used as they are; monochrome DICOM is windowed to 8 bits")
+                          "magic); only regular files. Colour images are used as they are; monochrome DICOM is "
+                          "windowed to 8 bits; images deeper than 8 bits are mapped by their range")
     img.add_argument("--frame", type=_non_negative_int, metavar="N",
                      help="frame index (from 0) of a multi-frame DICOM or TIFF/GIF (default 0)")
     img.add_argument("--window", type=_float, nargs=2, metavar=("CENTER", "WIDTH"),
