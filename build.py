@@ -7,11 +7,33 @@ Every command reads local files only (no model hub). Run `python build.py COMMAN
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import sys
 from pathlib import Path
 
 from engines.build import add_engines_command
+from runtime.cli import _non_negative_int, _Parser, _positive_int
 from runtime.errors import UserError
+
+
+def _directory(text: str) -> Path:
+    """An argparse type: an existing directory, checked before anything imports torch (~11 s)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory" if Path(text).exists() else f"{text}: no such "
+                                         "directory")
+    return Path(text)
+
+
+def _subset(*names: str):
+    """An argparse type: a comma-separated, non-empty subset of `names`."""
+    def check(text: str) -> list[str]:
+        items = text.split(",")
+        unknown = [n for n in items if n not in names]
+        if unknown or len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated subset of {', '.join(names)}")
+        return items
+    return check
 
 
 def cmd_synth(a):
@@ -22,15 +44,20 @@ def cmd_synth(a):
 
 
 def cmd_reference(a):
+    from runtime.image import check_png_path, load_image, save_png
+    from runtime.prompt import check_question
+
+    check_question(a.prompt)  # the input checks first: loading the reference takes torch and the whole model
+    image = load_image(a.image)
+    out = a.out or Path("reference.png")
+    if a.task == "gen":
+        check_png_path(out)
     from export.reference.model import load_reference
-    from runtime.image import load_image, save_png
 
     ref = load_reference(a.checkpoint, a.task)
-    image = load_image(a.image)
     if a.task == "com":
         print(ref.answer(image, a.prompt, a.max_new_tokens))
     else:
-        out = a.out or Path("reference.png")
         save_png(ref.generate_image(image, a.prompt, a.max_new_tokens, a.constrain_image_tokens), out)
         print(f"[I] image written to {out}")
 
@@ -38,7 +65,7 @@ def cmd_reference(a):
 def cmd_export(a):
     from export.compile.bundle import export_bundle
 
-    manifest = export_bundle(a.checkpoint, a.out, tuple(a.tasks.split(",")), a.dtype, a.max_context)
+    manifest = export_bundle(a.checkpoint, a.out, tuple(a.tasks), a.dtype, a.max_context)
     total = sum(f.bytes for f in manifest.files.values())
     print(f"[I] bundle {a.out}: {len(manifest.graphs)} graphs, {total / 2**20:.1f} MiB in all")
 
@@ -46,8 +73,7 @@ def cmd_export(a):
 def cmd_verify(a):
     from export.parity.verify import failures, verify
 
-    report = verify(a.bundle, a.checkpoint, a.backends.split(","), a.image, a.steps,
-                    a.tasks.split(",") if a.tasks else None)
+    report = verify(a.bundle, a.checkpoint, a.backends, a.image, a.steps, a.tasks)
     for name, b in report["backends"].items():
         print(f"[I] {name}: {b['status']}" + (f" ({b['reason']})" if b["status"] == "not run" else ""))
     print(f"[I] report: {Path(a.bundle) / 'parity.md'}")
@@ -57,49 +83,51 @@ def cmd_verify(a):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="build.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("synth", help="write a random checkpoint in the exact release layout")
     s.add_argument("--out", type=Path, required=True, help="directory to create (replaced if it exists)")
     s.add_argument("--variant", choices=["m3", "l14"], default="m3", help="m3 = Phi-3-mini base, l14 = phi-4 base")
     s.add_argument("--size", choices=["tiny", "real"], default="tiny",
                    help="tiny: small widths, real geometry; real: the model's true widths with 2 decoder layers")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_non_negative_int, default=0)
     s.set_defaults(run=cmd_synth)
 
     r = sub.add_parser("reference", help="run the PyTorch reference on one image")
-    r.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (release layout)")
+    r.add_argument("--checkpoint", type=_directory, required=True, help="checkpoint directory (release layout)")
     r.add_argument("--task", choices=["com", "gen"], default="com", help="com: answer; gen: generate an image")
     r.add_argument("--image", type=Path, required=True, help="PNG/JPEG/TIFF/BMP or DICOM file")
     r.add_argument("--out", type=Path, help="gen: PNG to write (default reference.png)")
-    r.add_argument("--max-new-tokens", type=int, default=None)
+    r.add_argument("--max-new-tokens", type=_positive_int, default=None)
     r.add_argument("--constrain-image-tokens", action="store_true",
                    help="gen: only <idx_*> tokens, exactly 1024 (random weights never emit a full image otherwise)")
     r.add_argument("prompt", help="question (com) or instruction (gen)")
     r.set_defaults(run=cmd_reference)
 
     e = sub.add_parser("export", help="checkpoint -> bundle of per-task ONNX graphs + manifest")
-    e.add_argument("--checkpoint", type=Path, required=True)
+    e.add_argument("--checkpoint", type=_directory, required=True)
     e.add_argument("--out", type=Path, required=True, help="bundle directory (replaced atomically)")
-    e.add_argument("--tasks", default="com,gen", help="comma-separated: com, gen (default both)")
+    e.add_argument("--tasks", type=_subset("com", "gen"), default=["com", "gen"],
+                   help="comma-separated: com, gen (default both)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="fp32 for CPU; fp16 for GPU (norms, softmax and LM head stay fp32)")
-    e.add_argument("--max-context", type=int, default=2048, help="KV cache length (prompt + generated tokens)")
+    e.add_argument("--max-context", type=_positive_int, default=2048,
+                   help="KV cache length (prompt + generated tokens)")
     e.set_defaults(run=cmd_export)
 
     add_engines_command(sub)
 
     v = sub.add_parser("verify", help="compare every available backend with the PyTorch reference; write "
                                       "parity.json + parity.md into the bundle (exit 2 when a check fails)")
-    v.add_argument("--bundle", type=Path, required=True)
-    v.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint the bundle was exported from")
-    v.add_argument("--backends", default="ort-cpu,ort-cuda,trt",
+    v.add_argument("--bundle", type=_directory, required=True)
+    v.add_argument("--checkpoint", type=_directory, required=True, help="the checkpoint the bundle was exported from")
+    v.add_argument("--backends", type=_subset("ort-cpu", "ort-cuda", "trt"), default=["ort-cpu", "ort-cuda", "trt"],
                    help="comma-separated: ort-cpu, ort-cuda, trt; one that cannot run here is reported 'not run'")
     v.add_argument("--image", type=Path, help="scan to run end to end (default: pydicom's CT_small.dcm)")
-    v.add_argument("--steps", type=int, default=32, help="com: greedy tokens compared end to end")
-    v.add_argument("--tasks", help="comma-separated subset of the bundle's tasks (default all)")
+    v.add_argument("--steps", type=_positive_int, default=32, help="com: greedy tokens compared end to end")
+    v.add_argument("--tasks", type=_subset("com", "gen"), help="comma-separated subset of the bundle's tasks "
+                   "(default all)")
     v.set_defaults(run=cmd_verify)
 
     a = p.parse_args(argv)
@@ -121,4 +149,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack, goes on
     sys.exit(main())

@@ -1,10 +1,13 @@
 """`python -m runtime`: see runtime/cli.py."""
 
+import faulthandler
 import os
+import signal
 import sys
 
 from runtime.cli import EXIT_INTERRUPTED, main
 
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack, goes on
 code = main()
 if code == EXIT_INTERRUPTED:
     # Leave without interpreter shutdown: after an interrupt that landed inside a native call, shutdown sometimes

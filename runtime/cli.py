@@ -13,6 +13,7 @@ with --backend trt). Answers stream to stdout; progress, timings and errors go t
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import time
@@ -20,10 +21,12 @@ from pathlib import Path
 
 from runtime.errors import UserError
 from runtime.healthgpt import COM, GEN, IMAGE_TOKENS
+from runtime.prompt import check_question
 from runtime.providers import quiet_ort
 
 PROG = "python -m runtime"
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+DECODE_LIMIT_S = 120  # reading the input image; seconds
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +56,13 @@ def _number(parse, ok=lambda v: True, requirement: str = ""):
 _positive_int = _number(int, lambda v: v >= 1, "must be at least 1")
 _non_negative_int = _number(int, lambda v: v >= 0, "must be 0 or more")
 _float = _number(float)
+
+
+def _bundle_dir(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a bundle directory")
+    return path
 _temperature = _number(float, lambda v: v >= 0, "must be 0 (greedy) or more")
 _top_p = _number(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
 
@@ -64,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     bundle = _Parser(add_help=False)
-    bundle.add_argument("--bundle", type=Path, required=True, metavar="DIR",
+    bundle.add_argument("--bundle", type=_bundle_dir, required=True, metavar="DIR",
                         help="bundle directory written by `build.py export` (manifest.json, ONNX graphs, weights)")
     bundle.add_argument("-v", "--verbose", action="store_true",
                         help="show ONNX Runtime's own log messages (hidden by default; its provider-loading failures "
@@ -81,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     img = run.add_argument_group("input image")
     img.add_argument("--image", type=Path, metavar="FILE",
                      help="PNG, JPEG, TIFF, BMP (anything Pillow reads) or DICOM (.dcm, or any file with the DICM "
-                          "magic). Colour images are used as they are; monochrome DICOM is windowed to 8 bits")
+                          "magic); only regular files. Colour images are used as they are; monochrome DICOM is "
+                          "windowed to 8 bits; images deeper than 8 bits are mapped by their range")
     img.add_argument("--frame", type=_non_negative_int, metavar="N",
                      help="frame index (from 0) of a multi-frame DICOM or TIFF/GIF (default 0)")
     img.add_argument("--window", type=_float, nargs=2, metavar=("CENTER", "WIDTH"),
@@ -100,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--top-p", type=_top_p, default=1.0, metavar="P",
                      help="with --temperature > 0: sample only among the most likely tokens whose probabilities add "
                           "up to P (nucleus sampling; default 1 = all)")
-    dec.add_argument("--seed", type=int, metavar="S",
+    dec.add_argument("--seed", type=_non_negative_int, metavar="S",
                      help="with --temperature > 0: random seed, so the same command gives the same output "
                           "(default: a fresh seed each run)")
 
@@ -164,7 +175,13 @@ def _load_input(a):
         if a.frame is not None or a.window is not None:
             raise UserError("--frame and --window need an --image")
         return None
-    return load_image(a.image, frame=a.frame, window=tuple(a.window) if a.window else None)
+    # A decoder stuck in native code (one hang seen in 441 runs) cannot be interrupted from Python: past the limit
+    # faulthandler prints every thread's stack and ends the process (exit 1), so a hang is bounded and diagnosable.
+    faulthandler.dump_traceback_later(DECODE_LIMIT_S, exit=True)
+    try:
+        return load_image(a.image, frame=a.frame, window=tuple(a.window) if a.window else None)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _sampler(a):
@@ -207,6 +224,7 @@ def _open(a, task, text: str):
 def cmd_ask(a) -> int:
     from runtime.tokenizer import StreamDecoder
 
+    check_question(a.question)
     image = _load_input(a)
     sampler = _sampler(a)
     pipe = _open(a, COM, a.question)
@@ -239,10 +257,10 @@ def cmd_ask(a) -> int:
 def cmd_generate(a) -> int:
     from tqdm import tqdm
 
-    from runtime.image import save_png
+    from runtime.image import check_png_path, save_png
 
-    if a.out.suffix.lower() != ".png":
-        raise UserError(f"{a.out}: images are saved as PNG only (lossless); use a .png file name")
+    check_png_path(a.out)  # now, not after the generation; save_png still writes atomically at the end
+    check_question(a.instruction)
     if a.image is None:
         raise UserError("generate needs an --image (the scan to reconstruct or translate)")
     image = _load_input(a)

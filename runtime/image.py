@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import stat
+import struct
+import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,8 @@ FILL = tuple(int(x * 255) for x in CLIP_MEAN)
 _MEAN32 = np.array(CLIP_MEAN, dtype=np.float32)
 _STD32 = np.array(CLIP_STD, dtype=np.float32)
 _DICOM_SUFFIXES = (".dcm", ".dicom")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_DEEP_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # Pillow's grey modes deeper than 8 bits
 # pip names for the dependencies pydicom reports as missing, where they differ from the import name.
 _PIP_NAMES = {"gdcm": "python-gdcm"}
 
@@ -41,30 +48,55 @@ def load_image(path, *, frame: int | None = None, window: tuple[float, float] | 
 
     frame: index into a multi-frame file (default 0). window: (center, width) for monochrome DICOM, in modality
     units (e.g. Hounsfield units for CT); default: the file's first WindowCenter/WindowWidth, else the data's min/max.
+    Images deeper than 8 bits (16-bit PNG, 32-bit or float TIFF) are mapped to 8 bits by their min/max. A flat
+    (one colour) or non-finite image is refused: there is nothing in it to ask about.
     """
-    return open_image(path).frame(frame).render(window)
+    img = open_image(path).frame(frame).render(window)
+    pixels = np.asarray(img)
+    if pixels.min() == pixels.max():
+        rgb = tuple(int(v) for v in pixels.reshape(-1, 3)[0])
+        raise UserError(f"{path}: the image is one flat colour (every pixel is RGB {rgb}"
+                        + (f" with window {window}; try a wider --window" if window else "")
+                        + "): there is nothing in it to ask about")
+    return img
 
 
 def open_image(source, name: str | None = None) -> DicomFile | PillowFile:
     """Open a path, or the bytes of an uploaded file called `name`, for decoding frame by frame (`load_image` in
-    steps, so that a viewer decodes a frame once and re-windows it as often as it likes)."""
+    steps, so that a viewer decodes a frame once and re-windows it as often as it likes). A path is read once,
+    whole, and only if it is a regular file."""
     if isinstance(source, bytes):
         name = name or "upload"
-        head, suffix = source[:132], Path(name).suffix
     else:
-        path = Path(source)
-        name, suffix = str(path), path.suffix
-        try:
-            with open(path, "rb") as f:
-                head = f.read(132)
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-        except OSError as e:
-            raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-    has_magic = head[128:132] == b"DICM"
-    if has_magic or suffix.lower() in _DICOM_SUFFIXES:
+        source, name = _read_regular(Path(source)), str(source)
+    has_magic = source[128:132] == b"DICM"
+    if has_magic or Path(name).suffix.lower() in _DICOM_SUFFIXES:
         return DicomFile.read(source, name, force=not has_magic)
     return PillowFile(source, name)
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of `path`, only if it is a regular file: a FIFO or device would block or never end. The check is on
+    the opened descriptor (opened non-blocking, so even a FIFO opens at once), not on the name, so nothing can be
+    swapped in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise UserError(f"{path}: is {kind}: only regular image files are read; give the image file itself")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 @dataclass(frozen=True)
@@ -123,15 +155,14 @@ def _pillow_errors(name: str):
 
 
 class PillowFile:
-    def __init__(self, source, name: str):
-        self._source, self.name = source, name
+    def __init__(self, data: bytes, name: str):
+        self._data, self.name = data, name
         with self._open() as im:
             self.n_frames = getattr(im, "n_frames", 1)
 
     @contextlib.contextmanager
     def _open(self):
-        with _pillow_errors(self.name), \
-                Image.open(io.BytesIO(self._source) if isinstance(self._source, bytes) else self._source) as im:
+        with _pillow_errors(self.name), Image.open(io.BytesIO(self._data)) as im:
             yield im
 
     def frame(self, index: int | None = None) -> Frame:
@@ -139,8 +170,27 @@ class PillowFile:
         with self._open() as im:
             if index:
                 im.seek(index)
-            rgb = im.convert("RGB")  # as the reference demos do (a 16-bit grey PNG saturates here, as there)
-            return Frame(self.name, np.asarray(rgb), None, None)
+            if im.mode in _DEEP_MODES:  # convert("RGB") would saturate them (a 16-bit grey PNG turns white)
+                values = np.asarray(im, dtype=np.float64)
+                _check_finite(self.name, values)
+                grey = _window(values, *_full_range(self.name, values))
+                return Frame(self.name, np.repeat(grey[..., None], 3, axis=-1), None, None)
+            return Frame(self.name, np.asarray(im.convert("RGB")), None, None)  # as the reference demos do
+
+
+def _check_finite(name: str, values: np.ndarray) -> None:
+    if bad := np.count_nonzero(~np.isfinite(values)):
+        raise UserError(f"{name}: {bad} of {values.size} pixel values are NaN or infinite: an image with undefined "
+                        "values is refused")
+
+
+def _full_range(name: str, values: np.ndarray) -> tuple[float, float]:
+    """(center, width) of a window over the data's min..max; a flat image has none."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi == lo:
+        raise UserError(f"{name}: the image is flat: every pixel has the value {lo:g}, so there is nothing in it "
+                        "to ask about")
+    return (lo + hi) / 2, hi - lo
 
 
 def _install_hint(decoder) -> str:
@@ -177,19 +227,21 @@ class DicomFile:
         self._syntax, self._decoder = syntax, decoder
 
     @classmethod
-    def read(cls, source, name: str, *, force: bool) -> DicomFile:
+    def read(cls, data: bytes, name: str, *, force: bool) -> DicomFile:
         import pydicom
         from pydicom.errors import InvalidDicomError
         from pydicom.pixels import get_decoder
 
         try:
-            ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, force=force)
-        except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as e:
+            ds = pydicom.dcmread(io.BytesIO(data), force=force)
+        except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, struct.error, zlib.error) as e:
             raise UserError(f"{name}: not a readable DICOM file: {e}") from None
-        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if not any(k in ds for k in _PIXEL_KEYWORDS):
             sop = ds.get("SOPClassUID")
             what = f"a '{sop.name}' object" if sop else "this file"
             raise UserError(f"{name}: DICOM file has no pixel data: {what} holds no image (or the file is truncated)")
+        if not any(ds.get(k) for k in _PIXEL_KEYWORDS):
+            raise UserError(f"{name}: the DICOM pixel data element is empty: the file holds no image")
         try:
             n_frames = int(ds.get("NumberOfFrames") or 1)
         except (TypeError, ValueError):
@@ -229,7 +281,10 @@ class DicomFile:
 
         photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
         if photometric == "PALETTE COLOR":
-            rgb = _to_uint8(apply_color_lut(arr, ds), int(ds.RedPaletteColorLookupTableDescriptor[2]))
+            try:
+                rgb = _to_uint8(apply_color_lut(arr, ds), int(ds.RedPaletteColorLookupTableDescriptor[2]))
+            except (ValueError, AttributeError, IndexError) as e:  # the palette lookup table is missing or broken
+                raise UserError(f"{name}: PALETTE COLOR image without a usable colour lookup table: {e}") from None
         elif arr.ndim == 3:  # colour: no VOI windowing in DICOM, just scale the stored bit depth to 8 bits
             rgb = _to_uint8(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
         else:
@@ -239,14 +294,18 @@ class DicomFile:
 
         rescale = ds if ("RescaleSlope" in ds or "ModalityLUTSequence" in ds) else \
             _functional_group(ds, index, "PixelValueTransformationSequence")
+        slope = rescale.get("RescaleSlope") if rescale is not None else None
+        if slope is not None and not (np.isfinite(_first(slope)) and _first(slope) != 0):
+            raise UserError(f"{name}: invalid RescaleSlope {slope!r}: it must be a finite number other than 0 (with 0 "
+                            "every pixel maps to the intercept)")
         values = np.asarray(apply_modality_lut(arr, rescale) if rescale is not None else arr, dtype=np.float64)
+        _check_finite(name, values)
         voi = ds if "WindowCenter" in ds else _functional_group(ds, index, "FrameVOILUTSequence")
         center = width = None
         if voi is not None and voi.get("WindowCenter") is not None and voi.get("WindowWidth") is not None:
             center, width = _first(voi.WindowCenter), _first(voi.WindowWidth)
-        if width is None or not width > 0:  # no usable window in the file: stretch the data's range
-            lo, hi = float(values.min()), float(values.max())
-            center, width = (lo + hi) / 2, (hi - lo) or 1.0
+        if width is None or not (width > 0 and np.isfinite(width) and np.isfinite(center)):  # none usable in the file
+            center, width = _full_range(name, values)
         return Frame(name, values, (center, width), photometric, photometric == "MONOCHROME1")
 
 
@@ -288,11 +347,32 @@ def preprocess(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
 
 
-def save_png(array, path) -> None:
-    """Write a uint8 HxWx3 array as PNG atomically (runtime.files.atomic_write)."""
+def _png_name(path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: images are saved as PNG only (lossless); use a .png file name")
+    return path
+
+
+def check_png_path(path) -> None:
+    """Refuse a path `save_png` could not write, before the work that makes the image: a .png name, not a folder,
+    whose nearest existing folder takes a new file (probed with a temp file, removed again; no folder is created)."""
+    path = _png_name(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give the PNG file to write")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: cannot write into {folder}: {e.strerror or e}") from None
+
+
+def save_png(array, path) -> None:
+    """Write a uint8 HxWx3 array as PNG atomically (runtime.files.atomic_write)."""
+    path = _png_name(path)
     arr = np.asarray(array)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"save_png wants a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")

@@ -92,7 +92,7 @@ class Pipeline:
     def check_request(self, task: Task, has_image: bool, text: str) -> list[int]:
         """The prompt ids (with the -200 image slot), refused before any work when the context cannot hold the
         prompt and what the task must produce (one token; GEN: the 1024 image tokens)."""
-        ids = self.tokenizer.prompt_ids(self.template.render(text, has_image, task.name))
+        ids = self.tokenizer.prompt_ids(self.template.parts(text, has_image, task.name))
         prompt = len(ids) - 1 + (self.bundle.spec(task.name, "vision").shape("image_embeds")[1] if has_image else 0)
         need, what = (IMAGE_TOKENS, f"{IMAGE_TOKENS} image tokens") if task.makes_images else (1, "an answer")
         check_room(prompt + need, self.bundle.manifest.config.max_context, f": a {prompt}-token prompt and {what}")

@@ -2,33 +2,33 @@
 semantics.
 
 Torch-free: only `tokenizers` and the standard library. `encode` returns what the reference's slow tokenizer returns
-for `tokenizer(text).input_ids`; `decode` what its `decode` returns. Slow behaviours that a tokenizer.json cannot
-express are reproduced here (export/compile/tokenizer.py proves the encoding on the real prompts,
-tests/test_tokenizer.py the decoding):
+for `tokenizer(text).input_ids`; `decode` what its `decode` returns. `encode_parts` is the slow class's `tokenize`
+itself, shared with the reference (export/reference/tokenizer.py runs it over the slow tokenizer's own pieces):
+added tokens are split out of the text first, then each text between them is tokenized alone. That order is what lets a user's
+question be plain text: added tokens are split out of the template's parts only, so `<|end|>` typed in a question
+is five pieces of text, never the control id. Slow behaviours a tokenizer.json cannot express are reproduced here
+(export/compile/tokenizer.py proves the encoding on the real prompts, tests/test_tokenizer.py the decoding):
 
-- Llama with `legacy=False` (Phi-3): the slow class prepends "▁" to the whole text, tokenizes, then drops a leading
-  "▁" token only when the next token is one of `all_special_tokens`. So "<|system|>..." starts with a "▁" token
-  ("<|system|>" is an added token but not in `all_special_tokens`), while the converted pre-tokenizer (Metaspace,
-  prepend_scheme "first") prepends nothing before an added token, and nothing before a text that already starts with
-  a space. Prepending "▁" ourselves and applying the same drop rule gives the slow ids in every case.
+- Llama with `legacy=False` (Phi-3): the slow class turns every "▁" into a space, prepends "▁" to the whole text,
+  tokenizes, then drops a leading "▁" token only when the next token is one of `all_special_tokens`. So
+  "<|system|>..." starts with a "▁" token ("<|system|>" is an added token but not in `all_special_tokens`).
+- lstrip/rstrip of added tokens strip the neighbouring text with Python's str.strip, as the slow class does.
 - Slow `decode` joins text runs and added tokens outside `all_special_tokens` (e.g. `<|end|>`, and HealthGPT's tokens
   when they are not skipped) with single spaces; HealthGPT's `[:-8]` relies on that " <|end|>".
-- rstrip/lstrip of added tokens strip Python whitespace in the slow class, Unicode White_Space in `tokenizers`; the
-  two differ only on U+001C..U+001F, which are stripped here first when present.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from runtime.errors import UserError
 from runtime.healthgpt import HEALTHGPT_TOKENS
-from runtime.prompt import split_image_tokens
+from runtime.prompt import Part, split_image_tokens
 
 UNDERLINE = "\u2581"  # SentencePiece's space
-PY_ONLY_SPACE = frozenset("\x1c\x1d\x1e\x1f")  # str.isspace() but not Unicode White_Space
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece byte-fallback pieces
 
 
@@ -38,17 +38,19 @@ class Tokenizer:
         self.bos_id = bos_id
         self.add_bos = bool(add_bos)
         added = spec.get("added_tokens") or []
+        if any(t["single_word"] for t in added):
+            raise UserError("the bundle's tokenizer has single_word added tokens, whose slow-tokenizer rule this "
+                            "runtime does not reproduce")
         # The export marks `special` exactly for the slow tokenizer's all_special_tokens.
         self.special_ids = frozenset(t["id"] for t in added if t["special"])
         # Slow decode's "legacy added tokens": added tokens outside all_special_tokens, plus the additional special
         # tokens past the model vocabulary (HealthGPT's); each stands alone, joined to its neighbours by a space.
         healthgpt = set(HEALTHGPT_TOKENS)
         self._alone_ids = frozenset(t["id"] for t in added if not t["special"] or t["content"] in healthgpt)
-        self._prefix_first = _metaspace_first(spec.get("pre_tokenizer"))
-        self._underline_id = backend.token_to_id(UNDERLINE) if self._prefix_first else None
-        self._strips = {t["content"]: (t["lstrip"], t["rstrip"]) for t in added if t["lstrip"] or t["rstrip"]}
-        self._added_re = None  # built on first need: all added tokens, longest first (the slow trie's match)
-        self._added_contents = [t["content"] for t in added]
+        self._underline_id = backend.token_to_id(UNDERLINE) if _metaspace_first(spec.get("pre_tokenizer")) else None
+        self._added = {t["content"]: (t["id"], t["lstrip"], t["rstrip"]) for t in added}
+        self._pattern = None  # built on first need (~0.1 s for HealthGPT's 8195 tokens)
+        self._plain = _plain_backend(spec)
         if self.add_bos and bos_id is None:
             raise UserError("the tokenizer manifest asks for a BOS token but gives no bos_id")
 
@@ -76,34 +78,17 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
-    def encode(self, text: str) -> list[int]:
-        """The slow tokenizer's `tokenizer(text).input_ids`: BOS (when add_bos) + ids, never EOS."""
-        if self._prefix_first and text:
-            # Llama legacy=False: see the module docstring. With a leading "▁" Metaspace's own prepend never fires;
-            # the slow class also turns every "▁" into a space first (so an rstrip token then eats it).
-            text = UNDERLINE + text.replace(UNDERLINE, " ")
-        if self._strips and not PY_ONLY_SPACE.isdisjoint(text):
-            text = self._python_strip(text)
-        ids = self._tok.encode(text, add_special_tokens=False).ids if text else []
-        if self._prefix_first and len(ids) > 1 and ids[0] == self._underline_id and ids[1] in self.special_ids:
-            ids = ids[1:]
+    def encode(self, text: str | Sequence[Part]) -> list[int]:
+        """The slow tokenizer's `tokenizer(text).input_ids`: BOS (when add_bos) + ids, never EOS. For
+        `Template.parts`, the user's parts are plain text: no added token is recognised in them."""
+        if self._pattern is None:
+            self._pattern = added_pattern(self._added)
+        ids = encode_parts([(text, False)] if isinstance(text, str) else text, self._pattern, self._added,
+                           lambda piece: self._plain.encode(piece, add_special_tokens=False).ids,
+                           self._underline_id, self.special_ids)
         return [self.bos_id, *ids] if self.add_bos else ids
 
-    def _python_strip(self, text: str) -> str:
-        """The slow tokenizer's split on added tokens and its str.strip() around lstrip/rstrip tokens, re-joined."""
-        if self._added_re is None:
-            alts = sorted(self._added_contents, key=len, reverse=True)
-            self._added_re = re.compile("(" + "|".join(map(re.escape, alts)) + ")")
-        parts = self._added_re.split(text)  # odd indices are added tokens
-        for i in range(1, len(parts), 2):
-            lstrip, rstrip = self._strips.get(parts[i], (False, False))
-            if rstrip and i + 1 < len(parts):
-                parts[i + 1] = parts[i + 1].lstrip()
-            if lstrip:
-                parts[i - 1] = parts[i - 1].rstrip()
-        return "".join(parts)
-
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[Part]) -> list[int]:
         """LLaVA's tokenizer_image_token: chunks around `<image>` encoded separately, joined by one -200 slot."""
         return split_image_tokens(prompt, self.encode, self.bos_id)
 
@@ -128,7 +113,7 @@ class Tokenizer:
         return " ".join(parts)
 
     def _decode_run(self, run: list[int]) -> str:
-        if not self._prefix_first:
+        if self._underline_id is None:
             return self._tok.decode(run, skip_special_tokens=False)
         # Slow LlamaTokenizer.convert_tokens_to_string, in Python: the converted decoder (ByteFallback) turns every
         # byte of an invalid UTF-8 run into U+FFFD, SentencePiece only the invalid bytes; and a special token first in
@@ -238,3 +223,55 @@ def _metaspace_first(pre: dict | None) -> bool:
     if pre.get("type") == "Sequence":
         return any(_metaspace_first(p) for p in pre.get("pretokenizers", []))
     return pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first"
+
+
+def _plain_backend(spec: dict):
+    """The tokenizer without its added tokens and without Metaspace's own "▁" prefix: the model's ids for one text
+    between added tokens (the prefix is the whole text's, added by `encode_parts`)."""
+    from tokenizers import Tokenizer as Backend
+
+    def never_prepend(pre):
+        if pre and pre.get("type") == "Sequence":
+            return {**pre, "pretokenizers": [never_prepend(p) for p in pre["pretokenizers"]]}
+        return {**pre, "prepend_scheme": "never"} if pre and pre.get("type") == "Metaspace" else pre
+
+    plain = {**spec, "added_tokens": [], "pre_tokenizer": never_prepend(spec.get("pre_tokenizer"))}
+    return Backend.from_str(json.dumps(plain))
+
+
+def added_pattern(contents) -> re.Pattern:
+    """All added tokens, longest first: the slow tokenizer's trie match (leftmost, then longest)."""
+    return re.compile("(" + ("|".join(map(re.escape, sorted(contents, key=len, reverse=True))) or "(?!)") + ")")
+
+
+def encode_parts(parts: Sequence[Part], pattern: re.Pattern, added: Mapping[str, tuple[int, bool, bool]],
+                 plain: Callable[[str], list[int]], underline: int | None = None,
+                 special_ids: frozenset[int] = frozenset()) -> list[int]:
+    """The slow tokenizer's `tokenize` + token ids (no BOS) over `parts`, with added tokens split out of template
+    parts only: a user part is text, whatever it spells.
+
+    added: content -> (id, lstrip, rstrip); plain: the ids of one text without added tokens; underline: the "▁" id
+    for Llama legacy=False (see the module docstring), None for tokenizers without that prefix.
+    """
+    if underline is not None and any(text for text, _ in parts):
+        parts = [(UNDERLINE, False), *((text.replace(UNDERLINE, " "), user) for text, user in parts)]
+    flat = [""]  # text, added token, text, ..., text
+    for text, user in parts:
+        pieces = [text] if user else pattern.split(text)
+        flat[-1] += pieces[0]
+        flat += pieces[1:]
+    for i in range(1, len(flat), 2):
+        _, lstrip, rstrip = added[flat[i]]
+        if rstrip:
+            flat[i + 1] = flat[i + 1].lstrip()
+        if lstrip:
+            flat[i - 1] = flat[i - 1].rstrip()
+    ids: list[int] = []
+    for i, piece in enumerate(flat):
+        if i % 2:
+            ids.append(added[piece][0])
+        elif piece:
+            ids += plain(piece)
+    if underline is not None and len(ids) > 1 and ids[0] == underline and ids[1] in special_ids:
+        del ids[0]
+    return ids

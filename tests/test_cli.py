@@ -24,8 +24,8 @@ QUESTION = "What abnormality is visible in this scan?"
 
 
 def run_cli(*args, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "runtime", *(a if isinstance(a, bytes) else str(a) for a in args)],
+                          cwd=ROOT, capture_output=True, text=True, errors="backslashreplace", timeout=timeout)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -126,6 +126,8 @@ def test_unloadable_provider_is_one_line(m3_bundle, ct_small):
     (("--top-p", "0"), "argument --top-p: must be in (0, 1]"),
     (("--top-k", "x"), "argument --top-k: not an integer"),
     (("--max-new-tokens", "0"), "argument --max-new-tokens: must be at least 1"),
+    (("--max-new-tokens", "-1"), "argument --max-new-tokens: must be at least 1"),
+    (("--seed", "-1"), "argument --seed: must be 0 or more"),  # numpy refuses negative seeds
     (("--providers", "gpu"), "argument --providers: invalid choice"),
 ])
 def test_bad_options(m3_bundle, ct_small, args, fragment):
@@ -144,6 +146,108 @@ def test_unconstrained_generate_on_random_weights(m3_bundle, ct_small, tmp_path)
                    "--max-new-tokens", "8", "Reconstruct the image.", "--out", out)
     assert_user_error(proc, "produced", "image tokens", "--constrain-image-tokens")
     assert not out.exists()
+
+
+def test_bundle_that_is_a_file(m3_bundle, ct_small):
+    assert_user_error(run_cli("ask", "--bundle", m3_bundle / MANIFEST, "--image", ct_small, QUESTION),
+                      "argument --bundle", "is a file, not a bundle directory")
+
+
+@pytest.mark.parametrize("question,fragment", [
+    (b"What is \xff\xfe here?", "not valid UTF-8 text (byte 0xFF at character 8)"),  # argv in another encoding
+    ("<image>\nWhat is this?", "remove <image> from the question"),
+])
+def test_question_refused_before_loading(m3_bundle, ct_small, question, fragment):
+    for command in (("ask", question), ("generate", question, "--out", "never.png")):
+        proc = run_cli(*command, "--bundle", m3_bundle, "--image", ct_small)
+        assert_user_error(proc, fragment)
+        assert "loaded" not in proc.stderr and proc.stdout == ""
+    assert not (ROOT / "never.png").exists()
+
+
+def test_image_must_be_a_regular_file(m3_bundle, tmp_path):
+    os.mkfifo(tmp_path / "scan.dcm")  # reading it would block until a writer comes
+    for path, kind in ((tmp_path / "scan.dcm", "a named pipe (FIFO)"), (tmp_path, "a directory"),
+                       (os.devnull, "a device")):
+        proc = run_cli("ask", "--bundle", m3_bundle, "--image", path, QUESTION, timeout=60)
+        assert_user_error(proc, str(path), f"is {kind}: only regular image files are read")
+    assert os.listdir(tmp_path) == ["scan.dcm"]
+
+
+def broken_dicoms(tmp_path):
+    import pydicom
+
+    deflated = Path(shipped("image_dfl.dcm")).read_bytes()
+    (tmp_path / "deflated.dcm").write_bytes(deflated[: len(deflated) // 2])
+    palette = pydicom.dcmread(shipped("examples_palette.dcm"))
+    del palette.RedPaletteColorLookupTableData
+    palette.save_as(tmp_path / "palette.dcm")
+    empty = pydicom.dcmread(shipped("CT_small.dcm"))
+    empty.PixelData = b""
+    empty.save_as(tmp_path / "empty.dcm")
+    slope = pydicom.dcmread(shipped("CT_small.dcm"))
+    slope.RescaleSlope = 0
+    slope.save_as(tmp_path / "slope0.dcm")
+    Image.fromarray(np.full((32, 32), 60000, np.uint16)).save(tmp_path / "flat16.png")
+    return {"deflated.dcm": "truncated", "palette.dcm": "PALETTE COLOR image without a usable colour lookup table",
+            "empty.dcm": "pixel data element is empty", "slope0.dcm": "invalid RescaleSlope",
+            "flat16.png": "the image is flat"}
+
+
+def test_broken_images_are_one_line(m3_bundle, tmp_path):
+    for name, fragment in broken_dicoms(tmp_path).items():
+        proc = run_cli("ask", "--bundle", m3_bundle, "--image", tmp_path / name, QUESTION)
+        assert_user_error(proc, name, fragment)
+        assert "loaded" not in proc.stderr and proc.stdout == ""
+
+
+def test_generate_refuses_an_unwritable_out_before_generating(m3_bundle, ct_small, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder\n")
+    (tmp_path / "dir.png").mkdir()
+    for out, fragment in ((tmp_path / "file" / "x.png", "Not a directory"), (tmp_path / "dir.png", "is a directory"),
+                          (Path("/proc/healthgpt/x.png"), "cannot write into /proc")):
+        proc = run_cli("generate", "--bundle", m3_bundle, "--image", ct_small, "--constrain-image-tokens", "x",
+                       "--out", out)
+        assert_user_error(proc, str(out), fragment)
+        assert "loaded" not in proc.stderr  # refused before the bundle was opened
+    assert sorted(os.listdir(tmp_path)) == ["dir.png", "file"] and os.listdir(tmp_path / "dir.png") == []
+
+
+def signal_handled(pid: int, signum: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+def stack_dump_on_sigusr1(command: list[str]) -> subprocess.CompletedProcess:
+    """Start `command`, wait until it handles SIGUSR1, send it, and let the command finish."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and not signal_handled(proc.pid, signal.SIGUSR1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def test_sigusr1_dumps_the_stacks_and_goes_on(m3_bundle, ct_small):
+    proc = stack_dump_on_sigusr1([sys.executable, "-m", "runtime", "ask", "--bundle", str(m3_bundle), "--image",
+                                  ct_small, "--providers", "cpu", QUESTION])
+    assert proc.returncode == 0, proc.stderr
+    assert "Current thread" in proc.stderr and 'File "' in proc.stderr and "time to first token" in proc.stderr
+
+
+def test_a_stuck_decoder_is_bounded_and_shows_where(m3_bundle, ct_small):
+    stuck = ("import sys, time, runtime.cli as cli, runtime.image as image\n"
+             "cli.DECODE_LIMIT_S = 1\n"
+             "def load_image(*args, **kwargs):\n"
+             "    time.sleep(120)  # stands in for a decoder that never returns\n"
+             "image.load_image = load_image\n"
+             f"sys.exit(cli.main(['ask', '--bundle', {str(m3_bundle)!r}, '--image', {ct_small!r}, 'q']))\n")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", stuck], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 1 and "Timeout (0:00:01)!" in proc.stderr and "in load_image" in proc.stderr
 
 
 # --- what works ---------------------------------------------------------------------------------------------------

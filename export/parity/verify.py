@@ -40,7 +40,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def e2e_checks(ref: HealthGPT, pipe: Pipeline, image, steps: int, bounds: dict) -> list[dict]:
     task, out = ref.task, []
     ref_ids = [ref.prompt_ids(q) for q in QUESTIONS]
-    run_ids = [pipe.tokenizer.prompt_ids(pipe.template.render(q, True, task)) for q in QUESTIONS]
+    run_ids = [pipe.tokenizer.prompt_ids(pipe.template.parts(q, True, task)) for q in QUESTIONS]
     out.append({"check": f"{task} tokenization", "ok": ref_ids == run_ids,
                 "detail": f"{sum(a == b for a, b in zip(ref_ids, run_ids))}/{len(QUESTIONS)} prompts identical"})
     embeds = ref.encode_image(ref.pixel_values(image))

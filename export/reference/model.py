@@ -8,6 +8,7 @@ Everything downstream (ONNX graphs, engines, the runtime) is checked against thi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModel, LogitsProcessor, P
 
 from export.reference.checkpoint import PEFT_PREFIX, CheckpointPaths, assign_weights, check_loading, load_state_dict
 from export.reference.hlora import ADAPTED, attach_hlora
-from export.reference.tokenizer import load_reference_tokenizer
+from export.reference.tokenizer import ReferenceEncoder, load_reference_tokenizer
 from export.reference.variants import TaskConfig, Variant, get_task
 from export.reference.vqgan import GumbelVQDecoder, load_vqgan
 from runtime.errors import UserError
@@ -98,9 +99,14 @@ class HealthGPT:
         feats = self.clip(pixel_values, output_hidden_states=True).hidden_states[self.cfg.clip_layer][:, 1:]
         return self.projector(feats.to(self.dtype))
 
+    @cached_property
+    def _encode(self) -> ReferenceEncoder:
+        return ReferenceEncoder(self.tokenizer)
+
     def prompt_ids(self, question: str, has_image: bool = True) -> list[int]:
-        prompt = TEMPLATES[self.variant.template].render(question, has_image, self.task)
-        return split_image_tokens(prompt, lambda s: self.tokenizer(s).input_ids, self.tokenizer.bos_token_id)
+        """LLaVA's tokenizer_image_token over the template, with the question as plain text (its `<|end|>` is text)."""
+        parts = TEMPLATES[self.variant.template].parts(question, has_image, self.task)
+        return split_image_tokens(parts, self._encode, self.tokenizer.bos_token_id)
 
     @torch.no_grad()
     def embed(self, ids: list[int], image_embeds: torch.Tensor | None) -> torch.Tensor:

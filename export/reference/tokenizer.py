@@ -1,4 +1,5 @@
-"""The reference tokenizer: the slow HF tokenizer exactly as HealthGPT builds it (base files + its 8195 tokens)."""
+"""The reference tokenizer: the slow HF tokenizer exactly as HealthGPT builds it (base files + its 8195 tokens), and its
+encoding of a prompt whose user text is plain text (ReferenceEncoder)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 
 from runtime.errors import UserError
 from runtime.healthgpt import HEALTHGPT_TOKENS, START_INDEX
+from runtime.prompt import Part
+from runtime.tokenizer import UNDERLINE, added_pattern, encode_parts
 
 
 def load_reference_tokenizer(base_dir: Path):
@@ -52,3 +55,24 @@ def _add_special_tokens_fast(tok, tokens: list[str]) -> None:
         tok.add_special_tokens({"additional_special_tokens": tokens})
     finally:
         tok.__class__ = cls
+
+
+class ReferenceEncoder:
+    """The slow tokenizer's `tokenizer(text).input_ids` over `Template.parts`: its own `tokenize`, run by the shared
+    `encode_parts` over its own per-text tokenization (`_tokenize`, the method each slow class defines for the text
+    between added tokens), so that a user's part is plain text. On template text alone it gives `tokenizer(text)`'s
+    ids exactly (tests/test_tokenizer.py)."""
+
+    def __init__(self, slow):
+        self._slow = slow
+        self._added = {t.content: (i, t.lstrip, t.rstrip) for i, t in slow.added_tokens_decoder.items()}
+        self._pattern = added_pattern(self._added)
+        llama_prefix = getattr(slow, "legacy", True) is False and getattr(slow, "add_prefix_space", True)
+        self._underline = slow.convert_tokens_to_ids(UNDERLINE) if llama_prefix else None
+
+    def __call__(self, parts: list[Part]) -> list[int]:
+        slow = self._slow
+        ids = encode_parts(parts, self._pattern, self._added,
+                           lambda text: slow.convert_tokens_to_ids(slow._tokenize(text)), self._underline,
+                           frozenset(slow.all_special_ids))
+        return slow.build_inputs_with_special_tokens(ids)
