@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from engines.build import add_engines_command
-from runtime.cli import _non_negative_int, _Parser, _positive_int
+from runtime.cli import Parser, non_negative_int, positive_int
 from runtime.errors import UserError
 
 
@@ -83,15 +83,15 @@ def cmd_verify(a):
 
 
 def main(argv=None) -> int:
-    p = _Parser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     s = sub.add_parser("synth", help="write a random checkpoint in the exact release layout")
     s.add_argument("--out", type=Path, required=True, help="directory to create (replaced if it exists)")
     s.add_argument("--variant", choices=["m3", "l14"], default="m3", help="m3 = Phi-3-mini base, l14 = phi-4 base")
     s.add_argument("--size", choices=["tiny", "real"], default="tiny",
                    help="tiny: small widths, real geometry; real: the model's true widths with 2 decoder layers")
-    s.add_argument("--seed", type=_non_negative_int, default=0)
+    s.add_argument("--seed", type=non_negative_int, default=0)
     s.set_defaults(run=cmd_synth)
 
     r = sub.add_parser("reference", help="run the PyTorch reference on one image")
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     r.add_argument("--task", choices=["com", "gen"], default="com", help="com: answer; gen: generate an image")
     r.add_argument("--image", type=Path, required=True, help="PNG/JPEG/TIFF/BMP or DICOM file")
     r.add_argument("--out", type=Path, help="gen: PNG to write (default reference.png)")
-    r.add_argument("--max-new-tokens", type=_positive_int, default=None)
+    r.add_argument("--max-new-tokens", type=positive_int, default=None)
     r.add_argument("--constrain-image-tokens", action="store_true",
                    help="gen: only <idx_*> tokens, exactly 1024 (random weights never emit a full image otherwise)")
     r.add_argument("prompt", help="question (com) or instruction (gen)")
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                    help="comma-separated: com, gen (default both)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="fp32 for CPU; fp16 for GPU (norms, softmax and LM head stay fp32)")
-    e.add_argument("--max-context", type=_positive_int, default=2048,
+    e.add_argument("--max-context", type=positive_int, default=2048,
                    help="KV cache length (prompt + generated tokens)")
     e.set_defaults(run=cmd_export)
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     v.add_argument("--backends", type=_subset("ort-cpu", "ort-cuda", "trt"), default=["ort-cpu", "ort-cuda", "trt"],
                    help="comma-separated: ort-cpu, ort-cuda, trt; one that cannot run here is reported 'not run'")
     v.add_argument("--image", type=Path, help="scan to run end to end (default: pydicom's CT_small.dcm)")
-    v.add_argument("--steps", type=_positive_int, default=32, help="com: greedy tokens compared end to end")
+    v.add_argument("--steps", type=positive_int, default=32, help="com: greedy tokens compared end to end")
     v.add_argument("--tasks", type=_subset("com", "gen"), help="comma-separated subset of the bundle's tasks "
                    "(default all)")
     v.set_defaults(run=cmd_verify)

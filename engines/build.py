@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from runtime.bundle import Bundle
+from runtime.cli import positive_int
 from runtime.errors import UserError
 from runtime.files import check_file, write_atomic
 from runtime.graphspec import GraphSpec
@@ -221,7 +222,7 @@ def add_engines_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=BUILD_PRECISIONS, default=None,
                    help="must be the bundle's dtype (the default): TensorRT 11 networks are strongly typed, so the "
                         "precision is carried by the ONNX graph. For fp16 engines export with `--dtype fp16`")
-    p.add_argument("--max-context", type=int, default=None,
+    p.add_argument("--max-context", type=positive_int, default=None,
                    help="check only: must equal the bundle's (the RoPE tables and KV cache limits are in the graphs)")
     p.add_argument("--timing-cache", type=Path, default=None,
                    help="tactic timing cache to reuse and update (default BUNDLE/engines/timing.cache)")

@@ -29,7 +29,7 @@ EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 DECODE_LIMIT_S = 120  # reading the input image; seconds
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake reads like every other error: one `error: ...` line, exit 2."""
 
     def error(self, message: str):
@@ -53,8 +53,8 @@ def _number(parse, ok=lambda v: True, requirement: str = ""):
     return check
 
 
-_positive_int = _number(int, lambda v: v >= 1, "must be at least 1")
-_non_negative_int = _number(int, lambda v: v >= 0, "must be 0 or more")
+positive_int = _number(int, lambda v: v >= 1, "must be at least 1")
+non_negative_int = _number(int, lambda v: v >= 0, "must be 0 or more")
 _float = _number(float)
 
 
@@ -70,17 +70,17 @@ _top_p = _number(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
 ##### the parser #####
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    parser = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    bundle = _Parser(add_help=False)
+    bundle = Parser(add_help=False)
     bundle.add_argument("--bundle", type=_bundle_dir, required=True, metavar="DIR",
                         help="bundle directory written by `build.py export` (manifest.json, ONNX graphs, weights)")
     bundle.add_argument("-v", "--verbose", action="store_true",
                         help="show ONNX Runtime's own log messages (hidden by default; its provider-loading failures "
                              "are reported as one line instead)")
 
-    run = _Parser(add_help=False)
+    run = Parser(add_help=False)
     run.add_argument("--backend", choices=["ort", "trt"], default="ort",
                      help="ort: ONNX Runtime on the bundle's ONNX graphs (default); trt: native TensorRT on the "
                           "bundle's engines (needs `build.py engines` on this GPU, and tensorrt installed)")
@@ -93,25 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="PNG, JPEG, TIFF, BMP (anything Pillow reads) or DICOM (.dcm, or any file with the DICM "
                           "magic); only regular files. Colour images are used as they are; monochrome DICOM is "
                           "windowed to 8 bits; images deeper than 8 bits are mapped by their range")
-    img.add_argument("--frame", type=_non_negative_int, metavar="N",
+    img.add_argument("--frame", type=non_negative_int, metavar="N",
                      help="frame index (from 0) of a multi-frame DICOM or TIFF/GIF (default 0)")
     img.add_argument("--window", type=_float, nargs=2, metavar=("CENTER", "WIDTH"),
                      help="display window for monochrome DICOM, in modality units (e.g. Hounsfield units for CT: "
                           "`--window 40 400` for soft tissue). Default: the file's own WindowCenter/WindowWidth, "
                           "else the data's full range")
     dec = run.add_argument_group("decoding (greedy unless --temperature > 0)")
-    dec.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+    dec.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                      help=f"stop after N new tokens (default: {COM.max_new_tokens} for ask, {GEN.max_new_tokens} "
                           "for generate, as the reference demos); generation also stops at the bundle's "
                           "end-of-sequence tokens and at its context")
     dec.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
                      help="sampling temperature; 0 = greedy argmax, the reference behaviour (default 0)")
-    dec.add_argument("--top-k", type=_non_negative_int, default=0, metavar="K",
+    dec.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
                      help="with --temperature > 0: sample only among the K most likely tokens (default 0 = all)")
     dec.add_argument("--top-p", type=_top_p, default=1.0, metavar="P",
                      help="with --temperature > 0: sample only among the most likely tokens whose probabilities add "
                           "up to P (nucleus sampling; default 1 = all)")
-    dec.add_argument("--seed", type=_non_negative_int, metavar="S",
+    dec.add_argument("--seed", type=non_negative_int, metavar="S",
                      help="with --temperature > 0: random seed, so the same command gives the same output "
                           "(default: a fresh seed each run)")
 

@@ -3,7 +3,6 @@ the in-place KV cache, sampling, task switching, and the requests it must refuse
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from export.parity.verify import psnr as image_psnr
 from runtime.backend import OrtBackend
 from runtime.errors import UserError
 from runtime.generate import decode_one_token, generate, prefill
@@ -117,8 +117,7 @@ def test_gen_indices_and_image_match_reference(switched, reference_image, m3_gen
     # Not bit-identical: ORT's GroupNorm sums in another order, so a few values round the other way.
     diff = np.abs(got_pixels.astype(np.int16) - want_pixels.astype(np.int16))
     differing = int(np.count_nonzero(diff))
-    mse = float(np.mean(diff.astype(np.float64) ** 2))
-    psnr = math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+    psnr = image_psnr(got_pixels, want_pixels)
     record_property("gen_image_psnr_db", psnr)
     record_property("gen_image_values_differing", differing)
     print(f"\ngen image vs reference: max abs diff {diff.max()}, {differing} of {diff.size} values differ, "
