@@ -8,6 +8,7 @@ openai/clip-vit-large-patch14-336 (reference notes §1.4; checked by tests/test_
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import uuid
@@ -35,20 +36,34 @@ _DICOM_SUFFIXES = (".dcm", ".dicom")
 _PIP_NAMES = {"gdcm": "python-gdcm"}
 
 
+class _Upload(io.BytesIO):
+    """A file's bytes (e.g. a server request's image), read like the file: messages name it by its size."""
+
+    suffix = ""  # no name, so DICOM is recognised by its magic only
+
+    def __str__(self) -> str:
+        return f"image ({len(self.getbuffer())} bytes)"
+
+
 def load_image(path, *, frame: int | None = None, window: tuple[float, float] | None = None) -> Image.Image:
     """Read a PNG/JPEG/TIFF/BMP (or any Pillow format) or a DICOM file as an RGB image.
 
-    frame: index into a multi-frame file (default 0). window: (center, width) for monochrome DICOM, in modality
-    units (e.g. Hounsfield units for CT); default: the file's first WindowCenter/WindowWidth, else the data's min/max.
+    path: the file, or its bytes. frame: index into a multi-frame file (default 0). window: (center, width) for
+    monochrome DICOM, in modality units (e.g. Hounsfield units for CT); default: the file's first
+    WindowCenter/WindowWidth, else the data's min/max.
     """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        path = _Upload(path)
+        head = path.getvalue()[:132]
+    else:
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(132)
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
     has_magic = head[128:132] == b"DICM"
     if has_magic or path.suffix.lower() in _DICOM_SUFFIXES:
         return _load_dicom(path, frame, window, force=not has_magic)
@@ -223,19 +238,28 @@ def preprocess(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
 
 
-def save_png(array, path) -> None:
-    """Write a uint8 HxWx3 array as PNG atomically: temp file in the same folder, then os.replace."""
+def png_bytes(array) -> bytes:
+    """A uint8 HxWx3 array as PNG file contents."""
+    arr = np.asarray(array)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"png_bytes wants a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def save_png(image, path) -> None:
+    """Write a uint8 HxWx3 array (or PNG bytes, e.g. from a server) as PNG atomically: temp file in the same
+    folder, then os.replace."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: images are saved as PNG only (lossless); use a .png file name")
-    arr = np.asarray(array)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"save_png wants a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
+    data = image if isinstance(image, bytes) else png_bytes(image)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:  # a plain open keeps the umask's permissions (mkstemp would force 0600)
-            Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
