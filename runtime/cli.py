@@ -3,6 +3,7 @@
     python -m runtime ask --bundle B --image scan.dcm "What does this image show?"
     python -m runtime generate --bundle B --image scan.dcm "Reconstruct the image." --out out.png
     python -m runtime info --bundle B
+    python -m runtime serve --bundle B          # Triton Inference Server; then ask/generate --server grpc://...
 
 Torch-free: imports only the runtime's own modules (numpy, onnxruntime, tokenizers, Pillow, pydicom, tqdm; tensorrt
 with --backend trt). Answers stream to stdout; progress, timings and errors go to stderr. A mistake the user can fix
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     bundle = _Parser(add_help=False)
-    bundle.add_argument("--bundle", type=Path, required=True, metavar="DIR",
+    bundle.add_argument("--bundle", type=Path, metavar="DIR",  # required unless --server: see main()
                         help="bundle directory written by `build.py export` (manifest.json, ONNX graphs, weights)")
     bundle.add_argument("-v", "--verbose", action="store_true",
                         help="show ONNX Runtime's own log messages (hidden by default; its provider-loading failures "
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ONNX Runtime execution providers (ort backend only). auto: CUDA when it loads, else CPU "
                           "(default); cpu; cuda: CUDA, refused if it cannot load; tensorrt: ONNX Runtime's TensorRT "
                           "EP (falling back to CUDA then CPU per node), refused if it cannot load")
+    run.add_argument("--server", metavar="URL",
+                     help="instead of opening --bundle, ask a server started by `serve` (grpc://HOST:PORT; the "
+                          "server's backend and providers apply)")
     img = run.add_argument_group("input image")
     img.add_argument("--image", type=Path, metavar="FILE",
                      help="PNG, JPEG, TIFF, BMP (anything Pillow reads) or DICOM (.dcm, or any file with the DICM "
@@ -128,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "TensorRT engines; then the ONNX Runtime providers installed here and which of "
                                    "them really load; then check every file's sha256.")
     i.set_defaults(run=cmd_info)
+
+    from runtime.serving.commands import add_commands  # triton, serve
+
+    add_commands(sub)
     return parser
 
 
@@ -208,6 +216,10 @@ def _open(a, task: str):
 ##### commands #####
 
 def cmd_ask(a) -> int:
+    if a.server:
+        from runtime.serving.client import cmd_ask as ask_server
+
+        return ask_server(a)
     from runtime.tokenizer import StreamDecoder
 
     image = _load_input(a)
@@ -240,6 +252,10 @@ def cmd_ask(a) -> int:
 
 
 def cmd_generate(a) -> int:
+    if a.server:
+        from runtime.serving.client import cmd_generate as generate_server
+
+        return generate_server(a)
     from tqdm import tqdm
 
     from runtime.image import save_png
@@ -292,7 +308,10 @@ def cmd_info(a) -> int:
 ##### entry point #####
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("ask", "generate", "info") and (args.bundle is None) == (getattr(args, "server", None) is None):
+        parser.error(f"{args.command} needs --bundle" + (" or --server (not both)" if args.command != "info" else ""))
     try:
         return args.run(args)
     except UserError as e:

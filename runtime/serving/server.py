@@ -8,6 +8,7 @@ only the server runs in the serving venv.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -108,15 +109,30 @@ class Server:
                             "2 corrupts tensors; the serving venv pins numpy 1.26)")
 
     def stop(self, timeout: float = 120) -> int | None:
-        """SIGTERM and wait (it can take a while to unload); SIGKILL only if it outlives `timeout`."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
+        """SIGTERM and wait (it can take a while to unload); SIGKILL only if it outlives `timeout`. Then end what is
+        left of its process group: the python-backend stubs of a server that died outlive it by up to a minute."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+            os.killpg(self.process.pid, signal.SIGTERM)  # the group start() made, led by the server's PID
+        except ProcessLookupError:
+            pass
+        return self.process.returncode
+
+    def group_alive(self) -> bool:
+        """Whether any process of the server's group (the server, its stubs) is still running."""
+        try:
+            os.killpg(self.process.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
 
     def log_tail(self, lines: int = 5) -> str:
         try:
