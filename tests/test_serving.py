@@ -205,7 +205,7 @@ def test_cli_serve_ask_generate(serving_env, m3_bundle, pipe, tmp_path):
     ports = free_ports()
     serve = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--bundle", str(m3_bundle), "--out",
                               str(tmp_path / "repo"), "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
-                              "--metrics-port", str(ports.metrics)], cwd=ROOT, stdout=subprocess.PIPE,
+                              "--metrics-port", str(ports.metrics), "--timeout", "120"], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         line = serve.stdout.readline()

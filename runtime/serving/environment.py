@@ -125,7 +125,7 @@ def _base_python() -> str:
 def _run(cmd: list[str], what: str) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-5:])  # one error line
         raise UserError(f"could not {what} (`{' '.join(cmd[:6])} ...` exited {done.returncode}): {tail}")
 
 
