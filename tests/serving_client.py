@@ -67,7 +67,8 @@ def main() -> None:
         import tritonclient.grpc as grpcclient
 
         ints, floats = np.array(job["selftest"][0], np.int64), np.array(job["selftest"][1], np.float32)
-        inputs = [grpcclient.InferInput("ints", [len(ints)], "INT64"), grpcclient.InferInput("floats", [len(floats)], "FP32")]
+        inputs = [grpcclient.InferInput("ints", [len(ints)], "INT64"),
+                  grpcclient.InferInput("floats", [len(floats)], "FP32")]
         inputs[0].set_data_from_numpy(ints)
         inputs[1].set_data_from_numpy(floats)
         result = grpcclient.InferenceServerClient(job["url"]).infer("healthgpt_selftest", inputs)

@@ -194,8 +194,8 @@ def test_generate_returns_pipeline_indices_and_png(serving_env, server, pipe):
     assert got["indices"] == want["indices"] and len(got["indices"]) == 1024
     assert np.array_equal(pixels(got["png"]), want["pixels"])
     # JSON clients get the PNG back in base64
-    status, body = http_generate(server, {"task": "gen", "prompt": INSTRUCTION, "image_base64": b64(scan("ct")["image"]),
-                                          "constrain_image_tokens": True})
+    status, body = http_generate(server, {"task": "gen", "prompt": INSTRUCTION, "constrain_image_tokens": True,
+                                          "image_base64": b64(scan("ct")["image"])})
     assert status == 200 and body["indices"] == want["indices"]
     assert np.array_equal(pixels(body["image_png_base64"]), want["pixels"])
 
@@ -205,8 +205,8 @@ def test_cli_serve_ask_generate(serving_env, m3_bundle, pipe, tmp_path):
     ports = free_ports()
     serve = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--bundle", str(m3_bundle), "--out",
                               str(tmp_path / "repo"), "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
-                              "--metrics-port", str(ports.metrics), "--timeout", "120"], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                              "--metrics-port", str(ports.metrics), "--timeout", "120"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = serve.stdout.readline()
         assert line.startswith("[I] ready: gRPC"), (line, serve.stderr.read() if serve.poll() is not None else "")

@@ -56,7 +56,8 @@ class Client:
             import tritonclient.grpc as grpcclient
         except ImportError:
             raise UserError("tritonclient is not installed in this Python: run the client from the serving venv "
-                            "(.venv-serving/bin/python -m runtime ...) or `pip install \"tritonclient[grpc]\"`") from None
+                            "(.venv-serving/bin/python -m runtime ...) or `pip install \"tritonclient[grpc]\"`"
+                            ) from None
         self._grpc, self.address, self.timeout = grpcclient, grpc_address(url), timeout
         self._client = grpcclient.InferenceServerClient(self.address)
 

@@ -68,7 +68,8 @@ class HealthGPTModel:
                 last = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
             except Exception as e:  # a bug, not the request's fault: report it, keep the instance serving
                 _log("error", traceback.format_exc())
-                last = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(e).__name__}: {e}"))
+                message = f"internal error: {type(e).__name__}: {e}"
+                last = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
             sender.send(last, flags=FINAL)
         return None
 
