@@ -75,7 +75,7 @@ def ensure(venv: Path | None = None, log=print) -> Environment:
     reqs = requirements(root)
     want = {"requirements": reqs, "checkout": str(root)}
     venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+    with open(venv.with_name(venv.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         python = venv / "bin" / "python"
         if _read_json(venv / STAMP) != want:
