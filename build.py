@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from engines.build import add_engines_command
-from runtime.cli import Parser, non_negative_int, positive_int
+from runtime.args import Parser, non_negative_int, positive_int
 from runtime.errors import UserError
 
 

@@ -26,8 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from runtime.args import positive_int
 from runtime.bundle import Bundle
-from runtime.cli import positive_int
 from runtime.errors import UserError
 from runtime.files import check_file, write_atomic
 from runtime.graphspec import GraphSpec

@@ -4,6 +4,7 @@
     python -m runtime generate --bundle B --image scan.dcm "Reconstruct the image." --out out.png
     python -m runtime info --bundle B
     python -m runtime app --bundle B          # the web app on http://127.0.0.1:7860/
+    python -m runtime serve --bundle B          # Triton Inference Server; then ask/generate --server grpc://...
 
 Torch-free: imports only the runtime's own modules (numpy, onnxruntime, tokenizers, Pillow, pydicom, tqdm; tensorrt
 with --backend trt). Answers stream to stdout; progress, timings and errors go to stderr. A mistake the user can fix
@@ -19,43 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+from runtime.args import EXIT_USER_ERROR, Parser, non_negative_int, number, positive_int
 from runtime.errors import UserError
 from runtime.healthgpt import COM, GEN, IMAGE_TOKENS
 from runtime.prompt import check_question
 from runtime.providers import quiet_ort
 
 PROG = "python -m runtime"
-EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+EXIT_INTERRUPTED = 130
 DECODE_LIMIT_S = 120  # reading the input image; seconds
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake reads like every other error: one `error: ...` line, exit 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
-
-
-##### argument types #####
-
-def _number(parse, ok=lambda v: True, requirement: str = ""):
-    """An argparse type: `parse` the text (int or float), refuse NaN/inf and values failing `ok`, in one line."""
-    def check(text: str):
-        try:
-            value = parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'an integer' if parse is int else 'a number'}: {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
-        return value
-    return check
-
-
-positive_int = _number(int, lambda v: v >= 1, "must be at least 1")
-non_negative_int = _number(int, lambda v: v >= 0, "must be 0 or more")
-_float = _number(float)
 
 
 def _bundle_dir(text: str) -> Path:
@@ -63,8 +36,11 @@ def _bundle_dir(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a bundle directory")
     return path
-_temperature = _number(float, lambda v: v >= 0, "must be 0 (greedy) or more")
-_top_p = _number(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+
+_float = number(float)
+_temperature = number(float, lambda v: v >= 0, "must be 0 (greedy) or more")
+_top_p = number(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 
 ##### the parser #####
@@ -74,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     bundle = Parser(add_help=False)
-    bundle.add_argument("--bundle", type=_bundle_dir, required=True, metavar="DIR",
+    bundle.add_argument("--bundle", type=_bundle_dir, metavar="DIR",  # required unless --server: see main()
                         help="bundle directory written by `build.py export` (manifest.json, ONNX graphs, weights)")
     bundle.add_argument("-v", "--verbose", action="store_true",
                         help="show ONNX Runtime's own log messages (hidden by default; its provider-loading failures "
@@ -88,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ONNX Runtime execution providers (ort backend only). auto: CUDA when it loads, else CPU "
                           "(default); cpu; cuda: CUDA, refused if it cannot load; tensorrt: ONNX Runtime's TensorRT "
                           "EP (falling back to CUDA then CPU per node), refused if it cannot load")
+    run.add_argument("--server", metavar="URL",
+                     help="instead of opening --bundle, ask a server started by `serve` (grpc://HOST:PORT; the "
+                          "server's backend and providers apply)")
     img = run.add_argument_group("input image")
     img.add_argument("--image", type=Path, metavar="FILE",
                      help="PNG, JPEG, TIFF, BMP (anything Pillow reads) or DICOM (.dcm, or any file with the DICM "
@@ -154,11 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as for `ask` (default auto)")
     w.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; the app has no login)")
-    w.add_argument("--port", type=_number(int, lambda v: 0 <= v <= 65535, "must be a port number 0..65535"),
+    w.add_argument("--port", type=number(int, lambda v: 0 <= v <= 65535, "must be a port number 0..65535"),
                    default=7860, help="TCP port (default 7860; 0: any free port)")
     w.add_argument("--audit-log", type=Path, metavar="FILE",
                    help="JSON-lines audit log, appended (default $XDG_STATE_HOME/healthgpt-edge/audit.jsonl)")
     w.set_defaults(run=cmd_app)
+    from runtime.serving.commands import add_commands  # triton, serve
+
+    add_commands(sub)
     return parser
 
 
@@ -222,6 +204,10 @@ def _open(a, task, text: str):
 ##### commands #####
 
 def cmd_ask(a) -> int:
+    if a.server:
+        from runtime.serving.client import cmd_ask as ask_server
+
+        return ask_server(a)
     from runtime.tokenizer import StreamDecoder
 
     check_question(a.question)
@@ -255,6 +241,10 @@ def cmd_ask(a) -> int:
 
 
 def cmd_generate(a) -> int:
+    if a.server:
+        from runtime.serving.client import cmd_generate as generate_server
+
+        return generate_server(a)
     from tqdm import tqdm
 
     from runtime.image import check_png_path, save_png
@@ -317,7 +307,10 @@ def cmd_app(a) -> int:
 ##### entry point #####
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("ask", "generate", "info") and (args.bundle is None) == (getattr(args, "server", None) is None):
+        parser.error(f"{args.command} needs --bundle" + (" or --server (not both)" if args.command != "info" else ""))
     try:
         return args.run(args)
     except UserError as e:

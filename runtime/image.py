@@ -46,16 +46,20 @@ _PIP_NAMES = {"gdcm": "python-gdcm"}
 def load_image(path, *, frame: int | None = None, window: tuple[float, float] | None = None) -> Image.Image:
     """Read a PNG/JPEG/TIFF/BMP (or any Pillow format) or a DICOM file as an RGB image.
 
-    frame: index into a multi-frame file (default 0). window: (center, width) for monochrome DICOM, in modality
+    path: the file, or its bytes (a server request's image: DICOM is then recognised by its magic). frame: index
+    into a multi-frame file (default 0). window: (center, width) for monochrome DICOM, in modality
     units (e.g. Hounsfield units for CT); default: the file's first WindowCenter/WindowWidth, else the data's min/max.
     Images deeper than 8 bits (16-bit PNG, 32-bit or float TIFF) are mapped to 8 bits by their min/max. A flat
     (one colour) or non-finite image is refused: there is nothing in it to ask about.
     """
-    img = open_image(path).frame(frame).render(window)
+    if isinstance(path, (bytearray, memoryview)):
+        path = bytes(path)
+    opened = open_image(path, f"image ({len(path)} bytes)" if isinstance(path, bytes) else None)
+    img = opened.frame(frame).render(window)
     pixels = np.asarray(img)
     if pixels.min() == pixels.max():
         rgb = tuple(int(v) for v in pixels.reshape(-1, 3)[0])
-        raise UserError(f"{path}: the image is one flat colour (every pixel is RGB {rgb}"
+        raise UserError(f"{opened.name}: the image is one flat colour (every pixel is RGB {rgb}"
                         + (f" with window {window}; try a wider --window" if window else "")
                         + "): there is nothing in it to ask about")
     return img
@@ -370,11 +374,19 @@ def check_png_path(path) -> None:
         raise UserError(f"{path}: cannot write into {folder}: {e.strerror or e}") from None
 
 
-def save_png(array, path) -> None:
-    """Write a uint8 HxWx3 array as PNG atomically (runtime.files.atomic_write)."""
-    path = _png_name(path)
+def png_bytes(array) -> bytes:
+    """A uint8 HxWx3 array as PNG file contents."""
     arr = np.asarray(array)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"save_png wants a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
+        raise ValueError(f"png_bytes wants a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def save_png(image, path) -> None:
+    """Write a uint8 HxWx3 array (or PNG bytes, e.g. from a server) as PNG atomically (runtime.files.atomic_write)."""
+    path = _png_name(path)
+    data = image if isinstance(image, bytes) else png_bytes(image)
     with atomic_write(path) as f:
-        Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
+        f.write(data)

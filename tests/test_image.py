@@ -5,6 +5,7 @@ DICOM inputs are the test files that ship inside the pydicom wheel (no network).
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,3 +317,24 @@ def test_save_png_rejects_other_suffix(tmp_path):
     with pytest.raises(UserError, match=r"\.png"):
         rimg.save_png(np.zeros((2, 2, 3), np.uint8), tmp_path / "x.jpg")
     assert not (tmp_path / "x.jpg").exists()
+
+
+# ---------------------------------------------------------------- bytes (a server request's image)
+
+def test_load_image_from_bytes_matches_the_file(tmp_path):
+    for path, kw in ((dcm("CT_small.dcm"), {"window": (40, 400)}), (dcm("SC_rgb_rle_2frame.dcm"), {"frame": 1})):
+        data = Path(path).read_bytes()
+        assert np.array_equal(np.asarray(rimg.load_image(data, **kw)), np.asarray(rimg.load_image(path, **kw)))
+    rimg.save_png(np.arange(48, dtype=np.uint8).reshape(4, 4, 3), tmp_path / "a.png")
+    png = (tmp_path / "a.png").read_bytes()
+    assert np.array_equal(np.asarray(rimg.load_image(png)), np.asarray(rimg.load_image(tmp_path / "a.png")))
+    rimg.save_png(png, tmp_path / "b.png")  # PNG bytes are written as they are
+    assert (tmp_path / "b.png").read_bytes() == png
+
+
+def test_broken_bytes_name_the_image_by_size():
+    data = Path(dcm("MR_truncated.dcm")).read_bytes()
+    with pytest.raises(UserError, match=rf"^image \({len(data)} bytes\): corrupt or truncated DICOM"):
+        rimg.load_image(data)
+    with pytest.raises(UserError, match=r"^image \(5 bytes\): not an image file"):
+        rimg.load_image(b"hello")

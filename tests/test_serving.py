@@ -1,0 +1,379 @@
+"""Serving on Triton: the real tritonserver 2.51 (nvidia-pytriton 0.7.0) from the serving venv, on the tiny M3 bundle.
+
+Expected answers come from Pipeline in this process (numpy 2); the server runs the same bundle under numpy 1.26.
+gRPC clients run in the serving venv (tests/serving_client.py: tritonclient is not installable next to this venv's
+protobuf 7); HTTP clients run here with the standard library. The first run creates .venv-serving (about a minute
+with a warm pip cache); the tests skip, saying why, only if its packages cannot be installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from runtime.errors import UserError
+from runtime.prompt import vq_indices
+from runtime.sampling import Sampler
+from runtime.serving import environment, repository
+from runtime.serving.server import SELFTEST_FLOATS, SELFTEST_INTS, Ports, Server
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = Path(__file__).with_name("serving_client.py")
+QUESTION = "What does this scan show?"
+INSTRUCTION = "Reconstruct the image."
+SCANS = {"ct": ("CT_small.dcm", None, None), "mr": ("MR_small.dcm", None, None),
+         "rgb2": ("SC_rgb_rle_2frame.dcm", 1, None), "ct_window": ("CT_small.dcm", None, (40.0, 400.0))}
+
+
+def scan(name: str) -> dict:
+    file, frame, window = SCANS[name]
+    return {"image": get_testdata_file(file), "frame": frame, "window": window}
+
+
+@pytest.fixture(scope="module")
+def serving_env():
+    try:
+        return environment.ensure(log=lambda m: print(m, file=sys.stderr))
+    except UserError as e:
+        if "install the serving dependencies" in str(e) or "create the serving venv" in str(e):
+            pytest.skip(f"the serving venv cannot be installed here: {e}")
+        raise
+
+
+def free_ports() -> Ports:
+    socks = [socket.socket() for _ in range(3)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = Ports(*(s.getsockname()[1] for s in socks))
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def repo(m3_bundle, tmp_path_factory):
+    return repository.write(m3_bundle, tmp_path_factory.mktemp("repo"), repository.Options(instances=2))
+
+
+@pytest.fixture(scope="module")
+def server(serving_env, repo):
+    s = Server(serving_env, repo, free_ports()).start()
+    try:
+        s.wait_ready(300)
+        yield s
+    finally:
+        s.stop()
+        assert not s.group_alive()
+
+
+@pytest.fixture(scope="module")
+def pipe(m3_bundle):
+    from runtime.pipeline import Pipeline
+
+    # As the repository opens it: prepack off (both tasks resident), CPU provider.
+    return Pipeline.open(m3_bundle, providers="cpu", prepack=False)
+
+
+def expected(pipe, task="com", prompt=QUESTION, image=None, frame=None, window=None, max_new_tokens=None,
+             temperature=0.0, top_k=0, top_p=1.0, seed=None, constrain_image_tokens=False):
+    from runtime.image import load_image
+
+    pil = load_image(image, frame=frame, window=window) if image else None
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if task == "com":
+        ids: list[int] = []
+        text = pipe.ask(pil, prompt, max_new_tokens=max_new_tokens or 1024, on_token=ids.append, sampler=sampler)
+        return {"text": text, "ids": ids}
+    t = pipe.bundle.manifest.tokens
+    tokens = pipe.image_tokens(pil, prompt, max_new_tokens=max_new_tokens or 1100, sampler=sampler,
+                               constrain_image_tokens=constrain_image_tokens)
+    return {"indices": vq_indices(tokens, t.idx_0, t.vq_codes, t.image_tokens),
+            "pixels": pipe.decode_image(tokens)}
+
+
+def drive(env, job: dict, timeout: float = 240) -> dict:
+    done = subprocess.run([str(env.python), str(DRIVER)], input=json.dumps(job), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env.environ())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def grpc(env, server, requests, **job) -> list[dict]:
+    return drive(env, {"url": server.grpc, "requests": requests, **job})["results"]
+
+
+def http_stream(server, body: dict, stop_after: int | None = None) -> list[dict]:
+    """POST /generate_stream; the SSE events' JSON, or (stop_after) the first events, then hang up."""
+    req = urllib.request.Request(f"{server.http}/v2/models/healthgpt/generate_stream", json.dumps(body).encode())
+    events = []
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+                if stop_after and len(events) == stop_after:
+                    break
+    return events
+
+
+def http_generate(server, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{server.http}/v2/models/healthgpt/generate", json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def b64(path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def metrics(server) -> dict[str, float]:
+    text = urllib.request.urlopen(server.metrics, timeout=10).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^(nv_inference_\w+\{[^}]*\}) (\S+)$', text, re.M)}
+
+
+def pixels(png_b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))))
+
+
+# ---------------------------------------------------------------- tensors cross the stub intact
+
+def test_numpy_and_float_round_trip(serving_env, server):
+    server.selftest()  # HTTP/JSON: raises unless doubled exactly
+    floats = np.array([*SELFTEST_FLOATS, np.finfo(np.float32).tiny, -0.0, 1.5e-45], np.float32)
+    got = drive(serving_env, {"url": server.grpc, "selftest": [SELFTEST_INTS, floats.tolist()]})
+    assert got["ints"] == [2, 4, 6, 8]
+    assert np.array_equal(np.array(got["float_bits"], np.uint32).view(np.float32), floats * 2)
+
+
+# ---------------------------------------------------------------- same answers as the Pipeline
+
+def test_grpc_stream_is_token_for_token_pipeline_ask(serving_env, server, pipe):
+    cases = [{"prompt": QUESTION, **scan("ct"), "max_new_tokens": 24},
+             {"prompt": "Describe the image.", **scan("rgb2"), "max_new_tokens": 24},
+             {"prompt": QUESTION, **scan("ct_window"), "max_new_tokens": 24},
+             {"prompt": "Any findings?", "max_new_tokens": 24},  # no image
+             {"prompt": QUESTION, **scan("mr"), "max_new_tokens": 24, "temperature": 0.8, "top_k": 50,
+              "top_p": 0.9, "seed": 7}]
+    for case, got in zip(cases, grpc(serving_env, server, cases)):
+        want = expected(pipe, **case)
+        assert got.get("ids") == want["ids"] and got["text"] == want["text"], case
+        assert len(want["ids"]) == 24
+
+
+def test_http_generate_stream_is_token_for_token_pipeline_ask(server, pipe):
+    want = expected(pipe, **scan("mr"), max_new_tokens=20)
+    events = http_stream(server, {"prompt": QUESTION, "image_base64": b64(scan("mr")["image"]),
+                                  "max_new_tokens": 20})
+    assert [e["token_id"] for e in events if "token_id" in e] == want["ids"]
+    assert "".join(e["text"] for e in events) == want["text"]
+
+
+def test_generate_returns_pipeline_indices_and_png(serving_env, server, pipe):
+    case = {"task": "gen", "prompt": INSTRUCTION, **scan("ct"), "constrain_image_tokens": True}
+    want = expected(pipe, **case)
+    (got,) = grpc(serving_env, server, [case])
+    assert got["indices"] == want["indices"] and len(got["indices"]) == 1024
+    assert np.array_equal(pixels(got["png"]), want["pixels"])
+    # JSON clients get the PNG back in base64
+    status, body = http_generate(server, {"task": "gen", "prompt": INSTRUCTION, "constrain_image_tokens": True,
+                                          "image_base64": b64(scan("ct")["image"])})
+    assert status == 200 and body["indices"] == want["indices"]
+    assert np.array_equal(pixels(body["image_png_base64"]), want["pixels"])
+
+
+def test_cli_serve_ask_generate(serving_env, m3_bundle, pipe, tmp_path):
+    """`python -m runtime serve` in this venv, `ask/generate --server` from the serving venv, SIGTERM to stop."""
+    ports = free_ports()
+    serve = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--bundle", str(m3_bundle), "--out",
+                              str(tmp_path / "repo"), "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
+                              "--metrics-port", str(ports.metrics), "--timeout", "120"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = serve.stdout.readline()
+        assert line.startswith("[I] ready: gRPC"), (line, serve.stderr.read() if serve.poll() is not None else "")
+        ct = scan("ct")["image"]
+        cli = [str(serving_env.python), "-m", "runtime"]
+        url = f"grpc://127.0.0.1:{ports.grpc}"
+        ask = subprocess.run([*cli, "ask", "--server", url, "--image", ct, "--max-new-tokens", "12", QUESTION],
+                             capture_output=True, text=True, cwd=ROOT, env=serving_env.environ(), timeout=120)
+        assert ask.returncode == 0 and ask.stdout == expected(pipe, image=ct, max_new_tokens=12)["text"] + "\n"
+        out = tmp_path / "out.png"
+        gen = subprocess.run([*cli, "generate", "--server", url, "--image", ct, "--constrain-image-tokens",
+                              INSTRUCTION, "--out", out], capture_output=True, text=True, cwd=ROOT,
+                             env=serving_env.environ(), timeout=120)
+        assert gen.returncode == 0, gen.stderr
+        want = expected(pipe, "gen", INSTRUCTION, ct, constrain_image_tokens=True)["pixels"]
+        assert np.array_equal(np.asarray(Image.open(out)), want)
+        bad = subprocess.run([*cli, "ask", "--server", url, "--image", get_testdata_file("MR_truncated.dcm"), "q"],
+                             capture_output=True, text=True, cwd=ROOT, env=serving_env.environ(), timeout=120)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: server") and "truncated" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        code = serve.wait(120)
+    stderr = serve.stderr.read()
+    pid = int(re.search(r"tritonserver pid (\d+)", stderr).group(1))
+    assert code == 0 and "stopping tritonserver" in stderr
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the server and its stubs are gone
+
+
+# ---------------------------------------------------------------- load
+
+def test_load_8_clients_25_requests_each(serving_env, server, pipe):
+    # Every 20th request is an image (about 1 s each here, 10 in all); the rest answers of 16 tokens, on 4 real scans.
+    coms = ["ct", "mr", "rgb2", "ct_window"]
+    cases = [{"task": "gen", "prompt": INSTRUCTION, **scan("ct"), "constrain_image_tokens": True} if i % 20 == 0 else
+             {"prompt": QUESTION, **scan(coms[i % 4]), "max_new_tokens": 16} for i in range(200)]
+    # Each of the 2 instances serves both tasks first (its first image loads the VQGAN and grows ORT's arenas: +70
+    # MiB once, measured), so what follows measures a warm server: the RSS after the first 50 load requests and
+    # after the last 50 (here flat within 1% from request 70 on).
+    warm = grpc(serving_env, server, [cases[0], cases[0], cases[1], cases[1]], concurrency=2)
+    assert not any("error" in w for w in warm), warm
+    wants = {}
+    before = metrics(server)
+    run = drive(serving_env, {"url": server.grpc, "requests": cases, "concurrency": 8, "rss_pid": server.process.pid,
+                              "rss_after": [50, 200], "timeout": 120}, timeout=400)
+    after = metrics(server)
+    for case, got in zip(cases, run["results"]):
+        key = json.dumps(case, sort_keys=True)
+        if key not in wants:
+            wants[key] = expected(pipe, **case)
+        want = wants[key]
+        assert "error" not in got, got
+        if case.get("task") == "gen":
+            assert got["indices"] == want["indices"] and np.array_equal(pixels(got["png"]), want["pixels"])
+        else:
+            assert got["ids"] == want["ids"] and got["text"] == want["text"]
+    rss_first, rss_last = run["rss"]["50"], run["rss"]["200"]
+    assert abs(rss_last - rss_first) <= 0.10 * rss_first, (rss_first, rss_last)
+    ok = 'nv_inference_request_success{model="healthgpt",version="1"}'
+    assert after[ok] - before[ok] == 200
+    failed = [k for k in after if k.startswith('nv_inference_request_failure{model="healthgpt"')]
+    assert failed and all(after[k] == before.get(k, 0) for k in failed)
+    print(f"load: 200 requests in {run['seconds']:.1f} s, server RSS {rss_first / 2**20:.0f} -> "
+          f"{rss_last / 2**20:.0f} MiB")
+
+
+# ---------------------------------------------------------------- faults
+
+def cancellations(server) -> int:
+    return server.log.read_text(errors="replace").count("cancelled by the client")
+
+
+def test_client_disconnects_mid_stream(serving_env, server, pipe):
+    before = cancellations(server)
+    long = {"prompt": QUESTION, **scan("ct"), "max_new_tokens": 2000}
+    (got,) = grpc(serving_env, server, [{**long, "cancel_after": 3}])
+    assert got == {"cancelled_after": 3}
+    assert len(http_stream(server, {"prompt": QUESTION, "image_base64": b64(scan("ct")["image"]),
+                                    "max_new_tokens": 2000}, stop_after=3)) == 3
+    deadline = time.monotonic() + 30
+    while cancellations(server) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cancellations(server) == before + 2  # both decode loops stopped at the next token
+    case = {"prompt": QUESTION, **scan("mr"), "max_new_tokens": 8}
+    assert grpc(serving_env, server, [case])[0]["ids"] == expected(pipe, **case)["ids"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"prompt": "q", "task": "segment"}, "unknown task 'segment'"),
+    ({"prompt": "q", "image_base64": "not base64!"}, "not valid base64"),
+    ({"prompt": "q", "image_base64": base64.b64encode(b"hello").decode()}, "not an image file"),
+    ({"prompt": "q" * 5000, "max_new_tokens": 2}, "holds at most 2048"),
+    ({"prompt": "q", "max_new_tokens": 0}, "at least 1"),
+    ({"prompt": "q", "top_p": 0.0, "temperature": 1.0}, "sampling"),
+    ({"prompt": "q", "frame": 2}, "need an image"),
+    ({"task": "com"}, "prompt"),
+    ({"prompt": "q", "max_new_tokens": "many"}, "Unable to parse"),  # Triton's own refusal (HTTP 500), before the model
+])
+def test_malformed_request_gets_error_and_instance_lives(server, body, message):
+    status, reply = http_generate(server, body)
+    assert status == (500 if message == "Unable to parse" else 400) and message in reply["error"], reply
+    assert server.model_ready()
+
+
+def test_malformed_images_and_the_next_request(serving_env, server, pipe):
+    cases = [{"prompt": "q", "image": get_testdata_file("MR_truncated.dcm")},
+             {"prompt": "q", "image": get_testdata_file("CT_small.dcm"), "frame": 5},
+             {"task": "gen", "prompt": INSTRUCTION, **scan("ct"), "max_new_tokens": 3},  # too few image tokens
+             {"prompt": QUESTION, **scan("ct"), "max_new_tokens": 6}]
+    results = grpc(serving_env, server, cases)
+    assert "truncated" in results[0]["error"] and "frame 5 is out of range" in results[1]["error"]
+    assert "exactly 1024 image tokens are needed" in results[2]["error"]
+    assert results[3]["ids"] == expected(pipe, **cases[3])["ids"]
+
+
+def test_sigkill_and_restart(serving_env, repo, pipe):
+    s = Server(serving_env, repo, free_ports(), log=repo / "killed.log").start()
+    try:
+        s.wait_ready(300)
+        os.kill(s.process.pid, signal.SIGKILL)
+        assert s.process.wait(30) == -signal.SIGKILL
+        s.stop()  # ends the stubs the killed server left behind
+        deadline = time.monotonic() + 20
+        while s.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not s.group_alive()
+        s.start().wait_ready(300)  # same repository, same ports
+        cases = [{"prompt": QUESTION, **scan("ct"), "max_new_tokens": 8},
+                 {"task": "gen", "prompt": INSTRUCTION, **scan("mr"), "constrain_image_tokens": True}]
+        got = grpc(serving_env, s, cases)
+        assert got[0]["ids"] == expected(pipe, **cases[0])["ids"]
+        assert got[1]["indices"] == expected(pipe, **cases[1])["indices"]
+    finally:
+        s.stop()
+
+
+def test_tampered_bundle_is_not_ready_with_integrity_error(serving_env, m3_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(m3_bundle, bundle)
+    with open(bundle / "com.decoder.onnx", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    repo = repository.write(bundle, tmp_path / "repo")
+    s = Server(serving_env, repo, free_ports()).start()
+    try:
+        with pytest.raises(UserError, match=r"failed to load.*com\.decoder\.onnx is corrupt \(sha256 differs"):
+            s.wait_ready(300)
+        assert not s.model_ready() and s.model_state()["state"] == "UNAVAILABLE"
+        assert "com.decoder.onnx is corrupt (sha256 differs from the manifest)" in s.log.read_text()
+        s.selftest()  # the server itself is up; only the model is not
+    finally:
+        s.stop()
+
+
+# ---------------------------------------------------------------- the repository
+
+def test_repository_config(m3_bundle, tmp_path):
+    repo = repository.write(m3_bundle, tmp_path / "r", repository.Options(instances=3, kind="gpu", gpus=(0, 1)))
+    config = (repo / "healthgpt" / "config.pbtxt").read_text()
+    assert "instance_group [ { count: 3 kind: KIND_GPU gpus: [ 0, 1 ] } ]" in config
+    assert f'key: "bundle" value {{ string_value: "{Path(m3_bundle).resolve()}" }}' in config
+    assert 'key: "providers" value { string_value: "cuda" }' in config and "decoupled: true" in config
+    assert "dims: [ 1024 ]" in config and not any(p.suffix in (".onnx", ".bin") for p in repo.rglob("*"))
+    with pytest.raises(UserError, match="--kind gpu"):
+        repository.write(m3_bundle, tmp_path / "t", repository.Options(backend="trt"))
+    with pytest.raises(UserError, match="not a bundle"):
+        repository.write(tmp_path, tmp_path / "u")
