@@ -153,11 +153,16 @@ def export_bundle(checkpoint: str | Path, out: str | Path, tasks: tuple[str, ...
         "weights": {"file": "weights.bin", "tensors": store.tensors},
         "tools": tool_versions(),
     }
-    manifest["files"] = {p.name: {"sha256": file_digest(p), "bytes": p.stat().st_size}
-                         for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    _swap_in(tmp, out)
+    write_manifest(tmp, manifest)
+    swap_in(tmp, out)
     return manifest
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Record the sha256 and size of every file of `root` in manifest["files"], then write manifest.json."""
+    manifest["files"] = {p.name: {"sha256": file_digest(p), "bytes": p.stat().st_size}
+                         for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def _read_old_manifest(out: Path) -> dict:
@@ -167,7 +172,7 @@ def _read_old_manifest(out: Path) -> dict:
         return {}
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
+def swap_in(tmp: Path, out: Path) -> None:
     """Replace `out` by the finished `tmp` with renames only (the old bundle is deleted last)."""
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

@@ -24,6 +24,9 @@ PROVIDERS = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
     "auto": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+# numpy has no packed 4-bit type to hand these over with add_initializer: ONNX Runtime reads them from the weights
+# file itself (the graphs point into it as external data).
+ORT_READS = ("int4", "uint4")
 
 
 class Graph(Protocol):
@@ -63,7 +66,8 @@ class OrtBackend:
     4 real-width layers: +0.00 instead of +1.9 GiB per decoder session, decode 5-8% slower; benchmarks/README.md).
     The KV cache is a host numpy buffer: CPU sessions read it in place; CUDA sessions copy it in per step."""
 
-    def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool = True):
+    def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool = True,
+                 accuracy_level: int | None = None, optimized_dir: Path | None = None):
         import onnxruntime as ort
 
         if providers not in PROVIDERS:
@@ -73,6 +77,8 @@ class OrtBackend:
         self.name = f"ort-{providers}"
         self.threads = threads or len(os.sched_getaffinity(0))
         self.prepack = prepack
+        self.accuracy_level = accuracy_level  # MatMulNBits compute type; None: the bundle's (quantized bundles)
+        self.optimized_dir = optimized_dir  # where each session writes the graph it really runs (which nodes fused)
         self.weights: dict[Path, dict[str, object]] = {}  # bundle -> tensor name -> OrtValue over its mmap
 
     def _shared_weights(self, bundle: Bundle) -> dict[str, object]:
@@ -80,25 +86,37 @@ class OrtBackend:
             table, weights = bundle.manifest["weights"], {}
             mm = np.memmap(bundle.root / table["file"], dtype=np.uint8, mode="r")
             for name, t in table["tensors"].items():
+                if t["dtype"] in ORT_READS:
+                    continue
                 dtype = np.dtype(t["dtype"])
                 arr = mm[t["offset"]: t["offset"] + int(np.prod(t["shape"])) * dtype.itemsize].view(dtype)
                 weights[name] = self.ort.OrtValue.ortvalue_from_numpy(arr.reshape(t["shape"]))
             self.weights[bundle.root] = weights
         return self.weights[bundle.root]
 
-    def load(self, bundle: Bundle, task: str, name: str) -> OrtGraph:
+    def load(self, bundle: Bundle, task: str, name: str, model: bytes | None = None) -> OrtGraph:
+        """model: a serialized variant of the graph to run instead (same initializers; calibration adds outputs)."""
         opts = self.ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # onnxruntime-gpu warns about providers it cannot load; we report them instead
         if not self.prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")
+        level = self.accuracy_level if self.accuracy_level is not None else (bundle.quantization or {}).get(
+            "accuracy_level")
+        if level is not None:  # how fused MatMulNBits compute: 4 = int8 activations (fast), 1 = fp32 (closest)
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        if self.optimized_dir is not None:
+            opts.optimized_model_filepath = str(Path(self.optimized_dir) / f"{bundle.graph_id(task, name)}.onnx")
+        if model is not None:  # its initializers point into the bundle's weights file, relative to the bundle
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.root))
         weights = self._shared_weights(bundle)
         for tensor in bundle.entry(task, name)["initializers"]:
-            opts.add_initializer(tensor, weights[tensor])
+            if tensor in weights:
+                opts.add_initializer(tensor, weights[tensor])
         available = self.ort.get_available_providers()
         asked = [p for p in PROVIDERS[self.requested] if p in available]
-        session = self.ort.InferenceSession(str(bundle.path(task, name)), opts, providers=asked)
+        session = self.ort.InferenceSession(model or str(bundle.path(task, name)), opts, providers=asked)
         session.disable_fallback()  # a provider failing at run time is an error, not a silent move to the CPU
         got = session.get_providers()
         if self.requested in ("cuda", "tensorrt") and got[0] != PROVIDERS[self.requested][0]:
@@ -113,9 +131,10 @@ class OrtBackend:
         buffer[:, :, at: at + rows.shape[2]] = rows
 
 
-def open_backend(name: str, providers: str = "auto", prepack: bool = True) -> Backend:
+def open_backend(name: str, providers: str = "auto", prepack: bool = True,
+                 accuracy_level: int | None = None) -> Backend:
     if name == "ort":
-        return OrtBackend(providers, prepack=prepack)
+        return OrtBackend(providers, prepack=prepack, accuracy_level=accuracy_level)
     if name == "trt":
         from runtime.backend_trt import TrtBackend  # tensorrt and CUDA are imported only when asked for
 

@@ -78,6 +78,11 @@ class Bundle:
     def tokens(self) -> dict:
         return self.manifest["tokens"]
 
+    @property
+    def quantization(self) -> dict | None:
+        """precision.quantization: None for an exported bundle, the record `build.py calibrate` writes otherwise."""
+        return self.manifest["precision"].get("quantization")
+
     def graph_id(self, task: str, name: str) -> str:
         return f"shared.{name}" if name == "vqgan" else f"{task}.{name}"
 
