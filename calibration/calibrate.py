@@ -131,6 +131,8 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
         onnx.save(model, str(tmp / entry["file"]))
         onnx.checker.check_model(str(tmp / entry["file"]), full_check=True)
     store.close()
+    if not done:
+        raise UserError(f"{src.root}: no MatMul weights to quantize in {', '.join(graphs)}")
     shutil.copy2(src.root / manifest["tokenizer"]["file"], tmp / manifest["tokenizer"]["file"])
     manifest["weights"] = {"file": "weights.bin", "tensors": store.tensors}
     manifest["precision"]["quantization"] = {
@@ -143,10 +145,10 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
         "weight_rel_error": {"mean": float(np.mean(list(errors.values()))), "max": float(max(errors.values()))},
         "tolerances": report.TOLERANCES[scheme],
     }
-    write_manifest(tmp, manifest)
     tqdm.write(f"[I] quantized {len(done)} distinct weights ({scheme}, {algorithm}) in "
                f"{time.perf_counter() - start:.1f}s; measuring against {src.root}")
-    result = report.measure(src, Bundle.open(tmp), data.held_out_images())
+    # measured before manifest.json exists: until the last rename nothing here looks like a finished bundle
+    result = report.measure(src, Bundle(tmp, manifest), data.held_out_images())
     report.write(tmp, result)
     manifest["precision"]["quantization"]["report"] = {"passed": result["passed"], "file": "quant.md"}
     write_manifest(tmp, manifest)

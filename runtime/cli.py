@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ONNX Runtime execution providers (ort backend only). auto: CUDA when it loads, else CPU "
                           "(default); cpu; cuda: CUDA, refused if it cannot load; tensorrt: ONNX Runtime's TensorRT "
                           "EP (falling back to CUDA then CPU per node), refused if it cannot load")
+    run.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], metavar="L",
+                     help="quantized bundles on ONNX Runtime CPU: the compute type of the fused MatMulNBits (4: int8 "
+                          "activations, fastest; 1: fp32, closest to the unfused graph; default: the bundle's)")
     img = run.add_argument_group("input image")
     img.add_argument("--image", type=Path, metavar="FILE",
                      help="PNG, JPEG, TIFF, BMP (anything Pillow reads) or DICOM (.dcm, or any file with the DICM "
@@ -186,7 +189,8 @@ def _open(a, task: str):
     start = time.perf_counter()
     try:
         with _quiet_ort(a.verbose):
-            pipe = Pipeline.open(a.bundle, backend=a.backend, providers=a.providers)
+            pipe = Pipeline.open(a.bundle, backend=a.backend, providers=a.providers,
+                                 accuracy_level=a.accuracy_level)
             pipe.task(task)
     except UserError as e:
         if a.backend == "ort" and a.providers in ("cuda", "tensorrt") and "could not be loaded" in str(e):

@@ -105,9 +105,18 @@ def show(a) -> int:
     print(f"variant       {m.get('variant')}  (template {m.get('template', {}).get('name')})")
     print("tasks         " + ", ".join(f"{t} (H-LoRA rank {c.get('rank')}, CLIP layer {c.get('clip_layer')})"
                                           for t, c in m["tasks"].items()))
-    quant = prec.get("quantization") or "none"
+    q = prec.get("quantization")
+    quant = "none" if not q else (f"{q['scheme']} {q['algorithm']}" + (f", block {q['block_size']}" if q["block_size"]
+                                                                        else ", per channel"))
     islands = ", ".join(prec.get("fp32_islands") or []) or "none"
     print(f"precision     {prec.get('dtype')}  (quantization: {quant}; fp32 islands: {islands})")
+    if q:
+        print(f"quantized     {sum(q['quantized_matmuls'].values())} MatMuls through DequantizeLinear "
+              f"({', '.join(f'{g} {n}' for g, n in q['quantized_matmuls'].items())}); LM head {q['lm_head']}; "
+              f"MatMulNBits accuracy level {q['accuracy_level']}; accuracy report: "
+              f"{'passed' if q['report']['passed'] else 'FAILED'} ({q['report']['file']})")
+        names = [c["file"] for c in q["calibration_set"]]
+        print(f"calibrated on {len(names)} images: {', '.join(names)}")
     print(f"max context   {cfg.get('max_context')} tokens (prompt, 576 image rows and generated tokens together)")
     print(f"model         hidden {cfg.get('hidden')}, {cfg.get('layers')} layers, {cfg.get('heads')} heads "
           f"({cfg.get('kv_heads')} KV), vocabulary {cfg.get('vocab')}")

@@ -44,10 +44,12 @@ class Pipeline:
         self._vqgan: Graph | None = None
 
     @classmethod
-    def open(cls, bundle: str | Path, backend: str = "ort", providers: str = "auto", prepack: bool = True) -> Pipeline:
+    def open(cls, bundle: str | Path, backend: str = "ort", providers: str = "auto", prepack: bool = True,
+             accuracy_level: int | None = None) -> Pipeline:
         """prepack=False: one copy of the weights for every task's sessions on ONNX Runtime's CPU provider, at some
-        decode speed (see OrtBackend); worth it when both tasks stay open in one process."""
-        return cls(Bundle.open(bundle), open_backend(backend, providers, prepack))
+        decode speed (see OrtBackend); worth it when both tasks stay open in one process. accuracy_level: overrides
+        a quantized bundle's MatMulNBits compute type (ONNX Runtime)."""
+        return cls(Bundle.open(bundle), open_backend(backend, providers, prepack, accuracy_level))
 
     def task(self, name: str) -> TaskGraphs:
         if name not in self.bundle.tasks:
