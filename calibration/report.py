@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.data import PROMPTS
+from export.verify import psnr
 from runtime.backend import OrtBackend
 from runtime.bundle import Bundle
 from runtime.generate import decode_one_token, prefill
 from runtime.image import load_image, preprocess
 from runtime.pipeline import Pipeline
-
-from calibration.data import PROMPTS
 
 POSITIONS = 256  # teacher-forced positions per held-out image (llama.cpp's KLD statistics need a few hundred)
 GREEDY_STEPS = 32
@@ -102,8 +102,6 @@ def measure(fp_bundle: Bundle, q_bundle: Bundle, images: list[Path]) -> dict:
         if task == "gen":
             want = fp.image_tokens(pils[0], PROMPTS["gen"][0], constrain_image_tokens=True)
             got = q.image_tokens(pils[0], PROMPTS["gen"][0], constrain_image_tokens=True)
-            from export.verify import psnr  # the one PSNR definition (build side; the report is written at build)
-
             t["gen_indices"] = float(np.mean([a == b for a, b in zip(want, got)]))
             t["gen_psnr"] = psnr(q.decode_image(got), fp.decode_image(want))
             checks += [(task, "gen indices", t["gen_indices"] >= tol["min_gen_indices"]),
