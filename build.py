@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""healthgpt-edge build driver: synth -> export -> (engines) -> verify, plus `reference` to run the PyTorch model.
+"""healthgpt-edge build driver: synth -> export -> (calibrate) -> (engines) -> verify, plus `reference` to run the PyTorch model.
 
 Every command reads local files only (no model hub). Run `python build.py COMMAND --help` for its options.
 """
@@ -82,6 +82,20 @@ def cmd_verify(a):
         raise UserError("parity FAILED: " + ("; ".join(bad[:5]) or "no backend could run"))
 
 
+def cmd_calibrate(a):
+    from calibration.calibrate import calibrate
+
+    manifest = calibrate(a.bundle, a.out, a.scheme, a.block_size, a.images, a.samples,
+                         tuple(g for g in a.graphs.split(",") if g), a.algorithm, a.lm_head)
+    q = manifest.precision.quantization
+    total = sum(f.bytes for f in manifest.files.values())
+    print(f"[I] {a.out}: {q.scheme} ({q.algorithm}), {sum(q.quantized_matmuls.values())} MatMuls through "
+          f"DequantizeLinear, calibrated on {len(q.calibration_set)} images, {total / 2**20:.1f} MiB in all")
+    print(f"[I] accuracy report: {Path(a.out) / 'quant.md'}")
+    if not q.report.passed:
+        raise UserError(f"{a.out}: the {q.scheme} bundle is outside its tolerances (see quant.md)")
+
+
 def main(argv=None) -> int:
     p = Parser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -115,6 +129,22 @@ def main(argv=None) -> int:
     e.add_argument("--max-context", type=positive_int, default=2048,
                    help="KV cache length (prompt + generated tokens)")
     e.set_defaults(run=cmd_export)
+
+    c = sub.add_parser("calibrate", help="fp32 bundle -> quantized bundle (same graph interfaces) + quant.json/md")
+    c.add_argument("--bundle", type=Path, required=True, help="the fp32 bundle written by `build.py export`")
+    c.add_argument("--out", type=Path, required=True, help="quantized bundle directory (replaced atomically)")
+    c.add_argument("--scheme", choices=["int4", "int8"], default="int4",
+                   help="weight-only: int4 (blocks along K) or int8 (per channel), DequantizeLinear -> MatMul")
+    c.add_argument("--block-size", type=int, choices=[128, 64, 32], default=128, help="int4 block along K")
+    c.add_argument("--algorithm", choices=["awq", "rtn"],
+                   help="int4: awq (activation-aware clipping, default) or rtn (round to nearest); int8: rtn")
+    c.add_argument("--images", nargs="+", type=Path,
+                   help="calibration images or folders (PNG/JPEG/TIFF/DICOM; default: medical images shipped "
+                        "inside the installed packages)")
+    c.add_argument("--samples", type=int, help="use the first N calibration images")
+    c.add_argument("--graphs", default="decoder", help="comma-separated: decoder, vision (default decoder)")
+    c.add_argument("--lm-head", action="store_true", help="quantize the LM head too (default: kept fp32)")
+    c.set_defaults(run=cmd_calibrate)
 
     add_engines_command(sub)
 

@@ -17,6 +17,8 @@ import numpy as np
 from runtime.bundle import Bundle
 from runtime.errors import UserError
 from runtime.graphspec import GraphSpec
+from runtime.healthgpt import graph_id
+from runtime.manifest import PACKED_4BIT
 from runtime.providers import PROVIDERS, QUIET, VERBOSE
 
 
@@ -66,7 +68,7 @@ class OrtBackend:
     concurrent = True
 
     def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool = True,
-                 verbose: bool = False, accuracy_level: int | None = None):
+                 verbose: bool = False, accuracy_level: int | None = None, optimized_dir: Path | None = None):
         import onnxruntime as ort
 
         if providers not in PROVIDERS:
@@ -77,20 +79,24 @@ class OrtBackend:
         self.name = f"ort-{providers}"
         self.threads = threads or len(os.sched_getaffinity(0))
         self.prepack, self.accuracy_level = prepack, accuracy_level
+        self.optimized_dir = optimized_dir  # where each session writes the graph it really runs (which nodes fused)
         self.weights: dict[Path, dict[str, object]] = {}  # bundle -> tensor name -> OrtValue over its mmap
 
     def shared_weights(self, bundle: Bundle) -> dict[str, object]:
-        """Every tensor of the bundle's weights file as an OrtValue over one read-only memory map (made once)."""
+        """Every tensor of the bundle's weights file as an OrtValue over one read-only memory map (made once).
+        4-bit tensors are not among them: numpy has no packed 4-bit type to hand them over with, so ONNX Runtime
+        reads those from the weights file itself (the graphs point into it as external data)."""
         if bundle.root not in self.weights:
             table = bundle.manifest.weights
             mm = np.memmap(bundle.file(table.file), dtype=np.uint8, mode="r")
             self.weights[bundle.root] = {
                 name: self.ort.OrtValue.ortvalue_from_numpy(
                     mm[t.offset: t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.shape))
-                for name, t in table.tensors.items()}
+                for name, t in table.tensors.items() if t.dtype not in PACKED_4BIT}
         return self.weights[bundle.root]
 
-    def load(self, bundle: Bundle, task: str, name: str) -> OrtGraph:
+    def load(self, bundle: Bundle, task: str, name: str, model: bytes | None = None) -> OrtGraph:
+        """model: a serialized variant of the graph to run instead (same initializers; calibration adds outputs)."""
         opts = self.ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -101,12 +107,17 @@ class OrtBackend:
         level = self.accuracy_level if self.accuracy_level is not None else quantization and quantization.accuracy_level
         if level is not None:
             opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        if self.optimized_dir is not None:
+            opts.optimized_model_filepath = str(Path(self.optimized_dir) / f"{graph_id(task, name)}.onnx")
+        if model is not None:  # its external initializers point into the bundle's weights file, relative to the bundle
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.root))
         weights = self.shared_weights(bundle)
         for tensor in bundle.entry(task, name).initializers:
-            opts.add_initializer(tensor, weights[tensor])
+            if tensor in weights:
+                opts.add_initializer(tensor, weights[tensor])
         available = self.ort.get_available_providers()
         asked = [p for p in PROVIDERS[self.requested] if p in available]
-        session = self.ort.InferenceSession(str(bundle.path(task, name)), opts, providers=asked)
+        session = self.ort.InferenceSession(model or str(bundle.path(task, name)), opts, providers=asked)
         session.disable_fallback()  # a provider failing at run time is an error, not a silent move to the CPU
         got = session.get_providers()
         if self.requested in ("cuda", "tensorrt") and got[0] != PROVIDERS[self.requested][0]:
@@ -121,9 +132,10 @@ class OrtBackend:
         buffer[:, :, at: at + rows.shape[2]] = rows
 
 
-def open_backend(name: str, providers: str = "auto", prepack: bool = True, verbose: bool = False) -> Backend:
+def open_backend(name: str, providers: str = "auto", prepack: bool = True, verbose: bool = False,
+                 accuracy_level: int | None = None) -> Backend:
     if name == "ort":
-        return OrtBackend(providers, prepack=prepack, verbose=verbose)
+        return OrtBackend(providers, prepack=prepack, verbose=verbose, accuracy_level=accuracy_level)
     if name == "trt":
         from runtime.backend_trt import TrtBackend  # tensorrt and CUDA are imported only when asked for
 

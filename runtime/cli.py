@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ONNX Runtime execution providers (ort backend only). auto: CUDA when it loads, else CPU "
                           "(default); cpu; cuda: CUDA, refused if it cannot load; tensorrt: ONNX Runtime's TensorRT "
                           "EP (falling back to CUDA then CPU per node), refused if it cannot load")
+    run.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], metavar="L",
+                     help="quantized bundles on ONNX Runtime CPU: the compute type of the fused MatMulNBits (4: int8 "
+                          "activations, fastest; 1: fp32, closest to the unfused graph; default: the bundle's)")
     run.add_argument("--server", metavar="URL",
                      help="instead of opening --bundle, ask a server started by `serve` (grpc://HOST:PORT; the "
                           "server's backend and providers apply)")
@@ -184,7 +187,8 @@ def _open(a, task, text: str):
     start = time.perf_counter()
     try:
         with quiet_ort(a.verbose):
-            pipe = Pipeline.open(a.bundle, backend=a.backend, providers=a.providers, verify=False, verbose=a.verbose)
+            pipe = Pipeline.open(a.bundle, backend=a.backend, providers=a.providers, verify=False, verbose=a.verbose,
+                                 accuracy_level=a.accuracy_level)
             pipe.check_request(task, a.image is not None, text)
             pipe.bundle.verify_files()
             pipe.task(task.name)

@@ -68,14 +68,17 @@ def _probe_providers(bundle) -> tuple[list[str], dict[str, str]]:
     return available, result
 
 
-def _quantization(q) -> str:
+def _quantization(q) -> list[str]:
     if q is None:
-        return "none"
+        return ["none"]
     block = f"blocks of {q.block_size}" if q.block_size else "per channel"
-    calib = f", calibrated on {len(q.calibration)} images" if q.calibration else ""
-    level = f", MatMulNBits accuracy level {q.accuracy_level}" if q.accuracy_level is not None else ""
-    where = "" if q.tensorrt else "; ONNX Runtime only (no TensorRT engines)"
-    return f"{q.scheme} {q.algorithm} ({block}) on {', '.join(q.graphs)}{calib}{level}{where}"
+    where = "ONNX Runtime only (no TensorRT engines)" if q.ort_only else "TensorRT-buildable"
+    report = "not measured" if q.report is None else f"{'passed' if q.report.passed else 'FAILED'} ({q.report.file})"
+    return [f"{q.scheme} {q.algorithm} ({block}) on {', '.join(q.graphs)}, LM head {q.lm_head}; {q.form}; {where}",
+            f"{sum(q.quantized_matmuls.values())} MatMuls through DequantizeLinear ("
+            + ", ".join(f"{g} {n}" for g, n in q.quantized_matmuls.items()) + f"); MatMulNBits accuracy level "
+            f"{q.accuracy_level}; accuracy report {report}",
+            f"calibrated on {len(q.calibration_set)} images: " + ", ".join(c.file for c in q.calibration_set)]
 
 
 def show(a) -> int:
@@ -94,7 +97,8 @@ def show(a) -> int:
                                           for t, c in m.tasks.items()))
     islands = ", ".join(m.precision.fp32_islands) or "none"
     print(f"precision     {m.precision.dtype}  (fp32 islands: {islands})")
-    print(f"quantization  {_quantization(m.precision.quantization)}")
+    for i, line in enumerate(_quantization(m.precision.quantization)):
+        print(f"{'quantization' if i == 0 else '':<13} {line}")
     print(f"max context   {cfg.max_context} tokens (prompt, {IMAGE_PATCHES} image rows and generated tokens together)")
     print(f"model         hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads ({cfg.kv_heads} KV), "
           f"vocabulary {cfg.vocab}")

@@ -27,7 +27,8 @@ FORMAT = "healthgpt-edge-bundle"
 FORMAT_VERSION = 2  # 2: typed and validated manifest, KV pairs in the decoder spec, per-tensor digests checked
 MANIFEST = "manifest.json"
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # bundle precision -> its float tensors' dtype
-WEIGHT_DTYPES = frozenset({"float32", "float16", "int64", "uint8", "int8", "int32"})
+WEIGHT_DTYPES = frozenset({"float32", "float16", "int64", "uint8", "int8", "int32", "int4", "uint4"})
+PACKED_4BIT = frozenset({"int4", "uint4"})  # stored two values a byte, as ONNX packs them
 
 
 class ManifestError(UserError):
@@ -203,20 +204,65 @@ class TemplateInfo(Record):
 
 @dataclass(frozen=True)
 class CalibrationFile(Record):
-    file: str  # as given (its path on the machine that calibrated)
+    file: str  # its name
+    path: str  # where it was on the machine that calibrated
     sha256: str
 
 
 @dataclass(frozen=True)
+class ReferenceBounds(Record):
+    """What `build.py verify` requires of a quantized bundle against the PyTorch fp32 reference."""
+    max_abs: float
+    min_cosine: float
+    token_agreement: float
+    gen_indices: float
+    min_psnr: float
+
+
+@dataclass(frozen=True)
+class Tolerances(Record):
+    """The accuracy report's bounds against the fp32 bundle (calibration/report.py), per scheme."""
+    min_top1: float
+    max_mean_kl: float
+    min_greedy: float
+    min_vision_cosine: float
+    min_gen_indices: float
+    min_psnr: float
+    min_logit_cosine: float
+    vs_reference: ReferenceBounds
+
+
+@dataclass(frozen=True)
+class ReportRef(Record):
+    passed: bool
+    file: str
+
+
+@dataclass(frozen=True)
 class Quantization(Record):
-    """The typed slot `calibration/` fills: which scheme, how, on what data, and what it is good for."""
-    scheme: str  # int4 | int8 (weight-only), w8a8, fp8
-    algorithm: str  # rtn, awq, minmax, percentile, entropy
-    block_size: int | None  # weight-only: elements per scale along K (None: per channel)
-    graphs: tuple[str, ...]  # graph names quantized (e.g. decoder, vision)
-    calibration: tuple[CalibrationFile, ...] = ()
-    accuracy_level: int | None = None  # ONNX Runtime's MatMulNBits accuracy level (session config)
-    tensorrt: bool = True  # False: the graphs use ORT-only forms and engines cannot be built from them
+    """The typed slot `build.py calibrate` fills: which scheme, how, on what data, and how accurate it came out."""
+    scheme: str  # int4 | int8 (weight-only)
+    algorithm: str  # awq (activation-aware clipping), rtn
+    block_size: int | None  # int4: elements per scale along K; None: per output channel (int8)
+    weights: str  # the stored weight type
+    activations: str
+    graphs: tuple[str, ...]  # graph names quantized (decoder, vision)
+    lm_head: str  # float32 | quantized
+    form: str  # the ONNX form, in words
+    ort_only: bool  # True: a form TensorRT cannot build (none written today)
+    accuracy_level: int | None  # ONNX Runtime's MatMulNBits compute type (session.qdq_matmulnbits_accuracy_level)
+    quantized_matmuls: dict[str, int]  # graph id -> MatMuls reading a DequantizeLinear
+    source_bundle: str
+    calibration_set: tuple[CalibrationFile, ...]
+    weight_rel_error: dict[str, float]  # mean / max relative Frobenius error of the quantized weights
+    tolerances: Tolerances
+    report: ReportRef | None = None
+
+    def problems(self):
+        if self.scheme not in ("int4", "int8"):
+            yield f"scheme {self.scheme!r} is not one of int4, int8"
+        if self.accuracy_level is not None and not 0 <= self.accuracy_level <= 4:
+            yield f"accuracy_level {self.accuracy_level} is not in 0..4"
 
 
 @dataclass(frozen=True)
@@ -264,7 +310,8 @@ class TensorEntry(Record):
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        n = int(np.prod(self.shape, dtype=np.int64))
+        return (n + 1) // 2 if self.dtype in PACKED_4BIT else n * np.dtype(self.dtype).itemsize
 
     def problems(self):
         if self.dtype not in WEIGHT_DTYPES:

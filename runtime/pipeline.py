@@ -56,11 +56,13 @@ class Pipeline:
 
     @classmethod
     def open(cls, bundle: str | Path, backend: str = "ort", providers: str = "auto", prepack: bool = True,
-             verify: bool = True, verbose: bool = False) -> Pipeline:
+             verify: bool = True, verbose: bool = False, accuracy_level: int | None = None) -> Pipeline:
         """prepack=False: one copy of the weights for every task's sessions on ONNX Runtime's CPU provider, at some
         decode speed (see OrtBackend); worth it when both tasks stay open in one process. verify=False defers the
-        sha256 checks to `bundle.verify_files()` (the CLI refuses a bad request first, then verifies, then loads)."""
-        return cls(Bundle.open(bundle, verify=verify), open_backend(backend, providers, prepack, verbose))
+        sha256 checks to `bundle.verify_files()` (the CLI refuses a bad request first, then verifies, then loads).
+        accuracy_level: overrides a quantized bundle's MatMulNBits compute type (ONNX Runtime)."""
+        return cls(Bundle.open(bundle, verify=verify),
+                   open_backend(backend, providers, prepack, verbose, accuracy_level))
 
     @property
     def tasks(self) -> dict[str, TaskGraphs]:

@@ -164,8 +164,7 @@ def _manifest(paths: CheckpointPaths, tasks, config: ModelConfig, tokenizer: Tok
               entries: dict[str, GraphEntry], store: WeightStore) -> Manifest:
     base = config.base_vocab
     variant = paths.variant
-    files = {p.name: FileEntry(file_digest(p), p.stat().st_size)
-             for p in sorted(store.path.parent.iterdir()) if p.name != MANIFEST}
+    files = file_table(store.path.parent)
     return Manifest(
         format=FORMAT, format_version=FORMAT_VERSION, variant=variant.name,
         tasks={t: TaskInfo(**asdict(get_task(variant, t)), scaling=get_task(variant, t).scaling) for t in tasks},
@@ -183,6 +182,12 @@ def _manifest(paths: CheckpointPaths, tasks, config: ModelConfig, tokenizer: Tok
         tools=tool_versions(),
         files=files,
     )
+
+
+def file_table(root: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of every file of a bundle being built (the manifest itself aside)."""
+    return {p.name: FileEntry(file_digest(p), p.stat().st_size)
+            for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
 def _reusable(out: Path) -> Manifest | None:

@@ -22,6 +22,7 @@ from runtime.graphspec import GraphSpec
 OPSET = 17
 ALIGN = 4096  # page-aligned offsets so the runtime can memory-map tensors in place
 INLINE_BYTES = 1024  # shape constants and other tiny tensors stay inside the graph
+PACKED = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 
 
 @torch.no_grad()
@@ -65,7 +66,8 @@ class WeightStore:
         graph, renames, kept = model.graph, {}, {}
         for init in list(graph.initializer):
             array = numpy_helper.to_array(init)
-            raw = array.tobytes()
+            # 4-bit tensors: numpy (ml_dtypes) holds one value per byte; ONNX stores two, as raw_data already has them
+            raw = init.raw_data if init.data_type in PACKED else array.tobytes()
             if len(raw) < INLINE_BYTES:
                 continue
             digest, offset, length = self.add(raw)

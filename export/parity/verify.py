@@ -58,8 +58,9 @@ def e2e_checks(ref: HealthGPT, pipe: Pipeline, image, steps: int, bounds: dict) 
         agree = sum(a == b for a, b in zip(want, got)) / len(want)
         want_img = ref.vqgan(torch.tensor([[t - ref.idx0 for t in want]]))[0].numpy()
         quality = psnr(pipe.decode_image(got), want_img)
-        out.append({"check": f"gen {IMAGE_TOKENS} indices", "ok": agree >= bounds["token_agreement"],
-                    "detail": f"{agree:.4f} of indices identical (required {bounds['token_agreement']})"})
+        need = bounds.get("gen_indices", bounds["token_agreement"])
+        out.append({"check": f"gen {IMAGE_TOKENS} indices", "ok": agree >= need,
+                    "detail": f"{agree:.4f} of indices identical (required {need})"})
         out.append({"check": "gen image PSNR", "ok": quality >= bounds["min_psnr"],
                     "detail": f"{quality:.1f} dB (required >= {bounds['min_psnr']})"})
     return out
@@ -72,12 +73,18 @@ def verify(bundle_dir: str | Path, checkpoint: str | Path, backends: list[str], 
     if unknown:
         raise UserError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     tasks = tasks or bundle.tasks
-    precision = bundle.manifest.precision.dtype
-    bounds = E2E[precision]
+    dtype = precision = bundle.manifest.precision.dtype
+    bounds = E2E[dtype]
+    quant = bundle.manifest.precision.quantization  # a calibrated bundle states its own bounds against the reference
+    if quant is not None:
+        precision = f"{dtype} + {quant.scheme} ({quant.algorithm})"
+        bounds = {**bounds, **quant.tolerances.vs_reference.to_json()}
 
     def tolerance(spec) -> Tolerance:
         t = spec.tolerance
-        return t if precision == "fp32" else Tolerance(t.max_abs * bounds["abs_scale"], min(t.min_cosine, 0.999))
+        if quant is not None and spec.name in quant.graphs:
+            return Tolerance(bounds["max_abs"], bounds["min_cosine"])
+        return t if dtype == "fp32" else Tolerance(t.max_abs * bounds["abs_scale"], min(t.min_cosine, 0.999))
 
     pil = load_image(image)
     refs = {t: load_reference(checkpoint, t) for t in tasks}

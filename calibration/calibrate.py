@@ -1,0 +1,171 @@
+"""`build.py calibrate`: an fp32 bundle -> a quantized bundle with the same graph interfaces.
+
+Activations are collected by running the fp32 bundle's own graphs on ONNX Runtime over the calibration set, as at
+run time (the vision graph's output spliced into the decoder's prompt). Each distinct weight is quantized once for
+every graph that reads it, so the base decoder weights (identical in both tasks) stay one tensor in weights.bin.
+The bundle is built in `OUT.partial/` and swapped in whole at the end, as `build.py export` does (export/outdir.py);
+manifest.json is written last, so nothing before that opens as a bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from tqdm import tqdm
+
+from calibration import data, quantize, report
+from export.compile.bundle import file_table
+from export.compile.lint import lint
+from export.compile.onnx_export import WeightStore
+from export.outdir import staged
+from runtime.backend import OrtBackend
+from runtime.bundle import Bundle
+from runtime.errors import UserError
+from runtime.files import write_atomic
+from runtime.healthgpt import TASKS
+from runtime.kvcache import KVCache
+from runtime.manifest import (
+    MANIFEST,
+    CalibrationFile,
+    Manifest,
+    Quantization,
+    ReportRef,
+    TensorEntry,
+    WeightsTable,
+)
+from runtime.pipeline import Pipeline
+
+BLOCK_SIZES = (128, 64, 32)  # TensorRT's INT4 blocks are 64 or 128; 32 for the tiny test widths
+ALGORITHMS = {"int4": ("awq", "rtn"), "int8": ("rtn",)}  # first: the default
+GRAPHS = ("decoder", "vision")
+# int8 activations inside the fused MatMulNBits: the fast kernels on this CPU (anchors.md; 8-bit below level 4
+# runs ~20x slower than fp32)
+ACCURACY_LEVEL = 4
+
+
+def _targets(model: onnx.ModelProto, graph: str, lm_head: bool) -> list[quantize.WeightMatMul]:
+    """Decoder: the base linears (H-LoRA stays float) and optionally the LM head; vision: every linear."""
+    roles = {"decoder": {"base", "lm_head"} if lm_head else {"base"}, "vision": {"linear"}}[graph]
+    return [m for m in quantize.weight_matmuls(model) if m.role in roles]
+
+
+def collect_importance(bundle: Bundle, samples: list[data.Sample], targets: dict) -> dict[str, np.ndarray]:
+    """Mean square per input channel of every target MatMul's activation, pooled by weight over the tasks and
+    the calibration set. targets: (task, graph) -> (graph-only model, WeightMatMuls)."""
+    backend = OrtBackend("cpu")
+    pipe = Pipeline(bundle, backend)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for (task, graph), (model, matmuls) in targets.items():
+        probe = copy.deepcopy(model)
+        names = sorted({m.activation for m in matmuls})
+        probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+        g = backend.load(bundle, task, graph, model=probe.SerializeToString())
+        for s in tqdm(samples, desc=f"calibrate {task}.{graph}", unit="image", leave=False):
+            if graph == "vision":
+                feeds = {"pixel_values": s.pixel_values}
+            else:
+                embeds = pipe.prompt(TASKS[task], s.path, s.prompt(task))
+                feeds = {"inputs_embeds": embeds, **KVCache(backend, g.spec).feeds()}
+            acts = dict(zip(names, g.session.run(names, feeds)))
+            for m in matmuls:
+                x = acts[m.activation].reshape(-1, acts[m.activation].shape[-1]).astype(np.float64)
+                sums[m.weight] = sums.get(m.weight, 0) + (x * x).sum(0)
+                counts[m.weight] = counts.get(m.weight, 0) + x.shape[0]
+    return {w: (sums[w] / counts[w]).astype(np.float32) for w in sums}
+
+
+def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", block_size: int = 128,
+              images=None, samples: int | None = None, graphs: tuple[str, ...] = ("decoder",),
+              algorithm: str | None = None, lm_head: bool = False) -> Manifest:
+    out = Path(out)
+    if scheme not in ALGORITHMS:
+        raise UserError(f"unknown scheme {scheme!r}; this release writes {', '.join(ALGORITHMS)} "
+                        "(w8a8 and fp8 Q/DQ are not built yet)")
+    algorithm = algorithm or ALGORITHMS[scheme][0]
+    if algorithm not in ALGORITHMS[scheme]:
+        raise UserError(f"--algorithm {algorithm} does not apply to {scheme}; choose {', '.join(ALGORITHMS[scheme])}")
+    if block_size not in BLOCK_SIZES:
+        raise UserError(f"--block-size {block_size}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    unknown = [g for g in graphs if g not in GRAPHS]
+    if unknown or not graphs:
+        raise UserError(f"--graphs {','.join(graphs)}: choose from {', '.join(GRAPHS)}")
+    src = Bundle.open(bundle_dir)
+    precision = src.manifest.precision
+    if precision.quantization is not None or precision.dtype != "fp32":
+        raise UserError(f"{src.root} is not an fp32 bundle (precision {precision.dtype}, quantization "
+                        f"{precision.quantization and precision.quantization.scheme}); calibrate the fp32 export")
+    calib = data.load_set(images, samples)
+    block = block_size if scheme == "int4" else None
+
+    start = time.perf_counter()
+    chosen = {(t, g): onnx.load(str(src.path(t, g)), load_external_data=False) for t in src.tasks for g in graphs}
+    targets = {k: (m, _targets(m, k[1], lm_head)) for k, m in chosen.items()}
+    importance = collect_importance(src, calib, targets) if algorithm == "awq" else {}
+
+    with staged(out, "bundle", [src.root]) as tmp:
+        store = WeightStore(tmp / "weights.bin")
+        done: dict[str, tuple[list[onnx.TensorProto], int | None]] = {}  # weight name -> its DQ initializers
+        errors: dict[str, float] = {}  # weight -> relative Frobenius error of the quantized weight
+        fused, entries = {}, {}
+        for graph_id, entry in tqdm(src.manifest.graphs.items(), desc="quantize", unit="graph"):
+            task, name = graph_id.split(".")
+            model = onnx.load(str(src.file(entry.file)))  # weights pulled in from the fp32 weights.bin
+            key = entry.cache_key
+            if (task, name) in targets:
+                arrays = {i.name: i for i in model.graph.initializer}
+                for m in targets[(task, name)][1]:
+                    if m.weight not in done:
+                        w = numpy_helper.to_array(arrays[m.weight])
+                        q, scale = quantize.quantize_weight(w, scheme, block_size, importance.get(m.weight))
+                        deq = quantize.dequantize(q, scale, scheme, block_size)
+                        errors[m.weight] = float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
+                        done[m.weight] = (quantize.weight_initializers(q, scale, scheme, m.weight), block)
+                quantized = {m.weight: done[m.weight] for m in targets[(task, name)][1]}
+                model = quantize.rewrite(model, quantized, scheme)
+                fused[graph_id] = len(quantized)
+                # never mistaken for the fp32 export's graph by the export cache
+                key = hashlib.sha256(f"{key}|{scheme}|{algorithm}|{block}|{lm_head}".encode()).hexdigest()
+            problems = lint(model)
+            if problems:
+                raise RuntimeError(f"{graph_id} fails the TensorRT lint: {'; '.join(problems[:5])}")
+            initializers = tuple(store.externalize(model))
+            onnx.save(model, str(tmp / entry.file))
+            onnx.checker.check_model(str(tmp / entry.file), full_check=True)
+            entries[graph_id] = dataclasses.replace(entry, cache_key=key, initializers=initializers)
+        store.close()
+        if not done:
+            raise UserError(f"{src.root}: no MatMul weights to quantize in {', '.join(graphs)}")
+        tokenizer = src.manifest.tokenizer.file
+        shutil.copy2(src.file(tokenizer), tmp / tokenizer)
+        quant = Quantization(
+            scheme=scheme, algorithm=algorithm, block_size=block, weights="int4" if scheme == "int4" else "int8",
+            activations="float32", graphs=tuple(graphs), lm_head="quantized" if lm_head else "float32",
+            form="DequantizeLinear (symmetric, no zero point, opset 21) -> MatMul; standard ONNX, TensorRT-buildable",
+            ort_only=False, accuracy_level=ACCURACY_LEVEL, quantized_matmuls=fused, source_bundle=str(src.root),
+            calibration_set=tuple(CalibrationFile(**c) for c in data.describe(calib)),
+            weight_rel_error={"mean": float(np.mean(list(errors.values()))), "max": float(max(errors.values()))},
+            tolerances=report.TOLERANCES[scheme])
+        tensors = {n: TensorEntry(t["offset"], t["dtype"], tuple(t["shape"])) for n, t in store.tensors.items()}
+        manifest = dataclasses.replace(
+            src.manifest, graphs=entries, weights=WeightsTable(store.path.name, tensors), engines={},
+            precision=dataclasses.replace(precision, quantization=quant), files=file_table(tmp))
+        tqdm.write(f"[I] quantized {len(done)} distinct weights ({scheme}, {algorithm}) in "
+                   f"{time.perf_counter() - start:.1f}s; measuring against {src.root}")
+        # measured before manifest.json exists: until it is written nothing here opens as a bundle
+        result = report.measure(src, Bundle(tmp, manifest, ""), data.held_out_images())
+        report.write(tmp, result)
+        quant = dataclasses.replace(quant, report=ReportRef(result["passed"], "quant.md"))
+        manifest = dataclasses.replace(manifest, precision=dataclasses.replace(precision, quantization=quant),
+                                       files=file_table(tmp))
+        manifest = Manifest.from_json(manifest.to_json())  # the reader's checks, before anything is swapped in
+        write_atomic(tmp / MANIFEST, manifest.to_json_text())
+    return manifest

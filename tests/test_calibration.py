@@ -1,0 +1,156 @@
+"""`build.py calibrate` on the tiny synthetic bundle: int4 (AWQ clip search) and int8 weight-only bundles that pass
+onnx.checker, the lint and `verify`, whose every DQ+MatMul ONNX Runtime fuses, and that the runtime runs; bad
+calibration sets and an interrupted calibration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from calibration import calibrate as calibrate_mod
+from calibration import data, quantize
+from calibration.calibrate import calibrate
+from export.compile.lint import lint
+from runtime.backend import OrtBackend
+from runtime.bundle import Bundle
+from runtime.errors import UserError
+from runtime.pipeline import Pipeline
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(m3_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "int4"
+    calibrate(m3_bundle, out, "int4", block_size=32)  # the tiny widths (64, 128) are below the release's 128
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(m3_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "int8"
+    r = subprocess.run([sys.executable, "build.py", "calibrate", "--bundle", str(m3_bundle), "--out", str(out),
+                        "--scheme", "int8"], capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "accuracy report" in r.stdout
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantized_bundle_is_standard_onnx_with_shared_base_weights(scheme, int4_bundle, int8_bundle):
+    root = {"int4": int4_bundle, "int8": int8_bundle}[scheme]
+    bundle = Bundle.open(root)  # every file matches its sha256 in the manifest
+    q = bundle.manifest.precision.quantization.to_json()
+    assert q["scheme"] == scheme and q["algorithm"] == ("awq" if scheme == "int4" else "rtn")
+    assert q["block_size"] == (32 if scheme == "int4" else None) and q["lm_head"] == "float32"
+    assert q["quantized_matmuls"] == {"com.decoder": 8, "gen.decoder": 8}  # qkv, o, gate_up, down x 2 layers
+    assert {c["file"] for c in q["calibration_set"]} >= {"MR_small.dcm", "examples_rgb_color.dcm"}
+    assert all(len(c["sha256"]) == 64 for c in q["calibration_set"])
+    assert not {c["file"] for c in q["calibration_set"]} & set(data.HELD_OUT)
+    assert {"quant.json", "quant.md", "weights.bin"} <= set(bundle.manifest.files)
+    want_dtype = {"int4": onnx.TensorProto.INT4, "int8": onnx.TensorProto.INT8}[scheme]
+    per_task = {}
+    for task in bundle.tasks:
+        path = bundle.path(task, "decoder")
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path), load_external_data=False)
+        assert lint(model) == [] and model.opset_import[0].version == 21
+        inits = {i.name: i for i in model.graph.initializer}
+        dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert len(dqs) == 8 and all(inits[n.input[0]].data_type == want_dtype and len(n.input) == 2 for n in dqs)
+        per_task[task] = {n.input[0] for n in dqs}
+        float_weights = Counter(m.role for m in quantize.weight_matmuls(model))  # MatMuls still on an fp32 weight
+        assert sum(float_weights.values()) == 17 and float_weights["lm_head"] == 1  # H-LoRA A/R, B x 8; LM head
+    assert per_task["com"] == per_task["gen"]  # the quantized base weights: one tensor for both tasks
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_onnx_runtime_fuses_every_weight_only_dequantize_matmul(scheme, int4_bundle, int8_bundle, tmp_path):
+    bundle = Bundle.open({"int4": int4_bundle, "int8": int8_bundle}[scheme])
+    backend = OrtBackend("cpu", optimized_dir=tmp_path)
+    for task in bundle.tasks:
+        backend.load(bundle, task, "decoder")
+        ops = Counter(n.op_type for n in onnx.load(str(tmp_path / f"{task}.decoder.onnx"),
+                                                   load_external_data=False).graph.node)
+        assert ops["DequantizeLinear"] == 0, f"{task}: DequantizeLinear left unfused"
+        assert ops["MatMulNBits"] == bundle.manifest.precision.quantization.quantized_matmuls[f"{task}.decoder"]
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_accuracy_report_and_verify_pass_with_the_schemes_tolerances(scheme, int4_bundle, int8_bundle,
+                                                                      m3_checkpoint):
+    root = {"int4": int4_bundle, "int8": int8_bundle}[scheme]
+    result = json.loads((root / "quant.json").read_text())
+    assert result["passed"] and result["tolerances"]["min_top1"] > 0
+    for task, t in result["tasks"].items():
+        assert t["positions"] >= 256 and 0 <= t["mean_kl"] <= result["tolerances"]["max_mean_kl"]
+    assert "gen_psnr" in result["tasks"]["gen"] and "stress test" in (root / "quant.md").read_text()
+    r = subprocess.run([sys.executable, "build.py", "verify", "--bundle", str(root), "--checkpoint",
+                        str(m3_checkpoint), "--backends", "ort-cpu"], capture_output=True, text=True, timeout=600,
+                       env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((root / "parity.json").read_text())
+    assert report["passed"] and scheme in report["precision"]
+
+
+def test_runtime_asks_and_generates_from_the_int4_bundle(int4_bundle, ct_small):
+    pipe = Pipeline.open(int4_bundle, providers="cpu")
+    assert len(pipe.ask(ct_small, "What does this scan show?", max_new_tokens=8)) > 0
+    image = pipe.generate_image(ct_small, "Reconstruct the image.", constrain_image_tokens=True)
+    assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+
+
+def test_awq_and_rtn_share_the_form_and_awq_lowers_the_weighted_error():
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(3, size=(256, 64)).astype(np.float32)  # heavy-tailed, as the synthetic weights
+    importance = rng.gamma(0.5, size=256).astype(np.float32)
+    errors = {}
+    for name, imp in (("rtn", None), ("awq", importance)):
+        q, scale = quantize.quantize_weight(w, "int4", 64, imp)
+        assert q.dtype == np.int8 and q.min() >= -8 and q.max() <= 7 and scale.shape == (4, 64)
+        errors[name] = float((importance[:, None] * (quantize.dequantize(q, scale, "int4", 64) - w) ** 2).sum())
+    assert errors["awq"] < errors["rtn"]
+    q, scale = quantize.quantize_weight(w, "int8", 128)
+    assert scale.shape == (64,) and np.abs(quantize.dequantize(q, scale, "int8", 128) - w).max() <= scale.max() / 2
+
+
+def test_bad_calibration_sets_get_one_clear_error(m3_bundle, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.png").write_text("not an image")
+    (tmp_path / "notes" / "b.png").write_text("nor this")
+    single = data.default_images()[0]
+    cases = {"holds no files": [empty], "unreadable": [tmp_path / "notes"], "at least 2 images": [single],
+             "no such file": [tmp_path / "missing.png"]}
+    for message, images in cases.items():
+        r = subprocess.run([sys.executable, "build.py", "calibrate", "--bundle", str(m3_bundle), "--out",
+                            str(tmp_path / "q"), "--images", *map(str, images)], capture_output=True, text=True,
+                           timeout=300, env=ENV)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (message, r.stderr)
+        assert r.stderr.startswith("error: ")
+    assert not (tmp_path / "q").exists()
+
+
+def test_calibrating_a_quantized_bundle_is_refused(int4_bundle, tmp_path):
+    with pytest.raises(UserError, match="not an fp32 bundle"):
+        calibrate(int4_bundle, tmp_path / "q", "int8")
+
+
+def test_an_interrupted_calibration_leaves_no_complete_looking_bundle(m3_bundle, tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate_mod.report, "measure", interrupted)  # after every graph was written
+    out = tmp_path / "q"
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(m3_bundle, out, "int8", samples=2)
+    assert not out.exists() and not out.with_name("q.partial").exists()  # nothing complete-looking, nothing left
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
