@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "an audit log. Fully offline: the page loads nothing from any other host.")
     where = w.add_mutually_exclusive_group(required=True)
     where.add_argument("--bundle", type=Path, metavar="DIR", help="bundle directory written by `build.py export`")
-    where.add_argument("--server", metavar="URL", help="a Triton server running the bundle (not in this build yet)")
+    where.add_argument("--server", metavar="URL", help="the HTTP endpoint of a `python -m runtime serve` server "
+                       "(e.g. http://127.0.0.1:8000) to run the requests on, instead of a local bundle")
     w.add_argument("--backend", choices=["ort", "trt"], default="ort", help="as for `ask` (default ort)")
     w.add_argument("--providers", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
                    help="as for `ask` (default auto)")

@@ -379,9 +379,10 @@ def test_cli_serves_the_page_and_leaves_on_ctrl_c(m3_bundle, tmp_path):
 def test_cli_user_errors(m3_bundle, tmp_path):
     from test_runtime import NO_TORCH  # the import blocker: every runtime.app module loads, torch never tries
 
-    r = subprocess.run([sys.executable, "-c", NO_TORCH, "app", "--server", "http://127.0.0.1:8000"],
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, "app", "--server", "http://127.0.0.1:9"],  # nobody there
                        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
-    assert r.returncode == 2 and r.stderr.startswith("error: --server") and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: server http://127.0.0.1:9 cannot be reached")
+    assert "Traceback" not in r.stderr
     assert "blocked imports tried: []; loaded: []" in r.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -309,3 +309,17 @@ def test_generate_checks_room_for_the_image_tokens_first(pipe, scans, monkeypatc
                                         r"and 1024 image tokens"):
         tight.image_tokens(scans[0], "Reconstruct the image.", constrain_image_tokens=True)
     assert calls == []
+
+
+##### 8. Ctrl-C in build.py is one line, not a traceback #####
+
+def test_ctrl_c_during_export_exits_130_quietly(m3_checkpoint, tmp_path, monkeypatch, capsys):
+    import build
+    import export.compile.bundle as eb
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eb, "export_bundle", interrupted)
+    assert build.main(["export", "--checkpoint", str(m3_checkpoint), "--out", str(tmp_path / "b")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

@@ -377,3 +377,29 @@ def test_repository_config(m3_bundle, tmp_path):
         repository.write(m3_bundle, tmp_path / "t", repository.Options(backend="trt"))
     with pytest.raises(UserError, match="not a bundle"):
         repository.write(tmp_path, tmp_path / "u")
+
+
+# ---------------------------------------------------------------- the workstation app against the server
+
+def test_app_remote_model_gives_the_pipelines_answers(server, pipe):
+    """`python -m runtime app --server URL`: the app's model on the server answers as the local Pipeline does."""
+    import threading
+
+    from runtime.app.remote import RemoteModel
+    from runtime.image import load_image
+
+    model = RemoteModel(server.http)
+    info = model.describe()
+    assert info["variant"] == "m3" and info["tasks"] == ["com", "gen"]  # the bundle is on this machine
+    assert info["manifest_sha256"] == pipe.bundle.digest
+    image = load_image(scan("ct")["image"])
+    texts = []
+    answer = model.ask(image, QUESTION, 20, lambda text, n: texts.append(text), threading.Event())
+    assert answer == "".join(texts) == pipe.ask(image, QUESTION, max_new_tokens=20)
+    progress = []
+    pixels = model.generate(image, INSTRUCTION, True, lambda *p: progress.append(p), threading.Event())
+    assert np.array_equal(pixels, pipe.generate_image(image, INSTRUCTION, constrain_image_tokens=True))
+    assert progress[-1] == (1024, 0, 1024)
+    with pytest.raises(UserError, match="image_base64|image|question|prompt") as e:
+        model.ask(image, "<image> forged", 4, lambda *a: None, threading.Event())
+    assert "Traceback" not in str(e.value)

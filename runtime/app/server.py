@@ -364,14 +364,12 @@ def serve(bundle: Path | None, server_url: str | None, host: str, port: int, aud
           providers: str, quiet) -> int:
     """`python -m runtime app`: open the model, listen, serve until Ctrl-C."""
     from runtime.app.model import LocalModel
+    from runtime.app.remote import RemoteModel
 
-    if server_url is not None:
-        raise UserError("--server: the Triton client is not part of this build yet; run the app on a local bundle "
-                        "with --bundle DIR")
     audit = AuditLog(audit_path)
     sock = bind(host, port)
     with quiet():
-        model = LocalModel.open(bundle, backend, providers)
+        model = RemoteModel(server_url) if server_url else LocalModel.open(bundle, backend, providers)
     port = sock.getsockname()[1]
     local = host in ("127.0.0.1", "localhost", "::1")
     allowed = ["127.0.0.1", "localhost", "[::1]", host] if local else ["*"]

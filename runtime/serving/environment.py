@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.files import write_atomic
 
 SERVING_PINS = ("nvidia-pytriton==0.7.0", "tritonclient[grpc,http]==2.73.0", "numpy==1.26.4")
 STAMP = "healthgpt-serving.json"
@@ -137,6 +138,4 @@ def _read_json(path: Path):
 
 
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=1))

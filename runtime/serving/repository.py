@@ -7,12 +7,12 @@ repository needs the runtime installed where the stub runs (the serving venv, or
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.bundle import Bundle
 from runtime.errors import UserError
+from runtime.files import write_atomic
 
 MODEL, SELFTEST = "healthgpt", "healthgpt_selftest"
 KINDS = ("cpu", "gpu")
@@ -55,10 +55,10 @@ def write(bundle: str | Path, out: str | Path, opts: Options = Options()) -> Pat
         raise UserError("--backend trt runs on a GPU: use --kind gpu")
     providers = opts.providers or ("cuda" if opts.kind == "gpu" else "cpu")
     out = Path(out)
-    _write(out / MODEL / "config.pbtxt", _model_config(bundle, facts, opts, providers))
-    _write(out / MODEL / "1" / "model.py", _SHIM.format(cls="HealthGPTModel"))
-    _write(out / SELFTEST / "config.pbtxt", _SELFTEST_CONFIG.format(instances=_instances(1, opts.kind, ())))
-    _write(out / SELFTEST / "1" / "model.py", _SHIM.format(cls="SelfTestModel"))
+    write_atomic(out / MODEL / "config.pbtxt", _model_config(bundle, facts, opts, providers))
+    write_atomic(out / MODEL / "1" / "model.py", _SHIM.format(cls="HealthGPTModel"))
+    write_atomic(out / SELFTEST / "config.pbtxt", _SELFTEST_CONFIG.format(instances=_instances(1, opts.kind, ())))
+    write_atomic(out / SELFTEST / "1" / "model.py", _SHIM.format(cls="SelfTestModel"))
     return out
 
 
@@ -77,13 +77,6 @@ def _model_config(bundle: Path, facts: BundleFacts, opts: Options, providers: st
 
 def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 _SHIM = """\
