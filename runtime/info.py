@@ -72,9 +72,9 @@ def _quantization(q) -> list[str]:
     if q is None:
         return ["none"]
     block = f"blocks of {q.block_size}" if q.block_size else "per channel"
-    where = "ONNX Runtime only (no TensorRT engines)" if q.ort_only else "TensorRT-buildable"
+    where = "; ONNX Runtime only (no TensorRT engines)" if q.ort_only else ""
     report = "not measured" if q.report is None else f"{'passed' if q.report.passed else 'FAILED'} ({q.report.file})"
-    return [f"{q.scheme} {q.algorithm} ({block}) on {', '.join(q.graphs)}, LM head {q.lm_head}; {q.form}; {where}",
+    return [f"{q.scheme} {q.algorithm} ({block}) on {', '.join(q.graphs)}, LM head {q.lm_head}; {q.form}{where}",
             f"{sum(q.quantized_matmuls.values())} MatMuls through DequantizeLinear ("
             + ", ".join(f"{g} {n}" for g, n in q.quantized_matmuls.items()) + f"); MatMulNBits accuracy level "
             f"{q.accuracy_level}; accuracy report {report}",
