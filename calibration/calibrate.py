@@ -165,7 +165,7 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
         report.write(tmp, result)
         quant = dataclasses.replace(quant, report=ReportRef(result["passed"], "quant.md"))
         manifest = dataclasses.replace(manifest, precision=dataclasses.replace(precision, quantization=quant),
-                                       files=file_table(tmp))
+                                       files={**manifest.files, **file_table(tmp, list(report.FILES))})
         manifest = Manifest.from_json(manifest.to_json())  # the reader's checks, before anything is swapped in
         write_atomic(tmp / MANIFEST, manifest.to_json_text())
     return manifest

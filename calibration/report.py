@@ -34,6 +34,7 @@ STRESS = ("Random synthetic weights make these figures a stress test of the quan
 # logit cosine 0.99997; int4 block 32 top-1 0.59-0.75, KL 0.8-1.7e-4, cosine 0.993-0.996). The tiny random model's
 # logits are nearly tied, so one flipped argmax sends free-running decoding elsewhere for good: the greedy and GEN
 # index bounds are floors, the teacher-forced statistics are the real test.
+FILES = ("quant.json", "quant.md")  # what `write` adds to the bundle
 TOLERANCES = {
     "int8": Tolerances(min_top1=0.95, max_mean_kl=1e-5, min_greedy=1 / 32, min_vision_cosine=0.9999,
                        min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.9995,
@@ -136,5 +137,5 @@ def write(root: Path, result: dict) -> None:
               f"{tol['min_greedy']}, gen indices >= {tol['min_gen_indices']}, PSNR >= {tol['min_psnr']} dB; "
               f"against PyTorch (`build.py verify`): {tol['vs_reference']}.", ""]
     lines += [f"- {c['task']} {c['check']}: {'ok' if c['ok'] else '**FAILED**'}" for c in result["checks"]]
-    for name, text in (("quant.json", json.dumps(result, indent=1)), ("quant.md", "\n".join(lines) + "\n")):
+    for name, text in zip(FILES, (json.dumps(result, indent=1), "\n".join(lines) + "\n")):
         write_atomic(root / name, text)

@@ -32,10 +32,6 @@ class Task:
     shared_graphs: tuple[str, ...]  # shared graphs the task needs besides its own
     makes_images: bool  # its tokens are VQ indices for the VQGAN
 
-    @property
-    def graphs(self) -> tuple[str, ...]:
-        return TASK_GRAPHS
-
 
 COM = Task("com", max_new_tokens=1024, prompt_suffix="", shared_graphs=(), makes_images=False)
 GEN = Task("gen", max_new_tokens=1100, prompt_suffix=START_INDEX, shared_graphs=("vqgan",), makes_images=True)

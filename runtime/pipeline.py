@@ -64,11 +64,6 @@ class Pipeline:
         return cls(Bundle.open(bundle, verify=verify),
                    open_backend(backend, providers, prepack, verbose, accuracy_level))
 
-    @property
-    def tasks(self) -> dict[str, TaskGraphs]:
-        """The tasks loaded so far."""
-        return dict(self._tasks)
-
     def task(self, name: str) -> TaskGraphs:
         if name not in self.bundle.tasks:
             raise UserError(f"bundle {self.bundle.root} has no {name!r} task (it has {', '.join(self.bundle.tasks)})")

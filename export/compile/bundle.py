@@ -184,10 +184,10 @@ def _manifest(paths: CheckpointPaths, tasks, config: ModelConfig, tokenizer: Tok
     )
 
 
-def file_table(root: Path) -> dict[str, FileEntry]:
-    """Size and sha256 of every file of a bundle being built (the manifest itself aside)."""
-    return {p.name: FileEntry(file_digest(p), p.stat().st_size)
-            for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}
+def file_table(root: Path, names: list[str] | None = None) -> dict[str, FileEntry]:
+    """Size and sha256 of the named files of a bundle being built (default: all of them, the manifest aside)."""
+    paths = [root / n for n in names] if names is not None else sorted(root.iterdir())
+    return {p.name: FileEntry(file_digest(p), p.stat().st_size) for p in paths if p.is_file() and p.name != MANIFEST}
 
 
 def _reusable(out: Path) -> Manifest | None:

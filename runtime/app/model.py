@@ -26,6 +26,8 @@ class Stopped(Exception):
 
 class Model(Protocol):
     tasks: list[str]
+    max_context: int | None  # None: not known here (a server's bundle)
+    manifest_sha256: str  # the bundle's digest, for the audit log
 
     def describe(self) -> dict: ...
 
@@ -94,6 +96,7 @@ class LocalModel:
         self.facts = BundleFacts.of(pipe.bundle.manifest)
         self.tasks = list(pipe.bundle.tasks)
         self.manifest_sha256 = pipe.bundle.digest
+        self.max_context = self.facts.max_context
         for task in self.tasks:  # load now: errors show at start, and the first request is not the slow one
             pipe.task(task)
         self._backend = backend

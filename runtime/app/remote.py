@@ -47,14 +47,15 @@ class RemoteModel:
             raise UserError(f"--server {url}: give the server's HTTP endpoint, e.g. http://127.0.0.1:8000")
         config = self._get(f"/v2/models/{MODEL}/config")
         self.params = {k: v.get("string_value") for k, v in (config.get("parameters") or {}).items()}
-        self.tasks, self.facts, self.digest = [COM.name, GEN.name], None, None
+        self.tasks, self.facts, self.manifest_sha256 = [COM.name, GEN.name], None, "?"
         try:
             from runtime.bundle import Bundle
 
             bundle = Bundle.open(self.params.get("bundle", ""), verify=False)
-            self.tasks, self.facts, self.digest = bundle.tasks, BundleFacts.of(bundle.manifest), bundle.digest
+            self.tasks, self.facts, self.manifest_sha256 = bundle.tasks, BundleFacts.of(bundle.manifest), bundle.digest
         except UserError:
             pass  # the bundle lives on the server's machine only
+        self.max_context = self.facts.max_context if self.facts else None
 
     def _get(self, path: str) -> dict:
         try:
@@ -82,9 +83,9 @@ class RemoteModel:
                   {"status": "not verified", "backend": None, "detail": f"the bundle {bundle} is on the server's "
                                                                          "machine: check its parity.md there"})
         return {"bundle": f"{bundle} on {self.url}", "variant": f.variant if f else "?",
-                "precision": f.precision if f else "?", "max_context": f.max_context if f else 4096,
+                "precision": f.precision if f else "?", "max_context": self.max_context,
                 "tasks": self.tasks, "backend": f"triton ({self.params.get('backend', '?')})",
-                "providers": [self.params.get("providers", "?")], "manifest_sha256": self.digest or "?",
+                "providers": [self.params.get("providers", "?")], "manifest_sha256": self.manifest_sha256,
                 "parity": parity}
 
     @staticmethod

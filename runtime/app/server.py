@@ -38,6 +38,7 @@ from runtime.app.audit import AuditLog
 from runtime.app.model import Model, Stopped
 from runtime.app.scans import Scan, Scans
 from runtime.errors import UserError
+from runtime.healthgpt import COM, GEN
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 1 << 30  # bytes; a large multi-frame study still fits, a runaway upload does not
@@ -179,12 +180,12 @@ class App:
         question = data.get("question")
         if not isinstance(question, str) or not question.strip():
             raise UserError("type a question first")
-        limit = self.model.describe()["max_context"]
-        max_new = data.get("max_new_tokens", 1024)
+        limit = self.model.max_context or math.inf  # unknown for a server's bundle: the server checks it
+        max_new = data.get("max_new_tokens", COM.max_new_tokens)
         if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= limit:
             raise UserError(f"max new tokens {max_new!r}: need an integer from 1 to {limit} (the bundle's context)")
         scan, frame, window, image = await asyncio.to_thread(self._image, data)
-        record = self._record("com", scan, frame, window, question)
+        record = self._record(COM.name, scan, frame, window, question)
         texts: list[str] = []
 
         def work(job: _Job, emit, started: float) -> dict:
@@ -206,7 +207,7 @@ class App:
 
     async def generate(self, request: Request) -> Response:
         self._guard(request)
-        if "gen" not in self.model.tasks:
+        if GEN.name not in self.model.tasks:
             raise UserError("this bundle has no image generation (gen) task")
         data = await self._json(request)
         instruction = data.get("instruction")
@@ -216,7 +217,7 @@ class App:
             raise UserError("open an image first: generation starts from the image on screen")
         scan, frame, window, image = await asyncio.to_thread(self._image, data)
         constrain = bool(data.get("constrain", True))
-        record = self._record("gen", scan, frame, window, instruction, constrain_image_tokens=constrain)
+        record = self._record(GEN.name, scan, frame, window, instruction, constrain_image_tokens=constrain)
 
         def work(job: _Job, emit, started: float) -> dict:
             def on_progress(done: int, other: int, need: int) -> None:
@@ -240,7 +241,7 @@ class App:
     def _record(self, task: str, scan: Scan | None, frame, window, prompt: str, **extra) -> dict:
         return {"time": _now(), "task": task, "input_sha256": scan.sha256 if scan else None,
                 "frame": frame, "window": list(window) if window else None, "prompt": prompt, **extra,
-                "bundle_manifest_sha256": self.model.describe()["manifest_sha256"]}
+                "bundle_manifest_sha256": self.model.manifest_sha256}
 
     def _stream(self, record: dict, work) -> StreamingResponse:
         """Run work(job, emit, started) in a thread and stream its events; one audit line per request."""
