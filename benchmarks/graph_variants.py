@@ -20,12 +20,12 @@ class FusedHLora(nn.Module):
         a = layer.lora_A.weight * layer.scaling
         w = torch.cat([layer.weight, a, layer.lora_route.weight]).detach()
         self.w_a_route = nn.Parameter(w, requires_grad=False)
-        self.lora_b = nn.Parameter(layer.lora_B.weight.detach(), requires_grad=False)
+        self.lora_b_t = nn.Parameter(layer.lora_B.weight.detach().t(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.w_a_route.t()
         base, a, route = y.split([self.out, self.rank, self.experts], dim=-1)
-        return base + experts_out(a, route, self.lora_b, self.experts)
+        return base + experts_out(a, route, self.lora_b_t, self.experts)
 
 
 class AllPositionsDecoder(DecoderGraph):

@@ -11,7 +11,7 @@ from onnx import helper
 
 from export.compile.bundle import export_bundle
 from export.compile.lint import fp32_islands, lint
-from export.parity.graphs import graph_parity
+from export.parity.graphs import expect_graphs, graph_parity
 from runtime.backend import OrtBackend
 from runtime.bundle import Bundle
 from runtime.image import load_image
@@ -78,7 +78,9 @@ def test_shared_weights_stored_once(m3_bundle):
 @pytest.mark.parametrize("task", ["com", "gen"])
 def test_graph_parity_m3(task, m3_bundle, m3_com, m3_gen, ct_small):
     ref = {"com": m3_com, "gen": m3_gen}[task]
-    checks = graph_parity(ref, Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu")), load_image(ct_small))
+    bundle = Bundle.open(m3_bundle)
+    want = expect_graphs(ref, bundle.manifest.config.vocab, load_image(ct_small))
+    checks = graph_parity(want, Pipeline(bundle, OrtBackend("cpu")))
     graphs = {c.graph for c in checks}
     assert {f"{task}.vision", f"{task}.embed", f"{task}.decoder"} <= graphs
     assert sum(c.graph.endswith("decoder") for c in checks) == 9  # prefill + 8 decode steps
@@ -92,7 +94,8 @@ def test_graph_parity_l14_gqa(l14_bundle, l14_com, ct_small):
     manifest = Bundle.open(l14_bundle).manifest
     assert manifest.config.kv_heads < manifest.config.heads  # grouped-query attention
     assert list(manifest.tasks) == ["com"]
-    for c in graph_parity(l14_com, Pipeline(Bundle.open(l14_bundle), OrtBackend("cpu")), load_image(ct_small)):
+    want = expect_graphs(l14_com, manifest.config.vocab, load_image(ct_small))
+    for c in graph_parity(want, Pipeline(Bundle.open(l14_bundle), OrtBackend("cpu"))):
         assert c.ok, c
 
 
@@ -110,11 +113,11 @@ def test_reexport_reuses_and_interrupted_export_leaves_no_bundle(m3_checkpoint, 
 
     calls = []
 
-    def failing(spec, module, feeds):
+    def failing(spec, module, feeds, **kw):
         calls.append(spec.name)
         if len(calls) == 2:
             raise KeyboardInterrupt  # the user pressed Ctrl-C during the second graph
-        return real(spec, module, feeds)
+        return real(spec, module, feeds, **kw)
 
     real = eb.export_graph
     monkeypatch.setattr(eb, "export_graph", failing)

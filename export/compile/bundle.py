@@ -22,6 +22,7 @@ from tqdm import tqdm
 from export.compile import graphs, specs
 from export.compile.lint import fp32_islands, lint
 from export.compile.onnx_export import WeightStore, export_graph
+from export.compile.stream import export_decoder
 from export.compile.tokenizer import write_runtime_tokenizer
 from export.outdir import staged
 from export.reference.checkpoint import CheckpointPaths
@@ -85,16 +86,22 @@ def _task_files(paths: CheckpointPaths, task: str) -> list[Path]:
     return [f for f in (paths.hlora(task), paths.fusion(task)) if f is not None]
 
 
-def task_modules(ref: HealthGPT, max_context: int, dtype: str) -> dict[str, tuple[specs.GraphSpec, torch.nn.Module]]:
+def task_specs(ref: HealthGPT, max_context: int, dtype: str) -> dict[str, specs.GraphSpec]:
     cfg = ref.llm.config
     hidden, vocab = cfg.hidden_size, ref.llm.lm_head.weight.shape[0]
     head_dim = hidden // cfg.num_attention_heads
-    return {
-        "vision": (specs.vision(hidden, dtype), graphs.VisionGraph(ref)),
-        "embed": (specs.embed(hidden, vocab, max_context, dtype), graphs.EmbedGraph(ref)),
-        "decoder": (specs.decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, hidden, vocab,
-                                  max_context, dtype), graphs.DecoderGraph(ref.llm, max_context)),
-    }
+    return {"vision": specs.vision(hidden, dtype), "embed": specs.embed(hidden, vocab, max_context, dtype),
+            "decoder": specs.decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, hidden, vocab,
+                                     max_context, dtype)}
+
+
+def export_task_graph(ref: HealthGPT, name: str, spec: specs.GraphSpec, max_context: int,
+                      store: WeightStore) -> onnx.ModelProto:
+    """One graph of a task from a streaming reference: the decoder streamed layer by layer into `store`."""
+    if name == "decoder":
+        return export_decoder(ref, spec, max_context, store)
+    module = {"vision": graphs.VisionGraph, "embed": graphs.EmbedGraph}[name](ref)
+    return export_graph(spec, module, spec.sample_inputs(np.random.default_rng(0), seq=3))
 
 
 def model_config(ref: HealthGPT, max_context: int) -> ModelConfig:
@@ -136,13 +143,17 @@ def export_bundle(checkpoint: str | Path, out: str | Path, tasks: tuple[str, ...
                 config = config or old.config
             else:
                 if task == SHARED:
-                    spec, module = specs.vqgan(), load_vqgan(paths.vqgan_ckpt, paths.vqgan_yaml)
+                    spec = specs.vqgan()
+                    model = export_graph(spec, load_vqgan(paths.vqgan_ckpt, paths.vqgan_yaml),
+                                         spec.sample_inputs(np.random.default_rng(0), seq=3))
                 else:
                     if ref is None or ref.task != task:
-                        ref = load_reference(paths.root, task, torch_dtype)
+                        ref = None  # the previous task's reference freed before the next is read
+                        ref = load_reference(paths.root, task, torch_dtype, stream=True)
                         config = model_config(ref, max_context)
-                    spec, module = task_modules(ref, max_context, onnx_dtype)[name]
-                model, how = export_graph(spec, module, spec.sample_inputs(np.random.default_rng(0), seq=3)), "exported"
+                    spec = task_specs(ref, max_context, onnx_dtype)[name]
+                    model = export_task_graph(ref, name, spec, max_context, store)
+                how = "exported"
             problems = lint(model) + (fp32_islands(model) if dtype == "fp16" and name == "decoder" else [])
             if problems:
                 raise RuntimeError(f"{graph_id} fails the TensorRT lint: {'; '.join(problems[:5])}")

@@ -83,7 +83,9 @@ class DecoderGraph(nn.Module):
         self.window = cfg.sliding_window  # HF 4.57: key j is seen by query i iff i - window < j <= i
         self.max_context = max_context
         self.blocks = nn.ModuleList(Block(layer, fold) for layer in llm.model.layers)
-        self.norm, self.lm_head = llm.model.norm, llm.lm_head
+        self.norm = llm.model.norm
+        # the LM head as its MatMul operand [H, V] in fp32 (an fp32 island), a parameter for the streaming export
+        self.lm_head_t = nn.Parameter(llm.lm_head.weight.detach().float().t(), requires_grad=False)
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float()
                                              / self.head_dim))
         freqs = torch.arange(max_context).float()[:, None] * inv_freq[None, :]
@@ -143,7 +145,7 @@ class DecoderGraph(nn.Module):
         return h, new_rows
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return rms_norm(self.norm, h).float() @ self.lm_head.weight.float().t()  # fp32 LM head (an fp32 island)
+        return rms_norm(self.norm, h).float() @ self.lm_head_t
 
     def forward(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, *cache: torch.Tensor):
         h, new_rows = self.body(inputs_embeds, past_length, cache)

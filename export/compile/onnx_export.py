@@ -26,15 +26,18 @@ PACKED = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 
 
 @torch.no_grad()
-def export_graph(spec: GraphSpec, module: torch.nn.Module, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """TorchScript export (measured faster on ORT CPU than the dynamo path for this decoder; see benchmarks/)."""
+def export_graph(spec: GraphSpec, module: torch.nn.Module, feeds: dict[str, np.ndarray],
+                 export_params: bool = True) -> onnx.ModelProto:
+    """TorchScript export (measured faster on ORT CPU than the dynamo path for this decoder; see benchmarks/).
+    export_params=False: the parameters become graph inputs named after them (export/compile/stream.py)."""
     args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values we made static on purpose
         path = Path(tmp) / "graph.onnx"
         torch.onnx.export(module.eval(), args, str(path), input_names=spec.input_names,
                           output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(), opset_version=OPSET,
-                          dynamo=False, do_constant_folding=True)
+                          dynamo=False, do_constant_folding=True,
+                          export_params=export_params)
         model = onnx.load(str(path))  # pulls any external data into memory
     model.graph.name = spec.name
     return model
@@ -61,33 +64,39 @@ class WeightStore:
     def close(self) -> None:
         self.file.close()
 
+    def put(self, array: np.ndarray, raw: bytes | None = None, data_type: int | None = None) -> onnx.TensorProto:
+        """An initializer for `array` pointing into the store, named after its content. raw: its bytes when numpy's
+        are not ONNX's (4-bit tensors: numpy (ml_dtypes) holds one value per byte, ONNX packs two)."""
+        digest, offset, length = self.add(array.tobytes() if raw is None else raw)
+        name = f"w.{digest[:24]}.{array.dtype.name}.{'x'.join(map(str, array.shape))}"
+        self.tensors[name] = {"offset": offset, "dtype": array.dtype.name, "shape": list(array.shape)}
+        data_type = data_type or onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        init = onnx.TensorProto(name=name, dims=array.shape, data_type=data_type,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", offset), ("length", length)):
+            init.external_data.add(key=key, value=str(value))
+        return init
+
     def externalize(self, model: onnx.ModelProto) -> list[str]:
         """Move the graph's large initializers into the store, in place; returns their (content) names."""
         graph, renames, kept = model.graph, {}, {}
-        for init in list(graph.initializer):
+        for init in graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:  # streamed in already (export/compile/stream.py)
+                kept.setdefault(init.name, init)
+                continue
             array = numpy_helper.to_array(init)
-            # 4-bit tensors: numpy (ml_dtypes) holds one value per byte; ONNX stores two, as raw_data already has them
             raw = init.raw_data if init.data_type in PACKED else array.tobytes()
             if len(raw) < INLINE_BYTES:
+                kept.setdefault(init.name, init)
                 continue
-            digest, offset, length = self.add(raw)
-            name = f"w.{digest[:24]}.{array.dtype.name}.{'x'.join(map(str, array.shape))}"
-            self.tensors[name] = {"offset": offset, "dtype": array.dtype.name, "shape": list(array.shape)}
-            renames[init.name] = name
-            if name in kept:  # the same tensor twice in one graph: keep one initializer
-                graph.initializer.remove(init)
-                continue
-            kept[name] = init
-            init.name = name
-            init.ClearField("raw_data")
-            for field in ("float_data", "int32_data", "int64_data", "double_data"):
-                init.ClearField(field)
-            init.data_location = onnx.TensorProto.EXTERNAL
-            del init.external_data[:]
-            for key, value in (("location", self.path.name), ("offset", offset), ("length", length)):
-                init.external_data.add(key=key, value=str(value))
+            external = self.put(array, raw, init.data_type)
+            renames[init.name] = external.name
+            kept.setdefault(external.name, external)  # the same tensor twice in one graph: one initializer
+        inits = list(kept.values())
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
         for node in graph.node:
             for i, name in enumerate(node.input):
                 if name in renames:
                     node.input[i] = renames[name]
-        return list(kept)
+        return [i.name for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]

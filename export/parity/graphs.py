@@ -59,45 +59,69 @@ def measure(graph: str, what: str, got, want, tolerance) -> Check:
                  tolerance.min_cosine, bool(result) and cosine >= tolerance.min_cosine)
 
 
+@dataclass
+class GraphExpectations:
+    """What the reference computed for one task, on the inputs the backends are then given: kept so the model can
+    be freed before any backend session is created (verify never holds both: at full size each is ~15 GB)."""
+    task: str
+    pixel_values: np.ndarray
+    image_embeds: np.ndarray
+    input_ids: np.ndarray
+    inputs_embeds: np.ndarray  # of the random ids
+    prompt_embeds: np.ndarray  # the reference's own prompt, image spliced in
+    logits: list[np.ndarray]  # prefill, then one per greedy decode step
+    tokens: list[int]  # fed after each logits but the last: the reference's own argmax
+    shared: dict[str, tuple[np.ndarray, np.ndarray]]  # vqgan: (indices, image)
+
+
 @torch.no_grad()
-def graph_parity(ref: HealthGPT, pipe: Pipeline, image, steps: int = 8, seed: int = 0,
-                 tolerance: Callable[[GraphSpec], Tolerance] = lambda spec: spec.tolerance) -> list[Check]:
-    """vision, embed, decoder (prefill + `steps` greedy decode steps) and the task's shared graphs (gen: vqgan), on
-    the sessions `pipe` holds (the same ones the end-to-end checks use)."""
-    task, checks, rng = ref.task, [], np.random.default_rng(seed)
-    graph = vars(pipe.task(task))  # vision, embed, decoder
-
+def expect_graphs(ref: HealthGPT, vocab: int, image, steps: int = 8, seed: int = 0) -> GraphExpectations:
+    """The reference's side of `graph_parity`: vision, embed, decoder (prefill + `steps` greedy steps), vqgan."""
+    rng = np.random.default_rng(seed)
     pv = preprocess(image)
-    want_img = ref.encode_image(torch.from_numpy(pv).to(ref.dtype))
-    got_img = graph["vision"].run({"pixel_values": pv})["image_embeds"]
-    checks.append(measure(f"{task}.vision", "image_embeds", got_img, want_img.float(), tolerance(graph["vision"].spec)))
-
-    ids = rng.integers(0, pipe.bundle.manifest.config.vocab, size=(1, 17))
-    want = ref.llm.model.embed_tokens(torch.from_numpy(ids)).float()
-    got = graph["embed"].run({"input_ids": ids})["inputs_embeds"]
-    checks.append(measure(f"{task}.embed", "inputs_embeds", got, want, tolerance(graph["embed"].spec)))
-
-    # Decoder: the reference's own prompt (image spliced in), then greedy steps; both sides fed the same tokens.
-    embeds = ref.embed(ref.prompt_ids("What does this scan show?"), want_img)
-    cache, hf_cache = pipe.cache(task), DynamicCache()
-    tol = tolerance(graph["decoder"].spec)
+    image_embeds = ref.encode_image(torch.from_numpy(pv).to(ref.dtype))
+    ids = rng.integers(0, vocab, size=(1, 17))
+    embeds = ref.embed(ref.prompt_ids("What does this scan show?"), image_embeds)
+    hf_cache = DynamicCache()
     out = ref.llm(inputs_embeds=embeds, past_key_values=hf_cache, use_cache=True)
-    logits = prefill(graph["decoder"], cache, embeds.float().numpy().astype(graph["decoder"].spec.tensor(
-        "inputs_embeds").dtype))
+    logits, tokens = [], []
     for step in range(steps + 1):
-        want = out.logits[0, -1].float()
-        checks.append(measure(f"{task}.decoder", "prefill logits" if step == 0 else f"decode step {step} logits",
-                              logits, want, tol))
+        logits.append(out.logits[0, -1].float().numpy())
         if step == steps:
             break
-        token = int(want.argmax())
-        out = ref.llm(input_ids=torch.tensor([[token]]), past_key_values=hf_cache, use_cache=True)
-        logits = decode_one_token(graph["decoder"], graph["embed"], cache, token)
-
-    for name in TASKS[task].shared_graphs:  # the VQGAN
-        vq = pipe.shared(name)
+        tokens.append(int(logits[-1].argmax()))
+        out = ref.llm(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=hf_cache, use_cache=True)
+    shared = {}
+    for name in TASKS[ref.task].shared_graphs:  # the VQGAN
         indices = rng.integers(0, VQ_CODES, size=(1, IMAGE_TOKENS))
-        want = ref.vqgan(torch.from_numpy(indices)).numpy()
-        got = vq.run({"indices": indices})["image"]
-        checks.append(measure(graph_id(task, name), "image (uint8)", got, want, tolerance(vq.spec)))
+        shared[name] = (indices, ref.vqgan(torch.from_numpy(indices)).numpy())
+    return GraphExpectations(ref.task, pv, image_embeds.float().numpy(), ids,
+                             ref.llm.model.embed_tokens(torch.from_numpy(ids)).float().numpy(),
+                             embeds.float().numpy(), logits, tokens, shared)
+
+
+def graph_parity(want: GraphExpectations, pipe: Pipeline,
+                 tolerance: Callable[[GraphSpec], Tolerance] = lambda spec: spec.tolerance) -> list[Check]:
+    """Each graph of the task on the sessions `pipe` holds (the same ones the end-to-end checks use), fed the
+    inputs the reference was fed."""
+    task, checks = want.task, []
+    graph = vars(pipe.task(task))  # vision, embed, decoder
+    got = graph["vision"].run({"pixel_values": want.pixel_values})["image_embeds"]
+    checks.append(measure(f"{task}.vision", "image_embeds", got, want.image_embeds, tolerance(graph["vision"].spec)))
+    got = graph["embed"].run({"input_ids": want.input_ids})["inputs_embeds"]
+    checks.append(measure(f"{task}.embed", "inputs_embeds", got, want.inputs_embeds, tolerance(graph["embed"].spec)))
+
+    decoder, tol = graph["decoder"], tolerance(graph["decoder"].spec)
+    cache = pipe.cache(task)
+    logits = prefill(decoder, cache, want.prompt_embeds.astype(decoder.spec.tensor("inputs_embeds").dtype))
+    for step, expected in enumerate(want.logits):
+        checks.append(measure(f"{task}.decoder", "prefill logits" if step == 0 else f"decode step {step} logits",
+                              logits, expected, tol))
+        if step < len(want.tokens):
+            logits = decode_one_token(decoder, graph["embed"], cache, want.tokens[step])
+
+    for name, (indices, image) in want.shared.items():
+        vq = pipe.shared(name)
+        checks.append(measure(graph_id(task, name), "image (uint8)", vq.run({"indices": indices})["image"], image,
+                              tolerance(vq.spec)))
     return checks

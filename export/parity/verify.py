@@ -7,14 +7,17 @@ here is reported "not run: <reason>", never as passed.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import resource
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from export.parity.graphs import graph_parity
+from export.parity.graphs import expect_graphs, graph_parity
 from export.reference.model import HealthGPT, load_reference
 from runtime.backend import open_backend
 from runtime.bundle import Bundle
@@ -37,33 +40,52 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
-def e2e_checks(ref: HealthGPT, pipe: Pipeline, image, steps: int, bounds: dict) -> list[dict]:
-    task, out = ref.task, []
-    ref_ids = [ref.prompt_ids(q) for q in QUESTIONS]
-    run_ids = [pipe.tokenizer.prompt_ids(pipe.template.parts(q, True, task)) for q in QUESTIONS]
-    out.append({"check": f"{task} tokenization", "ok": ref_ids == run_ids,
-                "detail": f"{sum(a == b for a, b in zip(ref_ids, run_ids))}/{len(QUESTIONS)} prompts identical"})
+@dataclass
+class E2EExpectations:
+    """The reference's end-to-end results for one task (see GraphExpectations: computed, then the model freed)."""
+    task: str
+    prompt_ids: list[list[int]]  # of QUESTIONS
+    tokens: list[int]  # com: greedy tokens of QUESTIONS[0]; gen: the constrained image tokens
+    image: np.ndarray | None  # gen: the reference's decoded image
+
+
+@torch.no_grad()
+def expect_e2e(ref: HealthGPT, image, steps: int) -> E2EExpectations:
+    ids = [ref.prompt_ids(q) for q in QUESTIONS]
     embeds = ref.encode_image(ref.pixel_values(image))
-    if not TASKS[task].makes_images:
-        want = ref.generate(ref_ids[0], embeds, steps)
+    if not TASKS[ref.task].makes_images:
+        return E2EExpectations(ref.task, ids, ref.generate(ids[0], embeds, steps), None)
+    tokens = ref.generate(ids[0], embeds, GEN.max_new_tokens, constrain_image_tokens=True)
+    return E2EExpectations(ref.task, ids, tokens, ref.vqgan(torch.tensor([[t - ref.idx0 for t in tokens]]))[0].numpy())
+
+
+def e2e_checks(want: E2EExpectations, pipe: Pipeline, image, steps: int, bounds: dict) -> list[dict]:
+    task, out = want.task, []
+    run_ids = [pipe.tokenizer.prompt_ids(pipe.template.parts(q, True, task)) for q in QUESTIONS]
+    out.append({"check": f"{task} tokenization", "ok": want.prompt_ids == run_ids,
+                "detail": f"{sum(a == b for a, b in zip(want.prompt_ids, run_ids))}/{len(QUESTIONS)} prompts "
+                          "identical"})
+    if want.image is None:
         got = pipe.tokens(TASKS[task], image, QUESTIONS[0], steps)
-        same = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-        agreement = same / max(len(want), len(got), 1)
+        same = next((i for i, (a, b) in enumerate(zip(want.tokens, got)) if a != b), min(len(want.tokens), len(got)))
+        agreement = same / max(len(want.tokens), len(got), 1)
         out.append({"check": "com greedy tokens", "ok": agreement >= bounds["token_agreement"],
-                    "detail": f"first {same} of {len(want)} tokens identical (agreement {agreement:.3f}, "
+                    "detail": f"first {same} of {len(want.tokens)} tokens identical (agreement {agreement:.3f}, "
                               f"required {bounds['token_agreement']})"})
     else:
-        want = ref.generate(ref_ids[0], embeds, GEN.max_new_tokens, constrain_image_tokens=True)
         got = pipe.image_tokens(image, QUESTIONS[0], constrain_image_tokens=True)
-        agree = sum(a == b for a, b in zip(want, got)) / len(want)
-        want_img = ref.vqgan(torch.tensor([[t - ref.idx0 for t in want]]))[0].numpy()
-        quality = psnr(pipe.decode_image(got), want_img)
+        agree = sum(a == b for a, b in zip(want.tokens, got)) / len(want.tokens)
+        quality = psnr(pipe.decode_image(got), want.image)
         need = bounds.get("gen_indices", bounds["token_agreement"])
         out.append({"check": f"gen {IMAGE_TOKENS} indices", "ok": agree >= need,
                     "detail": f"{agree:.4f} of indices identical (required {need})"})
         out.append({"check": "gen image PSNR", "ok": quality >= bounds["min_psnr"],
                     "detail": f"{quality:.1f} dB (required >= {bounds['min_psnr']})"})
     return out
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def verify(bundle_dir: str | Path, checkpoint: str | Path, backends: list[str], image: str | Path,
@@ -87,25 +109,36 @@ def verify(bundle_dir: str | Path, checkpoint: str | Path, backends: list[str], 
         return t if dtype == "fp32" else Tolerance(t.max_abs * bounds["abs_scale"], min(t.min_cosine, 0.999))
 
     pil = load_image(image)
-    refs = {t: load_reference(checkpoint, t) for t in tasks}
+    # The reference first, one task at a time, each model freed before the next is built and before any backend
+    # session exists: verify never holds a PyTorch model and the bundle's sessions at once.
+    expected = {}
+    for task in tasks:
+        ref = load_reference(checkpoint, task)
+        expected[task] = (expect_graphs(ref, bundle.manifest.config.vocab, pil), expect_e2e(ref, pil, steps))
+        del ref
+        gc.collect()
     report = {"bundle": str(bundle.root), "checkpoint": str(checkpoint), "precision": precision,
-              "image": str(image), "e2e_bounds": bounds, "backends": {}}
+              "image": str(image), "e2e_bounds": bounds, "backends": {},
+              "peak_rss_gib": {"reference": round(peak_rss_gib(), 2)}}
     for name in backends:
         entry: dict = {"status": "passed", "checks": [], "e2e": []}
         try:
             backend = open_backend(*BACKENDS[name])
             pipe = Pipeline(bundle, backend)
             for task in tasks:
-                for c in graph_parity(refs[task], pipe, pil, tolerance=tolerance):
-                    entry["checks"].append(c.to_json())
-                entry["e2e"] += e2e_checks(refs[task], pipe, pil, steps, bounds)
+                graphs, e2e = expected[task]
+                entry["checks"] += [c.to_json() for c in graph_parity(graphs, pipe, tolerance=tolerance)]
+                entry["e2e"] += e2e_checks(e2e, pipe, pil, steps, bounds)
             entry["providers"] = pipe.providers()
         except UserError as e:  # the backend cannot run here (no GPU, no TensorRT, no engines): say why
             entry = {"status": "not run", "reason": str(e)}
         else:
             if not all(c["ok"] for c in entry["checks"] + entry["e2e"]):
                 entry["status"] = "failed"
+        pipe = backend = None  # this backend's sessions freed before the next backend's
+        gc.collect()
         report["backends"][name] = entry
+    report["peak_rss_gib"]["end"] = round(peak_rss_gib(), 2)
     report["passed"] = all(b["status"] != "failed" for b in report["backends"].values()) and any(
         b["status"] == "passed" for b in report["backends"].values())
     write_report(bundle.root, report)
@@ -115,7 +148,9 @@ def verify(bundle_dir: str | Path, checkpoint: str | Path, backends: list[str], 
 def write_report(root: Path, report: dict) -> None:
     lines = [f"# Parity report: {report['bundle']}", "",
              f"Reference: PyTorch fp32 from `{report['checkpoint']}`; bundle precision {report['precision']}; "
-             f"image `{Path(report['image']).name}`. Overall: **{'PASSED' if report['passed'] else 'FAILED'}**", ""]
+             f"image `{Path(report['image']).name}`. Overall: **{'PASSED' if report['passed'] else 'FAILED'}**", "",
+             f"Peak RSS: {report['peak_rss_gib']['reference']} GiB after the reference, {report['peak_rss_gib']['end']} "
+             "GiB in all (the reference is freed before any backend runs).", ""]
     for name, b in report["backends"].items():
         lines.append(f"## {name}: {b['status']}" + (f": {b['reason']}" if b["status"] == "not run" else ""))
         if b["status"] == "not run":

@@ -122,12 +122,13 @@ def check_loading(info: dict, path: Path, what: str, unused: tuple[str, ...] = (
                             "does not match its weights")
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True; a file carrying pickled objects is refused with what to do about it."""
+def load_state_dict(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True (mmap: tensors read from the file when used); a file carrying pickled
+    objects is refused with what to do about it."""
     if not path.is_file():
         raise UserError(f"{path} does not exist")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, IndexError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file's error has no message
         raise UserError(f"{path} cannot be loaded safely with weights_only=True ({first}); it is truncated, not a "

@@ -45,24 +45,32 @@ def attach_hlora(llm: nn.Module, rank: int, alpha: int, experts: int = 4) -> Non
 
 class FoldedHLora(nn.Module):
     """The exported form: base GEMM kept separate so W stays shareable between tasks (same bytes on disk),
-    A (with s folded in, exact since s is a power of two) and R stacked into one small GEMM, then gate, then B."""
+    A (with s folded in, exact since s is a power of two) and R stacked into one small GEMM, then gate, then B.
+    Every matrix is held as the [in, out] operand the graph's MatMul reads (W as a view: no copy), so each
+    initializer of the exported graph is a parameter of this module, never a folded constant: the streaming export
+    (export/compile/stream.py) fills them in layer by layer from the checkpoint."""
 
     def __init__(self, layer: HLoraLinear):
         super().__init__()
-        self.weight = layer.weight  # [out, in], identical to the plain base model's
         self.rank, self.experts = layer.rank, layer.experts
+        self.weight_t = _operand(layer.weight)  # [in, out], identical to the plain base model's W^T
         a = layer.lora_A.weight * layer.scaling
-        self.a_route = nn.Parameter(torch.cat([a, layer.lora_route.weight]).detach(), requires_grad=False)
-        self.lora_b = nn.Parameter(layer.lora_B.weight.detach(), requires_grad=False)
+        self.a_route_t = _operand(torch.cat([a, layer.lora_route.weight]))
+        self.lora_b_t = _operand(layer.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ar = x @ self.a_route.t()  # [.., r + experts]
-        return x @ self.weight.t() + experts_out(ar[..., : self.rank], ar[..., self.rank:], self.lora_b, self.experts)
+        ar = x @ self.a_route_t  # [.., r + experts]
+        return x @ self.weight_t + experts_out(ar[..., : self.rank], ar[..., self.rank:], self.lora_b_t, self.experts)
 
 
-def experts_out(a: torch.Tensor, route: torch.Tensor, lora_b: torch.Tensor, experts: int) -> torch.Tensor:
-    """(x A^T s) [.., r] gated per expert by softmax(x R^T) [.., experts], then B: the H-LoRA term of the output."""
+def _operand(w: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(w.detach().t(), requires_grad=False)
+
+
+def experts_out(a: torch.Tensor, route: torch.Tensor, lora_b_t: torch.Tensor, experts: int) -> torch.Tensor:
+    """(x A^T s) [.., r] gated per expert by softmax(x R^T) [.., experts], then B (given as B^T [r, out]): the
+    H-LoRA term of the output."""
     # fp32 island in fp16 graphs (softmax); never lower than the input's own precision
     gate = torch.softmax(route.to(torch.promote_types(a.dtype, torch.float32)), dim=-1).to(a.dtype)
     gated = (a.unflatten(-1, (experts, a.shape[-1] // experts)) * gate.unsqueeze(-1)).flatten(-2)
-    return gated @ lora_b.t()
+    return gated @ lora_b_t

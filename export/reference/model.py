@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionModel, LogitsProcessor, Phi3ForCausalLM
+from transformers import CLIPImageProcessor, CLIPVisionModel, LogitsProcessor, Phi3Config, Phi3ForCausalLM
 
 from export.reference.checkpoint import PEFT_PREFIX, CheckpointPaths, assign_weights, check_loading, load_state_dict
-from export.reference.hlora import ADAPTED, attach_hlora
+from export.reference.hlora import attach_hlora
+from export.reference.tensors import ReleaseTensors
 from export.reference.tokenizer import ReferenceEncoder, load_reference_tokenizer
 from export.reference.variants import TaskConfig, Variant, get_task
 from export.reference.vqgan import GumbelVQDecoder, load_vqgan
@@ -75,6 +77,7 @@ class HealthGPT:
     llm: Phi3ForCausalLM
     vqgan: GumbelVQDecoder | None
     eos_ids: list[int]
+    tensors: ReleaseTensors | None = None  # stream=True: where `layer(i)` reads the decoder layers from
 
     @property
     def base_len(self) -> int:
@@ -133,6 +136,17 @@ class HealthGPT:
         )[0].tolist()
         return out[:-1] if out and out[-1] in self.eos_ids else out
 
+    def layer(self, i: int) -> nn.Module:
+        """Decoder layer i with its weights read in (stream=True references; `drop_layer` frees it again)."""
+        layer = self.llm.model.layers[i]
+        layer.to_empty(device="cpu")
+        targets = {hlora_key(i, k): p for k, p in layer.named_parameters()}
+        _copy(targets, self.tensors.take(list(targets), self.dtype))
+        return layer
+
+    def drop_layer(self, i: int) -> None:
+        self.llm.model.layers[i].to("meta")
+
     def answer(self, image, question: str, max_new_tokens: int = COM.max_new_tokens) -> str:
         ids = self.generate(self.prompt_ids(question), self.encode_image(self.pixel_values(image)), max_new_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -147,11 +161,18 @@ class HealthGPT:
         return self.vqgan(torch.tensor([indices]))[0].numpy()
 
 
-def load_reference(checkpoint: str, task: str, dtype: torch.dtype = torch.float32) -> HealthGPT:
+def load_reference(checkpoint: str, task: str, dtype: torch.dtype = torch.float32, stream: bool = False) -> HealthGPT:
+    """stream=False: HF's own from_pretrained loads the base model (the parity reference).
+    stream=True: the decoder layers stay on the meta device (no memory) and `ref.layer(i)` reads one layer at a
+    time from the release files with our own reader - the streaming export; the rest (tables, CLIP, projector) is
+    loaded as usual. The two loaders are independent on purpose: parity compares one against the other."""
     paths = CheckpointPaths.find(checkpoint)
     cfg = get_task(paths.variant, task)
     tokenizer = load_reference_tokenizer(paths.base)
-    llm = _hf_loaded(Phi3ForCausalLM, paths.base, dtype, "the base LLM")
+    tensors = ReleaseTensors([*_base_files(paths.base), *filter(None, (paths.hlora(task), paths.fusion(task)))]
+                             ) if stream else None
+    llm = _hf_loaded(Phi3ForCausalLM, paths.base, dtype, "the base LLM") if tensors is None else _skeleton(
+        paths.base, dtype, tensors)
     extend_vocabulary(llm, len(tokenizer), len(HEALTHGPT_TOKENS))
     attach_hlora(llm, cfg.rank, cfg.alpha, cfg.experts)
     clip = _hf_loaded(CLIPVisionModel, paths.clip, dtype, "CLIP", unused=CLIP_TEXT_TOWER)
@@ -160,15 +181,53 @@ def load_reference(checkpoint: str, task: str, dtype: torch.dtype = torch.float3
     projector = projector.to(dtype).eval()
 
     params = {f"{PEFT_PREFIX}model.mm_projector.{k}": p for k, p in projector.named_parameters()}
-    for i, layer in enumerate(llm.model.layers):
-        for path in ADAPTED:
-            module = layer.get_submodule(path)
-            for name in ("lora_A", "lora_B", "lora_route"):
-                params[f"{PEFT_PREFIX}model.layers.{i}.{path}.{name}.weight"] = getattr(module, name).weight
-    assign_weights(params, load_state_dict(paths.hlora(task)), paths.hlora(task))
-    if (fusion := paths.fusion(task)) is not None:  # loaded after H-LoRA, over the extended vocabulary
-        assign_weights({f"{PEFT_PREFIX}model.embed_tokens.weight": llm.model.embed_tokens.weight,
-                        f"{PEFT_PREFIX}lm_head.weight": llm.lm_head.weight}, load_state_dict(fusion), fusion)
+    fusion = paths.fusion(task)
+    fusion_params = {f"{PEFT_PREFIX}model.embed_tokens.weight": llm.model.embed_tokens.weight,
+                     f"{PEFT_PREFIX}lm_head.weight": llm.lm_head.weight}
+    if tensors is None:
+        params.update({hlora_key(i, k): p for i, layer in enumerate(llm.model.layers)
+                       for k, p in layer.named_parameters() if ".lora_" in k})
+        assign_weights(params, load_state_dict(paths.hlora(task)), paths.hlora(task))
+        if fusion is not None:  # loaded after H-LoRA, over the extended vocabulary
+            assign_weights(fusion_params, load_state_dict(fusion), fusion)
+    else:
+        _copy(params, tensors.take(list(params), dtype))
+        if fusion is not None:
+            _copy(fusion_params, tensors.take(list(fusion_params), dtype))
     vqgan = load_vqgan(paths.vqgan_ckpt, paths.vqgan_yaml) if TASKS[task].makes_images else None
     return HealthGPT(paths.variant, task, cfg, tokenizer, CLIPImageProcessor.from_pretrained(paths.clip), clip,
-                     projector, llm.eval(), vqgan, paths.eos_ids())
+                     projector, llm.eval(), vqgan, paths.eos_ids(), tensors)
+
+
+def hlora_key(layer: int, name: str) -> str:
+    """The release key of a decoder layer's parameter (`self_attn.qkv_proj.lora_A.weight`, `input_layernorm.weight`):
+    H-LoRA tensors in the PeftModel's names, base tensors in HF's."""
+    key = f"model.layers.{layer}.{name}"
+    return PEFT_PREFIX + key if ".lora_" in name else key
+
+
+def _base_files(base: Path) -> list[Path]:
+    files = sorted(base.glob("*.safetensors")) or sorted(base.glob("pytorch_model*.bin"))
+    if not files:
+        raise UserError(f"{base} holds no model weights (*.safetensors or pytorch_model*.bin)")
+    return files
+
+
+def _skeleton(base: Path, dtype: torch.dtype, tensors: ReleaseTensors) -> Phi3ForCausalLM:
+    """Phi-3 built on the meta device, only the tables and the final norm read in."""
+    config = Phi3Config.from_pretrained(base, local_files_only=True)
+    with torch.device("meta"):
+        llm = Phi3ForCausalLM._from_config(config, attn_implementation="eager", dtype=dtype)
+    top = {k: p for k, p in llm.named_parameters() if not k.startswith("model.layers.")}
+    for module in (llm.model.embed_tokens, llm.model.norm, llm.lm_head):
+        module.to_empty(device="cpu")
+    _copy({k: p for k, p in llm.named_parameters() if k in top}, tensors.take(list(top), dtype))
+    return llm
+
+
+def _copy(targets: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, dst in targets.items():
+            if got[k].shape != dst.shape:
+                raise UserError(f"{k} has shape {tuple(got[k].shape)} in the checkpoint, expected {tuple(dst.shape)}")
+            dst.copy_(got[k])
