@@ -24,3 +24,19 @@ def physical_cores() -> int:
     except OSError:
         pass
     return len(cores) or len(allowed)
+
+
+FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile")  # what the kernels use
+
+
+def cpu_flags() -> list[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return line.split(":", 1)[1].split()
+    return []
+
+
+def kernel_flags() -> str:
+    """The CPU flags that pick ONNX Runtime's and PyTorch's kernels, for every table's machine line."""
+    flags = cpu_flags()
+    return " ".join(f for f in FLAGS if f in flags) or "none of " + ",".join(FLAGS)

@@ -22,9 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pydicom.data import get_testdata_file  # noqa: E402
-from timing import machine  # noqa: E402
+
+from benchmarks.cpu import cpu_flags  # noqa: E402
+from benchmarks.timing import machine  # noqa: E402
 
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.sampling import Sampler  # noqa: E402
@@ -33,16 +35,6 @@ from runtime.serving.client import Client, Request  # noqa: E402
 from runtime.serving.server import Ports, Server  # noqa: E402
 
 QUESTION, INSTRUCTION = "What does this scan show?", "Reconstruct the image."
-FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
-
-
-def cpu_flags() -> list[str]:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("flags"):
-            return line.split(":", 1)[1].split()
-    return []
-
-
 def com_local(pipe: Pipeline, image: bytes, tokens: int) -> dict:
     stamps: list[float] = []
     start = time.perf_counter()
@@ -144,9 +136,7 @@ def main() -> int:
         server.stop()
     med = {key: {m: statistics.median(v) for m, v in r.items()} for key, r in rows.items()}
     info = machine(len(os.sched_getaffinity(0)))
-    flags = cpu_flags()
-    print(f"# {info['cpu']}, {info['usable_cpus']} usable CPUs, flags: "
-          f"{' '.join(f for f in FLAGS if f in flags) or 'none of ' + ','.join(FLAGS)}; bundle {a.bundle}; "
+    print(f"# {info['cpu']}, {info['usable_cpus']} usable CPUs, flags: {info['flags']}; bundle {a.bundle}; "
           f"{a.tokens} tokens; median of {a.reps} rounds after {a.warmup} warm-up")
     print("| clients | where | TTFT ms | tokens/s per client | tokens/s all | s per image | images/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -161,7 +151,7 @@ def main() -> int:
               f"{s['images_per_s'] / i['images_per_s']:.2f}x |")
     if a.json:
         tmp = a.json.with_name(f".{a.json.name}.tmp")
-        tmp.write_text(json.dumps({"machine": {**info, "flags": flags}, "tokens": a.tokens, "reps": a.reps,
+        tmp.write_text(json.dumps({"machine": {**info, "cpu_flags": cpu_flags()}, "tokens": a.tokens, "reps": a.reps,
                                    "warmup": a.warmup, "rows": {f"{c}/{w}": r for (c, w), r in rows.items()}},
                                   indent=1))
         os.replace(tmp, a.json)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from benchmarks.cpu import physical_cores
+from benchmarks.cpu import kernel_flags, physical_cores
 
 
 @dataclass
@@ -133,7 +133,8 @@ def machine(threads: int) -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "physical_cores": physical_cores(), "threads_used": threads, "mem_GiB": round(mem / 2**30, 1),
+            "physical_cores": physical_cores(), "flags": kernel_flags(), "threads_used": threads,
+            "mem_GiB": round(mem / 2**30, 1),
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 

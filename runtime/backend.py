@@ -50,6 +50,17 @@ class OrtGraph:
         return dict(zip(self.spec.output_names, self.session.run(self.spec.output_names, feeds)))
 
 
+def available_memory() -> int:
+    """MemAvailable in bytes (Linux); elsewhere no limit is assumed."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 class OrtBackend:
     """ONNX Runtime. The weights file is memory-mapped once and every initializer is handed to every session with
     `add_initializer`: no session reads or parses weights itself, and tensors both tasks use (CLIP blocks, base
@@ -58,6 +69,8 @@ class OrtBackend:
     fastest decode) each session holds its own copy of its weights, and a pipeline with both tasks open holds the
     base decoder twice. prepack=False: sessions compute from the shared mapping, one copy in all (measured here at
     4 real-width layers: +0.00 instead of +1.9 GiB per decoder session, decode 5-8% slower; benchmarks/README.md).
+    prepack=None (default): prepack unless three copies of the bundle's weights (the mapping and a copy per task)
+    would not fit in the memory available when the bundle is first opened - the full-size fp32 model's 15 GB, say.
     The KV cache is a host numpy buffer: CPU sessions read it in place; CUDA sessions copy it in per step.
     Sessions run from several threads at once (ONNX Runtime's `run` is thread-safe), so `concurrent` is True.
 
@@ -67,7 +80,7 @@ class OrtBackend:
 
     concurrent = True
 
-    def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool = True,
+    def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool | None = None,
                  verbose: bool = False, accuracy_level: int | None = None, optimized_dir: Path | None = None):
         import onnxruntime as ort
 
@@ -81,6 +94,7 @@ class OrtBackend:
         self.prepack, self.accuracy_level = prepack, accuracy_level
         self.optimized_dir = optimized_dir  # where each session writes the graph it really runs (which nodes fused)
         self.weights: dict[Path, dict[str, object]] = {}  # bundle -> tensor name -> OrtValue over its mmap
+        self.prepacks: dict[Path, bool] = {}  # bundle -> whether its sessions prepack (prepack=None: by size)
 
     def shared_weights(self, bundle: Bundle) -> dict[str, object]:
         """Every tensor of the bundle's weights file as an OrtValue over one read-only memory map (made once).
@@ -88,6 +102,8 @@ class OrtBackend:
         reads those from the weights file itself (the graphs point into it as external data)."""
         if bundle.root not in self.weights:
             table = bundle.manifest.weights
+            self.prepacks[bundle.root] = self.prepack if self.prepack is not None else (
+                3 * sum(t.nbytes for t in table.tensors.values()) < available_memory())
             mm = np.memmap(bundle.file(table.file), dtype=np.uint8, mode="r")
             self.weights[bundle.root] = {
                 name: self.ort.OrtValue.ortvalue_from_numpy(
@@ -101,7 +117,8 @@ class OrtBackend:
         opts.intra_op_num_threads = self.threads
         opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = min(self.severity, 3)  # 3: errors only, even when quiet
-        if not self.prepack:
+        weights = self.shared_weights(bundle)
+        if not self.prepacks[bundle.root]:
             opts.add_session_config_entry("session.disable_prepacking", "1")
         quantization = bundle.manifest.precision.quantization
         level = self.accuracy_level if self.accuracy_level is not None else quantization and quantization.accuracy_level
@@ -111,7 +128,6 @@ class OrtBackend:
             opts.optimized_model_filepath = str(Path(self.optimized_dir) / f"{graph_id(task, name)}.onnx")
         if model is not None:  # its external initializers point into the bundle's weights file, relative to the bundle
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.root))
-        weights = self.shared_weights(bundle)
         for tensor in bundle.entry(task, name).initializers:
             if tensor in weights:
                 opts.add_initializer(tensor, weights[tensor])
@@ -132,7 +148,7 @@ class OrtBackend:
         buffer[:, :, at: at + rows.shape[2]] = rows
 
 
-def open_backend(name: str, providers: str = "auto", prepack: bool = True, verbose: bool = False,
+def open_backend(name: str, providers: str = "auto", prepack: bool | None = None, verbose: bool = False,
                  accuracy_level: int | None = None) -> Backend:
     if name == "ort":
         return OrtBackend(providers, prepack=prepack, verbose=verbose, accuracy_level=accuracy_level)

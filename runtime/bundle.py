@@ -5,6 +5,8 @@ What `Bundle.open` checks (verify=True, the default): the manifest's schema, ver
 and sha256; that the weights table tiles weights.bin (aligned, in bounds, no overlaps) and that each tensor's bytes
 hash to the digest its name carries, so an edited offset or two swapped entries are refused, not computed with.
 `digest` is the sha256 of manifest.json, which covers all of it: pin it to pin exactly what a deployment runs.
+A file hashed and found good is remembered by its inode, size and times (runtime/verified.py), so reopening an
+unchanged multi-GB bundle costs a stat per file, and any change to a file makes it hashed again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime import verified
 from runtime.errors import UserError
 from runtime.files import CHUNK, file_digest
 from runtime.graphspec import GraphSpec
@@ -27,7 +30,9 @@ class Bundle:
     digest: str  # sha256 of manifest.json
 
     @classmethod
-    def open(cls, root: str | Path, verify: bool = True) -> Bundle:
+    def open(cls, root: str | Path, verify: bool = True, rehash: bool = False) -> Bundle:
+        """verify: check every file's size and sha256; rehash: hash them even when runtime/verified.py's record
+        says this exact file (same inode, size, mtime and ctime) was hashed and found good before."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise UserError(f"{root} is not a bundle: it is a file, not a directory")
@@ -48,7 +53,7 @@ class Bundle:
         bundle = cls(root, manifest, hashlib.sha256(raw).hexdigest())
         bundle.check_layout()
         if verify:
-            bundle.verify_files()
+            bundle.verify_files(rehash)
         return bundle
 
     def file(self, name: str) -> Path:
@@ -74,17 +79,23 @@ class Bundle:
                                 f"overlaps another or lies past the end of {table.file} ({size} bytes)")
             end = t.offset + t.nbytes
 
-    def verify_files(self) -> None:
+    def verify_files(self, rehash: bool = False) -> None:
         weights = self.manifest.weights.file
+        # weights.bin's check covers the tensor table too: a record of it holds for this table only
+        table = hashlib.sha256(json.dumps(self.manifest.weights.to_json(), sort_keys=True).encode()).hexdigest()
         for name, want in self.manifest.files.items():
             path = self.file(name)
             if not path.is_file():
                 raise UserError(f"bundle file {path} is missing or not a regular file")
             if path.stat().st_size != want.bytes:
                 raise UserError(f"bundle file {path} is corrupt (its size differs from the manifest); re-export")
+            context = table if name == weights else ""
+            if not rehash and verified.known(path, want.sha256, context):
+                continue
             digest = _hash_weights(path, self.manifest.weights.tensors) if name == weights else file_digest(path)
             if digest != want.sha256:
                 raise UserError(f"bundle file {path} is corrupt (sha256 differs from the manifest); re-export")
+            verified.remember(path, digest, context)
 
     @property
     def tasks(self) -> list[str]:

@@ -55,10 +55,11 @@ class Pipeline:
         self._serial = contextlib.nullcontext() if getattr(backend, "concurrent", False) else threading.Lock()
 
     @classmethod
-    def open(cls, bundle: str | Path, backend: str = "ort", providers: str = "auto", prepack: bool = True,
+    def open(cls, bundle: str | Path, backend: str = "ort", providers: str = "auto", prepack: bool | None = None,
              verify: bool = True, verbose: bool = False, accuracy_level: int | None = None) -> Pipeline:
         """prepack=False: one copy of the weights for every task's sessions on ONNX Runtime's CPU provider, at some
-        decode speed (see OrtBackend); worth it when both tasks stay open in one process. verify=False defers the
+        decode speed (see OrtBackend); worth it when both tasks stay open in one process (None: decided by the
+        bundle's size and the memory available). verify=False defers the
         sha256 checks to `bundle.verify_files()` (the CLI refuses a bad request first, then verifies, then loads).
         accuracy_level: overrides a quantized bundle's MatMulNBits compute type (ONNX Runtime)."""
         return cls(Bundle.open(bundle, verify=verify),

@@ -8,6 +8,14 @@ INSTRUCTION = "Reconstruct the image."
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_verified_record(tmp_path_factory):
+    """The record of hashed files (runtime/verified.py) in a folder of this session's, for it and its subprocesses."""
+    import os
+
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """The tiny reference models are overhead-bound: a second torch thread only waits (10x slower on a busy host)."""
     import torch
