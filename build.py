@@ -86,7 +86,7 @@ def cmd_calibrate(a):
     from calibration.calibrate import calibrate
 
     manifest = calibrate(a.bundle, a.out, a.scheme, a.block_size, a.images, a.samples,
-                         tuple(g for g in a.graphs.split(",") if g), a.algorithm, a.lm_head)
+                         tuple(g for g in a.graphs.split(",") if g), a.algorithm, a.lm_head, a.quick_report)
     q = manifest.precision.quantization
     total = sum(f.bytes for f in manifest.files.values())
     print(f"[I] {a.out}: {q.scheme} ({q.algorithm}), {sum(q.quantized_matmuls.values())} MatMuls through "
@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     c.add_argument("--samples", type=int, help="use the first N calibration images")
     c.add_argument("--graphs", default="decoder", help="comma-separated: decoder, vision (default decoder)")
     c.add_argument("--lm-head", action="store_true", help="quantize the LM head too (default: kept fp32)")
+    c.add_argument("--quick-report", action="store_true",
+                   help="accuracy report on one held-out image and 32 positions, no generated image (full size)")
     c.set_defaults(run=cmd_calibrate)
 
     add_engines_command(sub)

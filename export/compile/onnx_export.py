@@ -77,19 +77,26 @@ class WeightStore:
             init.external_data.add(key=key, value=str(value))
         return init
 
-    def externalize(self, model: onnx.ModelProto) -> list[str]:
-        """Move the graph's large initializers into the store, in place; returns their (content) names."""
+    def externalize(self, model: onnx.ModelProto, source: Path | None = None) -> list[str]:
+        """Move the graph's large initializers into the store, in place; returns their (content) names.
+        External initializers are the store's own (streamed in: export/compile/stream.py), or with `source` (the
+        folder their files are in: another bundle) copied over one tensor at a time."""
         graph, renames, kept = model.graph, {}, {}
         for init in graph.initializer:
-            if init.data_location == onnx.TensorProto.EXTERNAL:  # streamed in already (export/compile/stream.py)
+            if init.data_location == onnx.TensorProto.EXTERNAL and source is None:
                 kept.setdefault(init.name, init)
                 continue
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                onnx.external_data_helper.load_external_data_for_tensor(init, str(source))
+                init.data_location = onnx.TensorProto.DEFAULT
+                del init.external_data[:]
             array = numpy_helper.to_array(init)
             raw = init.raw_data if init.data_type in PACKED else array.tobytes()
             if len(raw) < INLINE_BYTES:
                 kept.setdefault(init.name, init)
                 continue
             external = self.put(array, raw, init.data_type)
+            init.ClearField("raw_data")  # a bundle's worth of weights never sits in memory at once
             renames[init.name] = external.name
             kept.setdefault(external.name, external)  # the same tensor twice in one graph: one initializer
         inits = list(kept.values())
