@@ -191,7 +191,7 @@ def _write(tmp: Path, v, variant: str, s: Size, seed: int) -> None:
     for task, cfg in v.tasks.items():
         torch.save(hlora_state_dict(config, s.clip_width, cfg.rank, gen), tmp / v.release_dir / cfg.hlora_file)
         if cfg.fusion_file:
-            fusion = OrderedDict((f"{PEFT_PREFIX}{k}", (torch.randn(vocab, s.hidden, generator=gen) * 0.02).to(
+            fusion = OrderedDict((f"{PEFT_PREFIX}{k}", torch.randn(vocab, s.hidden, generator=gen).mul_(0.02).to(
                 torch.bfloat16)) for k in ("model.embed_tokens.weight", "lm_head.weight"))  # one fp32 copy at a time
             torch.save(fusion, tmp / v.release_dir / cfg.fusion_file)
     write_synthetic_vqgan(tmp / VQGAN_DIR, seed=seed, config=VQGANConfig.full() if s.full_vqgan else None)
