@@ -103,8 +103,9 @@ def main(argv=None) -> int:
     s = sub.add_parser("synth", help="write a random checkpoint in the exact release layout")
     s.add_argument("--out", type=Path, required=True, help="directory to create (replaced if it exists)")
     s.add_argument("--variant", choices=["m3", "l14"], default="m3", help="m3 = Phi-3-mini base, l14 = phi-4 base")
-    s.add_argument("--size", choices=["tiny", "real"], default="tiny",
-                   help="tiny: small widths, real geometry; real: the model's true widths with 2 decoder layers")
+    s.add_argument("--size", choices=["tiny", "real", "full"], default="tiny",
+                   help="tiny: small widths, real geometry; real: the model's true widths with 2 decoder layers; "
+                        "full (m3 only): the whole model, its base in two bf16 shards as released (~9 GB)")
     s.add_argument("--seed", type=non_negative_int, default=0)
     s.set_defaults(run=cmd_synth)
 

@@ -10,6 +10,7 @@ Checkpoint directory layout (what a user downloads, side by side; `build.py synt
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from export.reference.variants import CLIP_DIR, VARIANTS, VQGAN_DIR, Variant, ge
 from runtime.errors import UserError
 
 PEFT_PREFIX = "base_model.model."  # HealthGPT loads its .bin files into the PeftModel wrapper
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"  # HF's names, in its order
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class CheckpointPaths:
                 raise UserError(f"{p} is missing or has no config.json (expected a HF model directory)")
         check_config(read_json(paths.base / "config.json"), paths.base / "config.json")
         check_config(read_json(paths.clip / "config.json").get("vision_config", {}), paths.clip / "config.json")
+        check_weight_files(paths.base, "the base LLM")
+        check_weight_files(paths.clip, "CLIP")
         paths.eos_ids()  # generation_config.json: present, and its stop ids are ids
         return paths
 
@@ -91,6 +95,46 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object")
     return data
+
+
+def check_weight_files(model_dir: Path, what: str) -> None:
+    """The safetensors files from_pretrained will read, checked from their headers only (cheap at any size): each
+    file as long as its header says, and with a sharded checkpoint's index every tensor in the shard it names."""
+    if (model_dir / SAFETENSORS).is_file() or not (model_dir / SAFETENSORS_INDEX).is_file():
+        for path in model_dir.glob("*.safetensors"):
+            safetensors_header(path, what)
+        return
+    index = model_dir / SAFETENSORS_INDEX
+    weight_map = read_json(index).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map and all(
+            isinstance(s, str) and Path(s).name == s for s in weight_map.values())):
+        raise UserError(f"cannot load {what}: {index} has no weight_map of tensor names to shard files beside it")
+    for shard in sorted(set(weight_map.values())):
+        keys = [k for k, s in weight_map.items() if s == shard]
+        if not (model_dir / shard).is_file():
+            raise UserError(f"cannot load {what}: {index} places {keys[0]} in {shard}, which does not exist")
+        held = safetensors_header(model_dir / shard, what)
+        if absent := [k for k in keys if k not in held]:
+            raise UserError(f"cannot load {what}: {model_dir / shard} does not hold {absent[0]}"
+                            + (f" (nor {len(absent) - 1} more)" if len(absent) > 1 else "")
+                            + f", which {index.name} places there")
+
+
+def safetensors_header(path: Path, what: str) -> dict:
+    """A safetensors file's JSON header (8-byte little-endian length, then the JSON), read without its data."""
+    try:
+        with open(path, "rb") as f:
+            size, n = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, TypeError, KeyError, IndexError) as e:
+        raise UserError(f"cannot load {what}: {path} is not a safetensors file ({type(e).__name__}: {e})") from None
+    if 8 + n + end != size:
+        raise UserError(f"cannot load {what}: {path} is {size} bytes but its header accounts for {8 + n + end} "
+                        "(truncated download?)")
+    return header
 
 
 POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",

@@ -1,17 +1,20 @@
 """Random checkpoints in exactly the release layout (see export/checkpoint.py), so tests load them through the
 same code as the real files. `tiny` keeps the geometry that matters (336 px / patch 14 -> 576 tokens, 8192 VQ codes,
 32x32 latent -> 256x256, real vocabularies and token ids, real H-LoRA ranks); `real` has M3's / L14's true widths
-with few decoder layers, for benchmarks."""
+with few decoder layers, for benchmarks; `full` is HealthGPT-M3 whole, its base in two bf16 shards as released.
+The base LLM is written tensor by tensor (export/synth/shards.py) at every size, so no size holds it in memory."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import CLIPConfig, CLIPModel, Phi3Config, Phi3ForCausalLM
 
 from export.outdir import SYNTHETIC_MARKER, staged
@@ -19,6 +22,7 @@ from export.reference.checkpoint import PEFT_PREFIX, CheckpointPaths
 from export.reference.hlora import ADAPTED
 from export.reference.variants import CLIP_DIR, VQGAN_DIR, get_variant
 from export.reference.vqgan import VQGANConfig
+from export.synth.shards import write_model
 from export.synth.tokenizer import write_phi3_tokenizer, write_phi4_tokenizer
 from export.synth.vqgan import write_synthetic_vqgan
 from runtime.errors import UserError
@@ -36,6 +40,8 @@ class Size:
     clip_layers: int = 4
     clip_heads: int = 4
     full_vqgan: bool = False
+    dtype: torch.dtype = torch.float32  # of the base LLM's weight files
+    shards: int = 1
 
 
 SIZES = {
@@ -45,6 +51,9 @@ SIZES = {
                          clip_width=1024, clip_layers=24, clip_heads=16, full_vqgan=True),
     ("l14", "real"): Size(hidden=5120, layers=2, heads=40, kv_heads=10, intermediate=17920,
                           clip_width=1024, clip_layers=24, clip_heads=16, full_vqgan=True),
+    ("m3", "full"): Size(hidden=3072, layers=32, heads=32, kv_heads=32, intermediate=8192,
+                         clip_width=1024, clip_layers=24, clip_heads=16, full_vqgan=True,
+                         dtype=torch.bfloat16, shards=2),
 }
 
 # Facts of the real base models (healthgpt.md §1.2) that the synthetic ones keep.
@@ -58,18 +67,51 @@ BASES = {
 }
 
 
-def write_base(out: Path, variant: str, size: Size) -> Phi3Config:
-    base = dict(BASES[variant])
-    eos, write_tokenizer = base.pop("eos"), base.pop("tokenizer")
-    config = Phi3Config(hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                        num_key_value_heads=size.kv_heads, intermediate_size=size.intermediate, rms_norm_eps=1e-5,
-                        original_max_position_embeddings=base["max_position_embeddings"],
-                        tie_word_embeddings=False, torch_dtype="float32", **base)
-    Phi3ForCausalLM(config).save_pretrained(out, safe_serialization=True)
+def base_config(variant: str, size: Size) -> Phi3Config:
+    base = {k: v for k, v in BASES[variant].items() if k not in ("eos", "tokenizer")}
+    return Phi3Config(hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                      num_key_value_heads=size.kv_heads, intermediate_size=size.intermediate, rms_norm_eps=1e-5,
+                      original_max_position_embeddings=base["max_position_embeddings"], tie_word_embeddings=False,
+                      architectures=["Phi3ForCausalLM"], **base)
+
+
+def write_base(out: Path, variant: str, size: Size, seed: int) -> Phi3Config:
+    config, base = base_config(variant, size), BASES[variant]
+    out.mkdir(parents=True)
+    fields = config.to_dict()
+    fields.pop("dtype", None)
+    fields["torch_dtype"] = str(size.dtype).removeprefix("torch.")  # the key the released config.json uses
+    (out / "config.json").write_text(json.dumps(fields, indent=2))
+    write_model(out, *base_weights(config, seed), size.dtype, size.shards)
     (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": base["bos_token_id"], "eos_token_id": eos, "pad_token_id": base["pad_token_id"]}, indent=2))
-    write_tokenizer(out)
+        {"bos_token_id": base["bos_token_id"], "eos_token_id": base["eos"], "pad_token_id": base["pad_token_id"]},
+        indent=2))
+    base["tokenizer"](out)
     return config
+
+
+def base_weights(config: Phi3Config, seed: int):
+    """Phi3ForCausalLM's state-dict names and shapes (from a meta-device model: no memory) and a maker that draws
+    each tensor as HF's init does (normal(0, initializer_range) for linears and embeddings, the padding row zero,
+    ones for RMSNorm) from a generator seeded by the seed and the tensor's name: a tensor's values do not depend on
+    the file layout or dtype it is written with, nor on the layer count."""
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    entries = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
+
+    def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        module = model.get_submodule(name.rpartition(".")[0])
+        if type(module).__name__.endswith("RMSNorm"):
+            return torch.ones(shape)
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or not name.endswith(".weight"):
+            raise AssertionError(f"no init rule for {name} ({type(module).__name__})")
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        w = torch.empty(shape).normal_(0.0, config.initializer_range, generator=gen)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            w[module.padding_idx] = 0
+        return w
+
+    return entries, make
 
 
 def write_clip(out: Path, size: Size) -> None:
@@ -111,34 +153,45 @@ def hlora_state_dict(config: Phi3Config, clip_width: int, rank: int, gen: torch.
     return sd
 
 
-def synthesize(out: str | Path, variant: str = "m3", size: str = "tiny", seed: int = 0,
-               layers: int | None = None) -> CheckpointPaths:
+def synthesize(out: str | Path, variant: str = "m3", size: str = "tiny", seed: int = 0, layers: int | None = None,
+               dtype: torch.dtype | None = None, shards: int | None = None) -> CheckpointPaths:
     """Write a complete random checkpoint to `out` (swapped in whole when done; see export/outdir.py).
-    layers: decoder layers instead of the size's own (benchmarks at real widths with N layers)."""
+    layers: decoder layers instead of the size's own (benchmarks at real widths with N layers); dtype, shards: the
+    base LLM's weight files instead of the size's own (CI covers the released bf16 shards at tiny size)."""
     v = get_variant(variant)
-    if (variant, size) not in SIZES:
-        raise UserError(f"unknown size {size!r}; choose one of {', '.join(sorted({s for _, s in SIZES}))}")
-    if layers is not None and layers < 1:
-        raise UserError(f"layers must be at least 1, got {layers}")
-    s = SIZES[variant, size] if layers is None else dataclasses.replace(SIZES[variant, size], layers=layers)
+    overrides = {k: val for k, val in dict(layers=layers, dtype=dtype, shards=shards).items() if val is not None}
+    for name in ("layers", "shards"):
+        if overrides.get(name, 1) < 1:
+            raise UserError(f"{name} must be at least 1, got {overrides[name]}")
+    s = dataclasses.replace(_size(variant, size), **overrides)
     with staged(out, "checkpoint", []) as tmp:
         _write(tmp, v, variant, s, seed)
         (tmp / SYNTHETIC_MARKER).write_text(f"{variant} {size} seed {seed}\n")
     return CheckpointPaths.find(out)
 
 
+def _size(variant: str, size: str) -> Size:
+    if (variant, size) in SIZES:
+        return SIZES[variant, size]
+    names = sorted({s for _, s in SIZES})
+    if size not in names:
+        raise UserError(f"unknown size {size!r}; choose one of {', '.join(names)}")
+    has = ", ".join(s for v, s in SIZES if v == variant)
+    raise UserError(f"size {size!r} is written for {', '.join(v for v, s in SIZES if s == size)} only; "
+                    f"{variant} has {has}")
+
+
 def _write(tmp: Path, v, variant: str, s: Size, seed: int) -> None:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    config = write_base(tmp / v.base_dir, variant, s)
+    config = write_base(tmp / v.base_dir, variant, s, seed)
     write_clip(tmp / CLIP_DIR, s)
     (tmp / v.release_dir).mkdir(parents=True)
     vocab = len(HEALTHGPT_TOKENS) + (32011 if variant == "m3" else 100352)
     for task, cfg in v.tasks.items():
         torch.save(hlora_state_dict(config, s.clip_width, cfg.rank, gen), tmp / v.release_dir / cfg.hlora_file)
         if cfg.fusion_file:
-            fusion = {f"{PEFT_PREFIX}model.embed_tokens.weight": torch.randn(vocab, s.hidden, generator=gen) * 0.02,
-                      f"{PEFT_PREFIX}lm_head.weight": torch.randn(vocab, s.hidden, generator=gen) * 0.02}
-            torch.save(OrderedDict((k, t.to(torch.bfloat16)) for k, t in fusion.items()),
-                       tmp / v.release_dir / cfg.fusion_file)
+            fusion = OrderedDict((f"{PEFT_PREFIX}{k}", torch.randn(vocab, s.hidden, generator=gen).mul_(0.02).to(
+                torch.bfloat16)) for k in ("model.embed_tokens.weight", "lm_head.weight"))  # one fp32 copy at a time
+            torch.save(fusion, tmp / v.release_dir / cfg.fusion_file)
     write_synthetic_vqgan(tmp / VQGAN_DIR, seed=seed, config=VQGANConfig.full() if s.full_vqgan else None)
