@@ -97,25 +97,36 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def check_weight_files(model_dir: Path, what: str) -> None:
-    """The safetensors files from_pretrained will read, checked from their headers only (cheap at any size): each
-    file as long as its header says, and with a sharded checkpoint's index every tensor in the shard it names."""
+def weight_files(model_dir: Path, what: str) -> list[Path]:
+    """The weight files from_pretrained reads, in its order: model.safetensors, else the shards the index names,
+    else every *.safetensors (none: an empty list)."""
     if (model_dir / SAFETENSORS).is_file() or not (model_dir / SAFETENSORS_INDEX).is_file():
-        for path in model_dir.glob("*.safetensors"):
-            safetensors_header(path, what)
-        return
+        return sorted(model_dir.glob("*.safetensors"))
     index = model_dir / SAFETENSORS_INDEX
     weight_map = read_json(index).get("weight_map")
     if not (isinstance(weight_map, dict) and weight_map and all(
             isinstance(s, str) and Path(s).name == s for s in weight_map.values())):
         raise UserError(f"cannot load {what}: {index} has no weight_map of tensor names to shard files beside it")
-    for shard in sorted(set(weight_map.values())):
-        keys = [k for k, s in weight_map.items() if s == shard]
-        if not (model_dir / shard).is_file():
-            raise UserError(f"cannot load {what}: {index} places {keys[0]} in {shard}, which does not exist")
-        held = safetensors_header(model_dir / shard, what)
+    return [model_dir / s for s in sorted(set(weight_map.values()))]
+
+
+def check_weight_files(model_dir: Path, what: str) -> None:
+    """The safetensors files from_pretrained will read, checked from their headers only (cheap at any size): each
+    file as long as its header says, and with a sharded checkpoint's index every tensor in the shard it names."""
+    files = weight_files(model_dir, what)
+    index = model_dir / SAFETENSORS_INDEX
+    if (model_dir / SAFETENSORS).is_file() or not index.is_file():
+        for path in files:
+            safetensors_header(path, what)
+        return
+    weight_map = read_json(index)["weight_map"]
+    for path in files:
+        keys = [k for k, s in weight_map.items() if s == path.name]
+        if not path.is_file():
+            raise UserError(f"cannot load {what}: {index} places {keys[0]} in {path.name}, which does not exist")
+        held = safetensors_header(path, what)
         if absent := [k for k in keys if k not in held]:
-            raise UserError(f"cannot load {what}: {model_dir / shard} does not hold {absent[0]}"
+            raise UserError(f"cannot load {what}: {path} does not hold {absent[0]}"
                             + (f" (nor {len(absent) - 1} more)" if len(absent) > 1 else "")
                             + f", which {index.name} places there")
 

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModel, LogitsProcessor, Phi3Config, Phi3ForCausalLM
 
-from export.reference.checkpoint import PEFT_PREFIX, CheckpointPaths, assign_weights, check_loading, load_state_dict
+from export.reference.checkpoint import (
+    PEFT_PREFIX,
+    CheckpointPaths,
+    assign_weights,
+    check_loading,
+    load_state_dict,
+    weight_files,
+)
 from export.reference.hlora import attach_hlora
 from export.reference.tensors import ReleaseTensors
 from export.reference.tokenizer import ReferenceEncoder, load_reference_tokenizer
@@ -207,9 +214,9 @@ def hlora_key(layer: int, name: str) -> str:
 
 
 def _base_files(base: Path) -> list[Path]:
-    files = sorted(base.glob("*.safetensors")) or sorted(base.glob("pytorch_model*.bin"))
+    files = weight_files(base, "the base LLM")
     if not files:
-        raise UserError(f"{base} holds no model weights (*.safetensors or pytorch_model*.bin)")
+        raise UserError(f"{base} holds no safetensors weights (model.safetensors or shards with their index)")
     return files
 
 

@@ -153,7 +153,7 @@ def hlora_state_dict(config: Phi3Config, clip_width: int, rank: int, gen: torch.
     return sd
 
 
-def synthesize(out: str | Path, variant: str = "m3", size: str = "tiny", seed: int = 0, layers: int | None = None,
+def synthesize(out: str | Path, variant: str = "m3", size: str | Size = "tiny", seed: int = 0, layers: int | None = None,
                dtype: torch.dtype | None = None, shards: int | None = None) -> CheckpointPaths:
     """Write a complete random checkpoint to `out` (swapped in whole when done; see export/outdir.py).
     layers: decoder layers instead of the size's own (benchmarks at real widths with N layers); dtype, shards: the
@@ -170,7 +170,9 @@ def synthesize(out: str | Path, variant: str = "m3", size: str = "tiny", seed: i
     return CheckpointPaths.find(out)
 
 
-def _size(variant: str, size: str) -> Size:
+def _size(variant: str, size: str | Size) -> Size:
+    if isinstance(size, Size):  # a geometry of the caller's (tests probing how memory scales)
+        return size
     if (variant, size) in SIZES:
         return SIZES[variant, size]
     names = sorted({s for _, s in SIZES})

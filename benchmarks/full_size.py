@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""HealthGPT-M3 at its true size on this CPU (issue 15): our fp32 and int4 bundles and the PyTorch reference on the
+same full checkpoint, each in a process of its own (two 15 GB models do not fit side by side in 24 GB, and each
+peak RSS is then that contender's alone). Per contender: open/load time, time to first token of `ask` on pydicom's
+CT_small.dcm (576 image tokens + the question), decode ms/token at ~100/~600/~1600 (median after warm-up; the KV
+cache holds that many rows), seconds per generated 256x256 image (int4 by default: 1024 tokens in fp32 take tens of
+minutes here), %limit of decode against the measured GEMV bandwidth and the weight bytes each token reads.
+
+    python benchmarks/full_size.py --checkpoint CKPT --fp32 FP32_BUNDLE --int4 INT4_BUNDLE [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONTEXTS = (100, 600, 1600)
+QUESTION, INSTRUCTION = "What does this scan show?", "Reconstruct the image."
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def ours(a: dict) -> dict:
+    from pydicom.data import get_testdata_file
+
+    from benchmarks.contenders import OurDecoder, graph_weight_bytes
+    from benchmarks.timing import bench
+    from runtime.healthgpt import TASKS
+    from runtime.kvcache import KVCache
+    from runtime.pipeline import Pipeline
+
+    image = get_testdata_file("CT_small.dcm", download=False)
+    out, start = {}, time.perf_counter()
+    pipe = Pipeline.open(a["bundle"], providers="cpu")
+    out["open_s"] = time.perf_counter() - start  # manifest + every file's sha256 (or its record)
+    for task in a["tasks"]:
+        start = time.perf_counter()
+        graphs = pipe.task(task)
+        t = {"load_s": time.perf_counter() - start}
+        stamps = []
+        start = time.perf_counter()
+        pipe.tokens(TASKS[task], image, QUESTION if task == "com" else INSTRUCTION, max_new_tokens=1,
+                    on_token=lambda _: stamps.append(time.perf_counter()))
+        t["ttft_s"] = stamps[0] - start
+        dec = OurDecoder(graphs.decoder, graphs.embed, KVCache(pipe.backend, graphs.decoder.spec),
+                         graph_weight_bytes(pipe.bundle, task, "decoder"))
+        res = bench({str(c): dec.decode_case(c) for c in a["contexts"]}, a["warmup"], a["reps"])
+        t["decode"] = {c: {**r, "bytes": dec.weight_bytes + dec.kv_bytes_read(int(c))} for c, r in res.items()}
+        if task == "gen" and a["image"]:
+            start = time.perf_counter()
+            pipe.generate_image(image, INSTRUCTION, constrain_image_tokens=True)
+            t["image_s"] = time.perf_counter() - start
+        out[task] = t
+        pipe.unload(task)  # the next task's sessions do not sit beside this one's
+    out["peak_rss_gib"] = peak_gib()
+    return out
+
+
+def torch_reference(a: dict) -> dict:
+    import torch
+    from pydicom.data import get_testdata_file
+
+    from benchmarks.contenders import TorchDecoder
+    from benchmarks.timing import bench
+    from export.reference.model import load_reference
+    from runtime.image import load_image
+
+    torch.set_num_threads(a["threads"])
+    start = time.perf_counter()
+    ref = load_reference(a["checkpoint"], "com")
+    out = {"load_s": time.perf_counter() - start}
+    image = load_image(get_testdata_file("CT_small.dcm", download=False))
+    start = time.perf_counter()
+    ref.answer(image, QUESTION, max_new_tokens=1)  # HF generate: vision, prompt, prefill, one token
+    com = {"ttft_s": time.perf_counter() - start}
+    dec = TorchDecoder(ref.llm)
+    res = bench({str(c): dec.decode_case(c) for c in a["contexts"]}, a["warmup"], a["reps"])
+    com["decode"] = {c: {**r, "bytes": dec.weight_bytes + dec.kv_bytes_read(int(c))} for c, r in res.items()}
+    return {**out, "com": com, "peak_rss_gib": peak_gib()}
+
+
+WORKERS = {"ours": ours, "torch": torch_reference}
+
+
+def spawn(kind: str, args: dict) -> dict:
+    """One contender in its own process; its JSON, or what went wrong."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args["threads"])}
+    r = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(args)], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    if r.returncode:
+        return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def table(res: dict) -> str:
+    gbps = res["bandwidth"]["gemv_GBps"]
+
+    def decode(d: dict | None) -> str:
+        return f"{d['median_ms']:.0f} ({100 * d['bytes'] / (d['median_ms'] / 1e3) / 1e9 / gbps:.0f}%)" if d else "-"
+
+    lines = ["| contender | task | open+load s | TTFT s | " + " | ".join(f"decode ms @{c} (%limit)" for c in CONTEXTS)
+             + " | s per image | peak RSS GiB |", "|---" * (6 + len(CONTEXTS)) + "|"]
+    for name, r in res["contenders"].items():
+        if "error" in r:
+            lines.append(f"| {name} | - | not run: {r['error']} |")
+            continue
+        for task in (t for t in ("com", "gen") if t in r):
+            t = r[task]
+            load = r.get("open_s", 0) + t.get("load_s", r.get("load_s", 0))
+            image = f"{t['image_s']:.0f}" if "image_s" in t else "-"
+            lines.append(f"| {name} | {task} | {load:.1f} | {t['ttft_s']:.1f} | "
+                         + " | ".join(decode(t["decode"].get(str(c))) for c in CONTEXTS)
+                         + f" | {image} | {r['peak_rss_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        print(json.dumps(WORKERS[sys.argv[2]](json.loads(sys.argv[3]))))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="the full checkpoint (`build.py synth --size full`)")
+    p.add_argument("--fp32", type=Path, help="its fp32 bundle (`build.py export`)")
+    p.add_argument("--int4", type=Path, help="its int4 bundle (`build.py calibrate --scheme int4`)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--fp32-image", action="store_true", help="also time a generated image with the fp32 bundle")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "full_size.json")
+    a = p.parse_args(argv)
+    from benchmarks.cpu import physical_cores
+
+    threads = a.threads or physical_cores()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    from benchmarks.timing import bandwidth, load_average, machine
+
+    common = {"threads": threads, "warmup": a.warmup, "reps": a.reps, "contexts": list(CONTEXTS)}
+    res = {"machine": machine(threads), "load_start": load_average(), "bandwidth": bandwidth(threads, 1, 5),
+           "contenders": {}}
+    for name, bundle, image in (("ours fp32", a.fp32, a.fp32_image), ("ours int4", a.int4, True)):
+        if bundle is not None:
+            print(f"[run] {name}: {bundle}", flush=True)
+            res["contenders"][name] = spawn("ours", {**common, "bundle": str(bundle), "tasks": ["com", "gen"],
+                                                     "image": image})
+    if not a.no_torch:
+        print("[run] PyTorch reference fp32", flush=True)
+        res["contenders"]["PyTorch fp32"] = spawn("torch", {**common, "checkpoint": str(a.checkpoint)})
+    res["load_end"] = load_average()
+    m = res["machine"]
+    print(f"\n# {m['cpu']}, {m['usable_cpus']} CPUs ({threads} threads), flags: {m['flags']}, {m['mem_GiB']} GiB; "
+          f"GEMV bandwidth {res['bandwidth']['gemv_GBps']:.1f} GB/s; load {res['load_start']:.2f} -> "
+          f"{res['load_end']:.2f}; median of {a.reps} after {a.warmup} warm-up (TTFT and image: one run)")
+    print(table(res))
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
