@@ -67,16 +67,20 @@ def quantize_graph(model: onnx.ModelProto, nodes: list[str], feeds: list[dict], 
     model.ir_version = IR_VERSION
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[algorithm]
-    logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice does not apply here
-    with tempfile.TemporaryDirectory(prefix="healthgpt-qdq-") as tmp:
-        out = Path(tmp) / "q.onnx"
-        quantize_static(model, out, _Feeds(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_quantize=nodes, calibrate_method=method, use_external_data_format=True,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibStridedMinMax": 1,
-                                       "OpTypesToExcludeOutputQuantization": ["MatMul"],
-                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
-        q = onnx.load(str(out))
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # its "consider pre-processing" advice (root logger) does not apply here
+    try:
+        with tempfile.TemporaryDirectory(prefix="healthgpt-qdq-") as tmp:
+            out = Path(tmp) / "q.onnx"
+            quantize_static(model, out, _Feeds(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_quantize=nodes, calibrate_method=method, use_external_data_format=True,
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                           "CalibStridedMinMax": 1, "OpTypesToExcludeOutputQuantization": ["MatMul"],
+                                           "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+            q = onnx.load(str(out))
+    finally:
+        root.setLevel(level)
     _float_side_readers(q, set(nodes))
     if scheme == "fp8":
         _to_fp8(q, nodes, weights)
