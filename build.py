@@ -134,11 +134,14 @@ def main(argv=None) -> int:
     c = sub.add_parser("calibrate", help="fp32 bundle -> quantized bundle (same graph interfaces) + quant.json/md")
     c.add_argument("--bundle", type=Path, required=True, help="the fp32 bundle written by `build.py export`")
     c.add_argument("--out", type=Path, required=True, help="quantized bundle directory (replaced atomically)")
-    c.add_argument("--scheme", choices=["int4", "int8"], default="int4",
-                   help="weight-only: int4 (blocks along K) or int8 (per channel), DequantizeLinear -> MatMul")
+    c.add_argument("--scheme", choices=["int4", "int8", "w8a8", "fp8"], default="int4",
+                   help="weight-only: int4 (blocks along K) or int8 (per channel), DequantizeLinear -> MatMul; "
+                        "Q/DQ for TensorRT strongly typed engines: w8a8 (int8 weights per channel, int8 activations "
+                        "per tensor) or fp8 (E4M3)")
     c.add_argument("--block-size", type=int, choices=[128, 64, 32], default=128, help="int4 block along K")
-    c.add_argument("--algorithm", choices=["awq", "rtn"],
-                   help="int4: awq (activation-aware clipping, default) or rtn (round to nearest); int8: rtn")
+    c.add_argument("--algorithm", choices=["awq", "rtn", "minmax", "percentile", "entropy"],
+                   help="int4: awq (activation-aware clipping, default) or rtn (round to nearest); int8: rtn; "
+                        "w8a8, fp8: the activation ranges' calibration, minmax (default), percentile or entropy")
     c.add_argument("--images", nargs="+", type=Path,
                    help="calibration images or folders (PNG/JPEG/TIFF/DICOM; default: medical images shipped "
                         "inside the installed packages)")

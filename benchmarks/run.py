@@ -188,19 +188,25 @@ def decode_d1(r: Run, np, torch) -> None:
             opt = C.OptimumDecoder(r.arts["optimum"], r.T)
         except Exception as e:  # noqa: BLE001
             r.arts["optimum"] = f"not run: {type(e).__name__}: {str(e)[:160]}"
-    d1 = {"ours com": ours, "ours base": base, "torch com": tref, **({"optimum base": opt} if opt else {})}
+    quant = {f"ours com {scheme}": C.our_decoder(Bundle.open(d), "com", r.embed, r.T)
+             for scheme, d in r.arts["quantized"].items() if isinstance(d, Path)}
+    d1 = {"ours com": ours, **quant, "ours base": base, "torch com": tref, **({"optimum base": opt} if opt else {})}
     r.gemv = Gemv(1.0)  # the bandwidth yardstick, timed in the same round-robin as the decoders
     r.res["gemv_bytes"] = r.gemv.nbytes
     r.res["decode_D1"] = {str(c): r.bench({**{k: d.decode_case(c) for k, d in d1.items()}, "GEMV": r.gemv.case()})
                           for c in CONTEXTS}
-    pre = {"ours com": ours.prefill_case(r.embeds), "torch com": tref.prefill_case(r.embeds)}
+    pre = {"ours com": ours.prefill_case(r.embeds), **{k: d.prefill_case(r.embeds) for k, d in quant.items()},
+           "torch com": tref.prefill_case(r.embeds)}
     if opt:
         pre["optimum base"] = opt.prefill_case(PROMPT)
     r.res["prefill_D1"] = r.bench(pre)
     r.res["bytes"] = {"ours com": [ours.weight_bytes, _kv_read(ours)], "ours base": [base.weight_bytes, _kv_read(base)],
                       "torch com": [tref.weight_bytes, None],
                       **({"optimum base": [opt.weight_bytes, None]} if opt else {}),
+                      **{k: [d.weight_bytes, _kv_read(d)] for k, d in quant.items()},
                       "kv_per_token": 2 * r.cfg.layers * r.cfg.kv_heads * r.cfg.head_dim * 4}
+    r.res["quantized"] = {scheme: {"rss_delta": quant[f"ours com {scheme}"].rss_delta, "bundle": str(d)}
+                          if isinstance(d, Path) else d for scheme, d in r.arts["quantized"].items()}
     r.res["peers"] = {"optimum": str(r.arts["optimum"]) if opt is None else "ORTModelForCausalLM (onnxruntime-gpu, "
                                                                              "CPU provider)"}
     r.ref = None

@@ -1,8 +1,10 @@
 """`build.py calibrate`: an fp32 bundle -> a quantized bundle with the same graph interfaces.
 
 Activations are collected by running the fp32 bundle's own graphs on ONNX Runtime over the calibration set, as at
-run time (the vision graph's output spliced into the decoder's prompt). Each distinct weight is quantized once for
-every graph that reads it, so the base decoder weights (identical in both tasks) stay one tensor in weights.bin.
+run time (the vision graph's output spliced into the decoder's prompt). Weight-only schemes (int4, int8: quantize.py)
+quantize each distinct weight once for every graph that reads it; the Q/DQ schemes (w8a8, fp8: qdq.py) quantize
+each graph with quantize_static, whose per-channel weights are a function of the weight alone. Either way the base
+decoder weights (identical in both tasks) come out as identical bytes: one tensor in the content-addressed weights.bin.
 The bundle is built in `OUT.partial/` and swapped in whole at the end, as `build.py export` does (export/outdir.py);
 manifest.json is written last, so nothing before that opens as a bundle.
 """
@@ -21,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 from tqdm import tqdm
 
-from calibration import data, quantize, report
+from calibration import data, qdq, quantize, report
 from export.compile.bundle import file_table
 from export.compile.lint import lint
 from export.compile.onnx_export import WeightStore
@@ -44,11 +46,24 @@ from runtime.manifest import (
 from runtime.pipeline import Pipeline
 
 BLOCK_SIZES = (128, 64, 32)  # TensorRT's INT4 blocks are 64 or 128; 32 for the tiny test widths
-ALGORITHMS = {"int4": ("awq", "rtn"), "int8": ("rtn",)}  # first: the default
+# first: the default
+ALGORITHMS = {"int4": ("awq", "rtn"), "int8": ("rtn",), "w8a8": qdq.ALGORITHMS, "fp8": qdq.ALGORITHMS}
 GRAPHS = ("decoder", "vision")
 # int8 activations inside the fused MatMulNBits: the fast kernels on this CPU (anchors.md; 8-bit below level 4
 # runs ~20x slower than fp32)
 ACCURACY_LEVEL = 4
+WEIGHT_ONLY = "DequantizeLinear (symmetric, no zero point, opset 21) -> MatMul; standard ONNX, TensorRT-buildable"
+QDQ = ("QuantizeLinear -> DequantizeLinear on the activation (per tensor, static, symmetric) and DequantizeLinear on "
+       "the weight (per output channel, symmetric) -> MatMul, opset 21; standard ONNX, for TensorRT strongly typed "
+       "builds")
+# ONNX Runtime CPU, per graph: its QDQ fusions turn FP8 Q/DQ into MatMulIntegerToFloat, which has no float8 kernel
+# (the session fails to build), so fp8 graphs run as written (Q/DQ in fp32: an exact emulation). w8a8 decoders keep
+# the fusions (int8 kernels: the CPU speed path; on AVX2 without VNNI their u8s8 products saturate, measured on the
+# tiny bundle: COM top-1 0.83 and mean KL 3.4e-5 against 0.96 and 2.0e-6 as written); on the vision graph ORT 1.31's
+# MatMul+Add -> Gemm QDQ rewrite writes an invalid QuantizeLinear (int8 output, uint8 zero point) and the session fails
+# to build, so vision runs as written too.
+AS_WRITTEN = {"session.disable_quant_qdq": "1"}
+SESSION_CONFIG = {"fp8": {"decoder": AS_WRITTEN, "vision": AS_WRITTEN}, "w8a8": {"vision": AS_WRITTEN}}
 
 
 def _targets(model: onnx.ModelProto, graph: str, lm_head: bool) -> list[quantize.WeightMatMul]:
@@ -57,11 +72,25 @@ def _targets(model: onnx.ModelProto, graph: str, lm_head: bool) -> list[quantize
     return [m for m in quantize.weight_matmuls(model) if m.role in roles]
 
 
-def collect_importance(bundle: Bundle, samples: list[data.Sample], targets: dict) -> dict[str, np.ndarray]:
+def calibration_feeds(bundle: Bundle, samples: list[data.Sample], keys) -> dict[tuple[str, str], list[dict]]:
+    """(task, graph) -> one feed per calibration sample, as the runtime feeds the graph: pixel values for vision,
+    the prompt's embeddings (the fp32 vision graph's output spliced in) and an empty KV cache for the decoder."""
+    backend = OrtBackend("cpu")
+    pipe = Pipeline(bundle, backend)
+    out = {}
+    for task, graph in keys:
+        spec = bundle.spec(task, graph)
+        out[(task, graph)] = [
+            {"pixel_values": s.pixel_values} if graph == "vision" else
+            {"inputs_embeds": pipe.prompt(TASKS[task], s.path, s.prompt(task)), **KVCache(backend, spec).feeds()}
+            for s in tqdm(samples, desc=f"calibrate {task}.{graph}", unit="image", leave=False)]
+    return out
+
+
+def collect_importance(bundle: Bundle, feeds: dict, targets: dict) -> dict[str, np.ndarray]:
     """Mean square per input channel of every target MatMul's activation, pooled by weight over the tasks and
     the calibration set. targets: (task, graph) -> (graph-only model, WeightMatMuls)."""
     backend = OrtBackend("cpu")
-    pipe = Pipeline(bundle, backend)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for (task, graph), (model, matmuls) in targets.items():
@@ -69,18 +98,39 @@ def collect_importance(bundle: Bundle, samples: list[data.Sample], targets: dict
         names = sorted({m.activation for m in matmuls})
         probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
         g = backend.load(bundle, task, graph, model=probe.SerializeToString())
-        for s in tqdm(samples, desc=f"calibrate {task}.{graph}", unit="image", leave=False):
-            if graph == "vision":
-                feeds = {"pixel_values": s.pixel_values}
-            else:
-                embeds = pipe.prompt(TASKS[task], s.path, s.prompt(task))
-                feeds = {"inputs_embeds": embeds, **KVCache(backend, g.spec).feeds()}
-            acts = dict(zip(names, g.session.run(names, feeds)))
+        for feed in feeds[(task, graph)]:
+            acts = dict(zip(names, g.session.run(names, feed)))
             for m in matmuls:
                 x = acts[m.activation].reshape(-1, acts[m.activation].shape[-1]).astype(np.float64)
                 sums[m.weight] = sums.get(m.weight, 0) + (x * x).sum(0)
                 counts[m.weight] = counts.get(m.weight, 0) + x.shape[0]
     return {w: (sums[w] / counts[w]).astype(np.float32) for w in sums}
+
+
+def _relative_error(deq: np.ndarray, w: np.ndarray) -> float:
+    return float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
+
+
+def _weight_only_graph(model, matmuls, scheme, block_size, importance, done, errors, root: Path) -> onnx.ModelProto:
+    """The graph with its target weights through DequantizeLinear; each distinct weight quantized once (`done`),
+    read from the weights file in `root` when its turn comes (the graph was loaded without its weights)."""
+    arrays = {i.name: i for i in model.graph.initializer}
+    block = block_size if scheme == "int4" else None
+    for m in matmuls:
+        if m.weight not in done:
+            w = numpy_helper.to_array(arrays[m.weight], base_dir=str(root))
+            q, scale = quantize.quantize_weight(w, scheme, block_size, importance.get(m.weight))
+            errors[m.weight] = _relative_error(quantize.dequantize(q, scale, scheme, block_size), w)
+            done[m.weight] = (quantize.weight_initializers(q, scale, scheme, m.weight), block)
+    return quantize.rewrite(model, {m.weight: done[m.weight] for m in matmuls}, scheme)
+
+
+def _qdq_graph(model, matmuls, feeds, scheme, algorithm, errors) -> onnx.ModelProto:
+    nodes = [m.node for m in matmuls]
+    out, weights = qdq.quantize_graph(model, nodes, feeds, scheme, algorithm)
+    deq = qdq.dequantized_weights(out, nodes)
+    errors.update({m.weight: _relative_error(deq[m.node], weights[m.node]) for m in matmuls})
+    return out
 
 
 def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", block_size: int = 128,
@@ -90,8 +140,7 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
     (the full model on a CPU: the default report's 1024-step image runs alone take tens of minutes)."""
     out = Path(out)
     if scheme not in ALGORITHMS:
-        raise UserError(f"unknown scheme {scheme!r}; this release writes {', '.join(ALGORITHMS)} "
-                        "(w8a8 and fp8 Q/DQ are not built yet)")
+        raise UserError(f"unknown scheme {scheme!r}; choose one of {', '.join(ALGORITHMS)}")
     algorithm = algorithm or ALGORITHMS[scheme][0]
     if algorithm not in ALGORITHMS[scheme]:
         raise UserError(f"--algorithm {algorithm} does not apply to {scheme}; choose {', '.join(ALGORITHMS[scheme])}")
@@ -111,7 +160,8 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
     start = time.perf_counter()
     chosen = {(t, g): onnx.load(str(src.path(t, g)), load_external_data=False) for t in src.tasks for g in graphs}
     targets = {k: (m, _targets(m, k[1], lm_head)) for k, m in chosen.items()}
-    importance = collect_importance(src, calib, targets) if algorithm == "awq" else {}
+    feeds = calibration_feeds(src, calib, targets) if algorithm == "awq" or scheme in qdq.FORMATS else {}
+    importance = collect_importance(src, feeds, targets) if algorithm == "awq" else {}
 
     with staged(out, "bundle", [src.root]) as tmp:
         store = WeightStore(tmp / "weights.bin")
@@ -124,17 +174,13 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
             model = onnx.load(str(src.file(entry.file)), load_external_data=False)
             key = entry.cache_key
             if (task, name) in targets:
-                arrays = {i.name: i for i in model.graph.initializer}
-                for m in targets[(task, name)][1]:
-                    if m.weight not in done:
-                        w = numpy_helper.to_array(arrays[m.weight], base_dir=str(src.root))
-                        q, scale = quantize.quantize_weight(w, scheme, block_size, importance.get(m.weight))
-                        deq = quantize.dequantize(q, scale, scheme, block_size)
-                        errors[m.weight] = float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
-                        done[m.weight] = (quantize.weight_initializers(q, scale, scheme, m.weight), block)
-                quantized = {m.weight: done[m.weight] for m in targets[(task, name)][1]}
-                model = quantize.rewrite(model, quantized, scheme)
-                fused[graph_id] = len(quantized)
+                matmuls = targets[(task, name)][1]
+                if scheme in qdq.FORMATS:  # quantize_static takes the graph with its weights in it
+                    onnx.external_data_helper.load_external_data_for_model(model, str(src.root))
+                    model = _qdq_graph(model, matmuls, feeds[(task, name)], scheme, algorithm, errors)
+                else:
+                    model = _weight_only_graph(model, matmuls, scheme, block_size, importance, done, errors, src.root)
+                fused[graph_id] = len(matmuls)
                 # never mistaken for the fp32 export's graph by the export cache
                 key = hashlib.sha256(f"{key}|{scheme}|{algorithm}|{block}|{lm_head}".encode()).hexdigest()
             problems = lint(model)
@@ -145,23 +191,25 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
             onnx.checker.check_model(str(tmp / entry.file), full_check=True)
             entries[graph_id] = dataclasses.replace(entry, cache_key=key, initializers=initializers)
         store.close()
-        if not done:
+        if not errors:
             raise UserError(f"{src.root}: no MatMul weights to quantize in {', '.join(graphs)}")
         tokenizer = src.manifest.tokenizer.file
         shutil.copy2(src.file(tokenizer), tmp / tokenizer)
+        qdq_format = qdq.FORMATS.get(scheme)
         quant = Quantization(
-            scheme=scheme, algorithm=algorithm, block_size=block, weights="int4" if scheme == "int4" else "int8",
-            activations="float32", graphs=tuple(graphs), lm_head="quantized" if lm_head else "float32",
-            form="DequantizeLinear (symmetric, no zero point, opset 21) -> MatMul; standard ONNX, TensorRT-buildable",
-            ort_only=False, accuracy_level=ACCURACY_LEVEL, quantized_matmuls=fused, source_bundle=str(src.root),
+            scheme=scheme, algorithm=algorithm, block_size=block, weights=qdq_format or scheme,
+            activations=qdq_format or "float32", graphs=tuple(graphs), lm_head="quantized" if lm_head else "float32",
+            form=QDQ if qdq_format else WEIGHT_ONLY, ort_only=False,
+            accuracy_level=None if qdq_format else ACCURACY_LEVEL, quantized_matmuls=fused, source_bundle=str(src.root),
             calibration_set=tuple(CalibrationFile(**c) for c in data.describe(calib)),
             weight_rel_error={"mean": float(np.mean(list(errors.values()))), "max": float(max(errors.values()))},
-            tolerances=report.TOLERANCES[scheme])
+            tolerances=report.TOLERANCES[scheme], session_config={
+                g: c for g, c in SESSION_CONFIG.get(scheme, {}).items() if g in graphs})
         tensors = {n: TensorEntry(t["offset"], t["dtype"], tuple(t["shape"])) for n, t in store.tensors.items()}
         manifest = dataclasses.replace(
             src.manifest, graphs=entries, weights=WeightsTable(store.path.name, tensors), engines={},
             precision=dataclasses.replace(precision, quantization=quant), files=file_table(tmp))
-        tqdm.write(f"[I] quantized {len(done)} distinct weights ({scheme}, {algorithm}) in "
+        tqdm.write(f"[I] quantized {len(errors)} distinct weights ({scheme}, {algorithm}) in "
                    f"{time.perf_counter() - start:.1f}s; measuring against {src.root}")
         # measured before manifest.json exists: until it is written nothing here opens as a bundle
         held_out = data.held_out_images()[:1] if quick_report else data.held_out_images()

@@ -44,6 +44,19 @@ TOLERANCES = {
                        min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.99,
                        vs_reference=ReferenceBounds(max_abs=0.5, min_cosine=0.99, token_agreement=0.0,
                                                     gen_indices=0.0, min_psnr=10.0)),
+    # Q/DQ, decoder and vision, over minmax/percentile/entropy and 3 or 10 calibration images: floors about 4x the
+    # worst measured distance from 1 (cosines), ~0.13 under the worst top-1, 4x the worst mean KL.
+    # w8a8 measured (decoder fused by ORT, vision as written): top-1 0.83-0.95, KL 0.9-5.1e-5, logit cos 0.9975-0.9996,
+    # vision cos 0.9987-0.9998, PSNR 12.5 dB
+    "w8a8": Tolerances(min_top1=0.7, max_mean_kl=2e-4, min_greedy=0.0, min_vision_cosine=0.995,
+                       min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.99,
+                       vs_reference=ReferenceBounds(max_abs=1.0, min_cosine=0.99, token_agreement=0.0,
+                                                    gen_indices=0.0, min_psnr=10.0)),
+    # fp8 measured (as written): top-1 0.80-0.88, KL 2.2-4.4e-5, logit cos 0.9983-0.9989, vision cos 0.9968-0.9984
+    "fp8": Tolerances(min_top1=0.65, max_mean_kl=2e-4, min_greedy=0.0, min_vision_cosine=0.985,
+                      min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.99,
+                      vs_reference=ReferenceBounds(max_abs=1.0, min_cosine=0.985, token_agreement=0.0,
+                                                   gen_indices=0.0, min_psnr=10.0)),
 }
 
 
@@ -53,8 +66,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _cosine(a, b) -> float:
+    # elementwise, no BLAS call: measured 16 ms per logits vector when BLAS threads wait on ONNX Runtime's spinning ones
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
 def teacher_forced(fp: Pipeline, q: Pipeline, task: str, image, prompt: str, positions: int = POSITIONS) -> dict:

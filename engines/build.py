@@ -4,9 +4,11 @@ One engine per graph of the manifest:
 - optimization profiles come from the graph's spec (`GraphSpec.trt_profiles()`): the decoder gets a prefill profile
   (seq 1..max_context, tuned for the one-row cache of an empty context) and a single-token decode profile (tuned for
   a full cache); vision and vqgan are static (one min = opt = max profile);
-- the network is strongly typed. TensorRT 11 has no weak typing (no fp16/bf16 builder flags), so an engine computes
-  in the precision its ONNX graph carries, fp32 islands included: `precision` can only confirm the bundle's dtype.
-  fp16 engines come from `build.py export --dtype fp16`; bf16 follows the same rule and needs a bf16 export;
+- the network is strongly typed. TensorRT 11 has no weak typing (no fp16/bf16/int8/fp8 builder flags), so an
+  engine computes in the precision its ONNX graph carries, fp32 islands included: `precision` can only confirm the bundle's
+  dtype. fp16 engines come from `build.py export --dtype fp16`; bf16 follows the same rule and needs a bf16 export;
+  INT4/INT8/FP8 engines come from `build.py calibrate` (Q/DQ nodes in the graph), and their manifest entry says
+  so (precision 'fp32+w8a8');
 - one timing cache is shared by every build and saved after each (atomically), so rebuilds are fast;
 - each plan is written atomically, then recorded under the manifest's `engines[graph_id]` (GPU, compute
   capability, TensorRT version, precision, profiles, cache key) and in its `files`, so the bundle's integrity check covers
@@ -39,7 +41,7 @@ BUILDER_VERSION = 1  # bump when the build settings below change: every cached e
 ENGINE_DIR = "engines"
 
 __all__ = ["BUILD_PRECISIONS", "add_engines_command", "build_engines", "build_plan", "check_compat", "check_request",
-           "engine_entry", "engine_key", "profiles_for"]
+           "engine_entry", "engine_key", "graph_precision", "profiles_for"]
 
 Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max) of one input
 
@@ -80,6 +82,15 @@ def check_request(manifest: Manifest, precision: str | None, max_context: int | 
                             f"{have}")
         raise UserError(f"{why}: re-export with `python build.py export --dtype {precision}`, then build engines again")
     return precision
+
+
+def graph_precision(manifest: Manifest, graph_id: str, precision: str) -> str:
+    """What the engine of `graph_id` computes in: the build precision, and the scheme of a quantized graph (its Q/DQ
+    nodes carry it: a strongly typed network takes the types from the graph), e.g. 'fp32+w8a8'."""
+    quantization = manifest.precision.quantization
+    if quantization is None or manifest.graphs[graph_id].spec.name not in quantization.graphs:
+        return precision
+    return f"{precision}+{quantization.scheme}"
 
 
 def engine_key(manifest: Manifest, graph_id: str, precision: str, device: DeviceInfo) -> str:
@@ -128,7 +139,8 @@ def build_plan(onnx_path: Path, profiles: list[dict[str, Shapes]], timing_cache:
 
     try:
         builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=True)
-        # No fp16/bf16/int8 flags: strongly typed. Polygraphy clears TF32 unless asked, so fp32 graphs stay fp32.
+        # No fp16/bf16/int8/fp8 flags: strongly typed, Q/DQ types come from the graph. Polygraphy clears TF32 unless
+        # asked, so fp32 graphs stay fp32.
         config = CreateConfig(profiles=[_polygraphy_profile(Profile, p) for p in profiles])(builder, network)
         if timing_cache:
             try:
@@ -183,7 +195,8 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, max_cont
         if not force and old and old.key == key and _intact(root / old.file, old):
             print(f"[I] {graph_id}: cached engine {old.file} ({old.bytes / 2**20:.1f} MiB, key matches)")
             continue
-        print(f"[I] {graph_id}: building ({len(profiles)} profile(s): {describe(spec)})", flush=True)
+        print(f"[I] {graph_id}: building {graph_precision(manifest, graph_id, precision)} ({len(profiles)} "
+              f"profile(s): {describe(spec)})", flush=True)
         start = time.perf_counter()
         plan, cache = build_plan(bundle.file(graph.file), profiles, cache_path.read_bytes() if cache_path.is_file()
                                  else None)
@@ -191,8 +204,8 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, max_cont
         if cache:
             write_atomic(cache_path, cache)
         seconds = time.perf_counter() - start
-        entry = engine_entry(graph_id, file, hashlib.sha256(plan).hexdigest(), plan.nbytes, device, precision,
-                             profiles, key, seconds)
+        entry = engine_entry(graph_id, file, hashlib.sha256(plan).hexdigest(), plan.nbytes, device,
+                             graph_precision(manifest, graph_id, precision), profiles, key, seconds)
         engines[graph_id], files[file] = entry, FileEntry(entry.sha256, entry.bytes)
         manifest = dataclasses.replace(manifest, engines=dict(engines), files=dict(files))
         save_manifest(root, manifest)

@@ -18,7 +18,7 @@ from runtime.bundle import Bundle
 from runtime.errors import UserError
 from runtime.graphspec import GraphSpec
 from runtime.healthgpt import graph_id
-from runtime.manifest import PACKED_4BIT
+from runtime.manifest import NOT_NUMPY
 from runtime.providers import PROVIDERS, QUIET, VERBOSE
 
 
@@ -98,8 +98,9 @@ class OrtBackend:
 
     def shared_weights(self, bundle: Bundle) -> dict[str, object]:
         """Every tensor of the bundle's weights file as an OrtValue over one read-only memory map (made once).
-        4-bit tensors are not among them: numpy has no packed 4-bit type to hand them over with, so ONNX Runtime
-        reads those from the weights file itself (the graphs point into it as external data)."""
+        4-bit and float8 tensors are not among them: numpy has no such types to hand them over with (packed 4-bit;
+        float8 only through ml_dtypes), so ONNX Runtime reads those from the weights file itself (the graphs point
+        into it as external data)."""
         if bundle.root not in self.weights:
             table = bundle.manifest.weights
             self.prepacks[bundle.root] = self.prepack if self.prepack is not None else (
@@ -108,7 +109,7 @@ class OrtBackend:
             self.weights[bundle.root] = {
                 name: self.ort.OrtValue.ortvalue_from_numpy(
                     mm[t.offset: t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.shape))
-                for name, t in table.tensors.items() if t.dtype not in PACKED_4BIT}
+                for name, t in table.tensors.items() if t.dtype not in NOT_NUMPY}
         return self.weights[bundle.root]
 
     def load(self, bundle: Bundle, task: str, name: str, model: bytes | None = None) -> OrtGraph:
@@ -124,6 +125,8 @@ class OrtBackend:
         level = self.accuracy_level if self.accuracy_level is not None else quantization and quantization.accuracy_level
         if level is not None:
             opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        for key, value in (quantization.session_config.get(name, {}) if quantization else {}).items():
+            opts.add_session_config_entry(key, value)
         if self.optimized_dir is not None:
             opts.optimized_model_filepath = str(Path(self.optimized_dir) / f"{graph_id(task, name)}.onnx")
         if model is not None:  # its external initializers point into the bundle's weights file, relative to the bundle

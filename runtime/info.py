@@ -74,10 +74,13 @@ def _quantization(q) -> list[str]:
     block = f"blocks of {q.block_size}" if q.block_size else "per channel"
     where = "; ONNX Runtime only (no TensorRT engines)" if q.ort_only else ""
     report = "not measured" if q.report is None else f"{'passed' if q.report.passed else 'FAILED'} ({q.report.file})"
-    return [f"{q.scheme} {q.algorithm} ({block}) on {', '.join(q.graphs)}, LM head {q.lm_head}; {q.form}{where}",
+    level = "" if q.accuracy_level is None else f"; MatMulNBits accuracy level {q.accuracy_level}"
+    return [f"{q.scheme} {q.algorithm} (weights {q.weights} {block}, activations {q.activations}) on "
+            f"{', '.join(q.graphs)}, LM head {q.lm_head}; {q.form}{where}",
             f"{sum(q.quantized_matmuls.values())} MatMuls through DequantizeLinear ("
-            + ", ".join(f"{g} {n}" for g, n in q.quantized_matmuls.items()) + f"); MatMulNBits accuracy level "
-            f"{q.accuracy_level}; accuracy report {report}",
+            + ", ".join(f"{g} {n}" for g, n in q.quantized_matmuls.items()) + f"){level}; accuracy report {report}",
+            *(f"ONNX Runtime {g} sessions: " + ", ".join(f"{k}={v}" for k, v in c.items())
+              for g, c in q.session_config.items()),
             f"calibrated on {len(q.calibration_set)} images: " + ", ".join(c.file for c in q.calibration_set)]
 
 

@@ -25,8 +25,11 @@ FORMAT = "healthgpt-edge-bundle"
 FORMAT_VERSION = 2  # 2: typed and validated manifest, KV pairs in the decoder spec, per-tensor digests checked
 MANIFEST = "manifest.json"
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # bundle precision -> its float tensors' dtype
-WEIGHT_DTYPES = frozenset({"float32", "float16", "int64", "uint8", "int8", "int32", "int4", "uint4"})
+WEIGHT_DTYPES = frozenset({"float32", "float16", "int64", "uint8", "int8", "int32", "int4", "uint4", "float8_e4m3fn"})
 PACKED_4BIT = frozenset({"int4", "uint4"})  # stored two values a byte, as ONNX packs them
+FLOAT8 = frozenset({"float8_e4m3fn"})  # one byte each; numpy has no such type without ml_dtypes
+NOT_NUMPY = PACKED_4BIT | FLOAT8  # tensors the runtime cannot hand over as numpy arrays
+QUANT_SCHEMES = ("int4", "int8", "w8a8", "fp8")
 
 
 def bundle_path(name: str) -> str | None:
@@ -164,11 +167,11 @@ class ReportRef(Record):
 @dataclass(frozen=True)
 class Quantization(Record):
     """The typed slot `build.py calibrate` fills: which scheme, how, on what data, and how accurate it came out."""
-    scheme: str  # int4 | int8 (weight-only)
-    algorithm: str  # awq (activation-aware clipping), rtn
+    scheme: str  # int4 | int8 (weight-only) | w8a8 | fp8 (Q/DQ on weights and activations)
+    algorithm: str  # awq (activation-aware clipping), rtn; Q/DQ activation ranges: minmax, percentile, entropy
     block_size: int | None  # int4: elements per scale along K; None: per output channel (int8)
     weights: str  # the stored weight type
-    activations: str
+    activations: str  # what the quantized MatMuls read: float32 (weight-only), int8, float8e4m3fn
     graphs: tuple[str, ...]  # graph names quantized (decoder, vision)
     lm_head: str  # float32 | quantized
     form: str  # the ONNX form, in words
@@ -180,10 +183,15 @@ class Quantization(Record):
     weight_rel_error: dict[str, float]  # mean / max relative Frobenius error of the quantized weights
     tolerances: Tolerances
     report: ReportRef | None = None
+    # graph name -> ONNX Runtime session config entries its sessions need (OrtBackend sets them), e.g. fp8:
+    # session.disable_quant_qdq = 1 (the CPU provider's QDQ fusions have no float8 kernels)
+    session_config: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def problems(self):
-        if self.scheme not in ("int4", "int8"):
-            yield f"scheme {self.scheme!r} is not one of int4, int8"
+        if self.scheme not in QUANT_SCHEMES:
+            yield f"scheme {self.scheme!r} is not one of {', '.join(QUANT_SCHEMES)}"
+        if bad := [k for entries in self.session_config.values() for k in entries if not k.startswith("session.")]:
+            yield f"session_config key(s) {', '.join(bad)} are not ONNX Runtime session config entries"
         if self.accuracy_level is not None and not 0 <= self.accuracy_level <= 4:
             yield f"accuracy_level {self.accuracy_level} is not in 0..4"
 
@@ -234,7 +242,9 @@ class TensorEntry(Record):
     @property
     def nbytes(self) -> int:
         n = int(np.prod(self.shape, dtype=np.int64))
-        return (n + 1) // 2 if self.dtype in PACKED_4BIT else n * np.dtype(self.dtype).itemsize
+        if self.dtype in NOT_NUMPY:
+            return (n + 1) // 2 if self.dtype in PACKED_4BIT else n
+        return n * np.dtype(self.dtype).itemsize
 
     def problems(self):
         if self.dtype not in WEIGHT_DTYPES:

@@ -24,3 +24,7 @@ def test_benchmark_smoke_run(tmp_path):
         assert res[key], key
     assert set(res["decode_D1"]) == {"100", "600", "1600"}
     assert "ours com" in res["decode_D1"]["600"] and "GEMV" in res["decode_D1"]["600"]
+    # --quick: the int4 decoder beside fp32, its limit from the int4 bytes (fewer than fp32's)
+    assert "ours com int4" in res["decode_D1"]["600"] and "ours com int4" in res["prefill_D1"]
+    rows = res["derived"]["decode"]
+    assert rows["ours com int4"]["weights"] < rows["ours com"]["weights"] and res["quantized"]["int4"]["rss_delta"]

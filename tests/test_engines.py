@@ -179,7 +179,7 @@ def test_engines_command(bundle_dir, monkeypatch, capsys):
     a = parser.parse_args(["engines", "--bundle", str(bundle_dir)])
     a.run(a)
     out = capsys.readouterr().out
-    assert "[I] com.decoder: building (2 profile(s): seq 1..64..64, cache 1..1..64 | cache 1..64..64)" in out
+    assert "[I] com.decoder: building fp32 (2 profile(s): seq 1..64..64, cache 1..1..64 | cache 1..64..64)" in out
     assert "1 engines" in out and "NVIDIA H200" in out
     with pytest.raises(SystemExit):
         parser.parse_args(["engines", "--help"])

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 MIN_OPSET = 17  # LayerNormalization and fp16-safe norms (anchors.md: TensorRT #2781, #3692, #4493)
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+QDQ_OPSET = {onnx.TensorProto.FLOAT8E4M3FN: 19, onnx.TensorProto.INT4: 21}  # Q/DQ of these types from this opset
 
 # Operators marked supported ("Y") in TensorRT 10's ONNX parser support matrix:
 # https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md (TensorRT 10.x, opsets 9-20).
@@ -39,6 +43,27 @@ def lint(model: onnx.ModelProto) -> list[str]:
             problems.append(f"{node.name or node.op_type}: operator {node.domain}.{node.op_type} is not standard ONNX")
         elif node.op_type not in TENSORRT_OPS:
             problems.append(f"{node.name or node.op_type}: {node.op_type} is not on the TensorRT allow-list")
+    return problems + qdq_problems(model)
+
+
+def qdq_problems(model: onnx.ModelProto) -> list[str]:
+    """TensorRT takes only symmetric Q/DQ (zero point absent or 0), of types the graph's opset defines them for.
+    Zero points held as external data are not read (the exporters keep them inline: they are small)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    inits = {i.name: i for i in model.graph.initializer}
+    problems = []
+    for node in (n for n in model.graph.node if n.op_type in QDQ_OPS):
+        zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and zero is None:
+            problems.append(f"{node.name}: zero point {node.input[2]} is not a constant")
+        if zero is None:
+            continue
+        if opset < QDQ_OPSET.get(zero.data_type, 0):
+            problems.append(f"{node.name}: {onnx.TensorProto.DataType.Name(zero.data_type)} Q/DQ needs opset "
+                            f">= {QDQ_OPSET[zero.data_type]}, the graph has {opset}")
+        if zero.data_location != onnx.TensorProto.EXTERNAL and np.any(
+                numpy_helper.to_array(zero).astype(np.float32) != 0):
+            problems.append(f"{node.name}: zero point is not 0 (TensorRT takes symmetric quantization only)")
     return problems
 
 
