@@ -70,7 +70,9 @@ class OrtBackend:
     base decoder twice. prepack=False: sessions compute from the shared mapping, one copy in all (measured here at
     4 real-width layers: +0.00 instead of +1.9 GiB per decoder session, decode 5-8% slower; benchmarks/README.md).
     prepack=None (default): prepack unless three copies of the bundle's weights (the mapping and a copy per task)
-    would not fit in the memory available when the bundle is first opened - the full-size fp32 model's 15 GB, say.
+    would not fit in the memory available when the bundle is first opened - the full-size fp32 model's 15 GB, say;
+    a quantized bundle always prepacks: MatMulNBits runs from its prepacked layout (without it, the full-size int4
+    report here took ~10 min for 32 positions of one task).
     The KV cache is a host numpy buffer: CPU sessions read it in place; CUDA sessions copy it in per step.
     Sessions run from several threads at once (ONNX Runtime's `run` is thread-safe), so `concurrent` is True.
 
@@ -104,7 +106,8 @@ class OrtBackend:
         if bundle.root not in self.weights:
             table = bundle.manifest.weights
             self.prepacks[bundle.root] = self.prepack if self.prepack is not None else (
-                3 * sum(t.nbytes for t in table.tensors.values()) < available_memory())
+                bundle.manifest.precision.quantization is not None  # MatMulNBits computes from its packed layout
+                or 3 * sum(t.nbytes for t in table.tensors.values()) < available_memory())
             mm = np.memmap(bundle.file(table.file), dtype=np.uint8, mode="r")
             self.weights[bundle.root] = {
                 name: self.ort.OrtValue.ortvalue_from_numpy(
