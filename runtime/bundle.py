@@ -83,6 +83,7 @@ class Bundle:
         weights = self.manifest.weights.file
         # weights.bin's check covers the tensor table too: a record of it holds for this table only
         table = hashlib.sha256(json.dumps(self.manifest.weights.to_json(), sort_keys=True).encode()).hexdigest()
+        record = verified.Record()
         for name, want in self.manifest.files.items():
             path = self.file(name)
             if not path.is_file():
@@ -90,12 +91,13 @@ class Bundle:
             if path.stat().st_size != want.bytes:
                 raise UserError(f"bundle file {path} is corrupt (its size differs from the manifest); re-export")
             context = table if name == weights else ""
-            if not rehash and verified.known(path, want.sha256, context):
+            if not rehash and record.known(path, want.sha256, context):
                 continue
             digest = _hash_weights(path, self.manifest.weights.tensors) if name == weights else file_digest(path)
             if digest != want.sha256:
                 raise UserError(f"bundle file {path} is corrupt (sha256 differs from the manifest); re-export")
-            verified.remember(path, digest, context)
+            record.remember(path, digest, context)
+        record.save()
 
     @property
     def tasks(self) -> list[str]:

@@ -7,7 +7,7 @@ record lives in the user's cache directory (`$XDG_CACHE_HOME/healthgpt-edge/veri
 the same user's next start; it is no defence against someone who can write that user's files. File times tick
 coarsely (a jiffy), so a file changed within the last second is not recorded: a second change in the same tick
 could leave every field equal (git's "racy" entries).
-`HEALTHGPT_EDGE_NO_RECORD=1` (or `Bundle.open(..., verify="full")`) hashes everything every time.
+`HEALTHGPT_EDGE_NO_RECORD=1` (or `Bundle.open(..., rehash=True)`) hashes everything every time.
 """
 
 from __future__ import annotations
@@ -34,35 +34,40 @@ def _stamp(path: Path, context: str) -> list:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, context]
 
 
-def _load() -> dict:
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads(record_path().read_text())
-        if isinstance(data, dict):
-            return data
-    return {}
-
-
 def enabled() -> bool:
     return os.environ.get("HEALTHGPT_EDGE_NO_RECORD", "") in ("", "0")
 
 
-def known(path: Path, sha256: str, context: str = "") -> bool:
-    """True when `path` was hashed to `sha256` (with `context`, e.g. the weights table it was checked against) and
-    has not changed since."""
-    entry = _load().get(str(path.resolve())) if enabled() else None
-    return entry is not None and entry == [*_stamp(path, context), sha256]
+class Record:
+    """The record, read once per bundle check and written once at its end (`save`), not once per file."""
 
+    def __init__(self):
+        self.data, self.changed = {}, False
+        if enabled():
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(record_path().read_text())
+                self.data = data if isinstance(data, dict) else {}
 
-def remember(path: Path, sha256: str, context: str = "") -> None:
-    """Record a file just hashed and checked. Concurrent writers may drop each other's entry: that costs one hash."""
-    if not enabled() or time.time_ns() - path.stat().st_ctime_ns < RACY_NS:
-        return
-    data = _load()
-    data.pop(str(path.resolve()), None)
-    data[str(path.resolve())] = [*_stamp(path, context), sha256]
-    data = dict(list(data.items())[-KEEP:])
-    with contextlib.suppress(Exception):  # a read-only home or a full disk: the next start hashes again
-        target = record_path()
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(target, json.dumps(data))
-        os.chmod(target, 0o600)
+    def known(self, path: Path, sha256: str, context: str = "") -> bool:
+        """True when `path` was hashed to `sha256` (with `context`, e.g. the weights table it was checked against)
+        and has not changed since."""
+        entry = self.data.get(str(path.resolve()))
+        return entry is not None and entry == [*_stamp(path, context), sha256]
+
+    def remember(self, path: Path, sha256: str, context: str = "") -> None:
+        """A file just hashed and checked (not when changed within RACY_NS: its times may not show a next change)."""
+        if not enabled() or time.time_ns() - path.stat().st_ctime_ns < RACY_NS:
+            return
+        self.data.pop(str(path.resolve()), None)
+        self.data[str(path.resolve())] = [*_stamp(path, context), sha256]
+        self.changed = True
+
+    def save(self) -> None:
+        """Concurrent writers may drop each other's entries: that costs one hash at the next start."""
+        if not self.changed:
+            return
+        with contextlib.suppress(Exception):  # a read-only home or a full disk: the next start hashes again
+            target = record_path()
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(target, json.dumps(dict(list(self.data.items())[-KEEP:])))
+            os.chmod(target, 0o600)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_cli import assert_user_error, run_cli
+from tiny_bundle import swap_same_shape_offsets
 
 from export.compile.bundle import export_bundle
 from export.outdir import staged
@@ -206,15 +207,7 @@ def test_a_bad_manifest_is_refused(copy, edit, match):
 
 
 def test_swapped_tensor_offsets_are_caught_by_content(copy):
-    def swap(m):
-        tensors = m["weights"]["tensors"]
-        by_shape = {}
-        for name, t in tensors.items():
-            by_shape.setdefault((t["dtype"], tuple(t["shape"])), []).append(name)
-        a, b = next(names for names in by_shape.values() if len(names) >= 2)[:2]
-        tensors[a]["offset"], tensors[b]["offset"] = tensors[b]["offset"], tensors[a]["offset"]
-
-    _edit_manifest(copy, swap)
+    _edit_manifest(copy, swap_same_shape_offsets)
     Bundle.open(copy, verify=False)  # the layout is still plausible ...
     with pytest.raises(UserError, match="does not hold the bytes its name was made from"):
         Bundle.open(copy)  # ... the bytes are not

@@ -127,3 +127,13 @@ def run_steps(backend, bundle, steps):
 
 def steps(rng):
     return [rng.standard_normal((1, s, TINY["hidden"])).astype(np.float32) for s in (3, 1, 1, 2)]
+
+
+def swap_same_shape_offsets(manifest: dict) -> None:
+    """Swap the offsets of two weights-table entries of one dtype and shape: a plausible layout, the wrong bytes."""
+    tensors = manifest["weights"]["tensors"]
+    by_shape = {}
+    for name, t in tensors.items():
+        by_shape.setdefault((t["dtype"], tuple(t["shape"])), []).append(name)
+    a, b = next(names for names in by_shape.values() if len(names) >= 2)[:2]
+    tensors[a]["offset"], tensors[b]["offset"] = tensors[b]["offset"], tensors[a]["offset"]

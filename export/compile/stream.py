@@ -1,7 +1,7 @@
 """The decoder graph exported without holding its weights: at full size they are 15 GB in fp32, the machine has 24.
 
-The structure is traced once, with every decoder-layer parameter a weightless placeholder (a stride-0 view of one
-zero) and `export_params=False`, so the tracer writes no weights and folds none (the export modules hold each
+The structure is traced once, with every decoder-layer parameter a weightless placeholder (one number broadcast to
+its shape) and `export_params=False`, so the tracer writes no weights and folds none (the export modules hold each
 MatMul operand as a parameter: export/reference/hlora.FoldedHLora). Then each layer is read from the release files,
 wrapped by the same `Block` the graph was traced with, its tensors appended to weights.bin, and freed: peak memory
 is one layer plus the tables, whatever the depth. The graph and its numbers are those of a plain export.
@@ -13,8 +13,8 @@ import re
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import torch
+from onnx import numpy_helper
 from torch import nn
 from tqdm import tqdm
 
@@ -60,8 +60,7 @@ def export_decoder(ref: HealthGPT, spec: GraphSpec, max_context: int, store: Wei
         del real
         ref.drop_layer(i)
     _stream(model, tensors, store)
-    if ref.tensors.unread():
-        left = ref.tensors.unread()
+    if left := ref.tensors.unread():
         raise UserError(f"the checkpoint has {len(left)} unexpected tensor(s) that no part of the model reads: "
                         f"{', '.join(left[:8])}" + (" ..." if len(left) > 8 else ""))
     return model
