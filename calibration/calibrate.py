@@ -28,6 +28,7 @@ from export.compile.bundle import file_table
 from export.compile.lint import lint
 from export.compile.onnx_export import WeightStore
 from export.outdir import staged
+from export.parity.verify import peak_rss_gib
 from runtime.backend import OrtBackend
 from runtime.bundle import Bundle
 from runtime.errors import UserError
@@ -209,11 +210,13 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
         manifest = dataclasses.replace(
             src.manifest, graphs=entries, weights=WeightsTable(store.path.name, tensors), engines={},
             precision=dataclasses.replace(precision, quantization=quant), files=file_table(tmp))
+        quantize_peak = peak_rss_gib()  # the bundle written; the report then holds the fp32 decoder too
         tqdm.write(f"[I] quantized {len(errors)} distinct weights ({scheme}, {algorithm}) in "
-                   f"{time.perf_counter() - start:.1f}s; measuring against {src.root}")
+                   f"{time.perf_counter() - start:.1f}s, peak RSS {quantize_peak:.2f} GiB; measuring against {src.root}")
         # measured before manifest.json exists: until it is written nothing here opens as a bundle
         held_out = data.held_out_images()[:1] if quick_report else data.held_out_images()
         result = report.measure(src, Bundle(tmp, manifest, ""), held_out, *((32, False) if quick_report else ()))
+        result["peak_rss_gib"] = {"quantize": round(quantize_peak, 2), "report": round(peak_rss_gib(), 2)}
         report.write(tmp, result)
         quant = dataclasses.replace(quant, report=ReportRef(result["passed"], "quant.md"))
         manifest = dataclasses.replace(manifest, precision=dataclasses.replace(precision, quantization=quant),

@@ -177,5 +177,9 @@ def write(root: Path, result: dict) -> None:
               f"{tol['min_greedy']}, gen indices >= {tol['min_gen_indices']}, PSNR >= {tol['min_psnr']} dB; "
               f"against PyTorch (`build.py verify`): {tol['vs_reference']}.", ""]
     lines += [f"- {c['task']} {c['check']}: {'ok' if c['ok'] else '**FAILED**'}" for c in result["checks"]]
+    if "peak_rss_gib" in result:
+        rss = result["peak_rss_gib"]
+        lines += ["", f"Peak RSS of `calibrate`: {rss['quantize']} GiB quantizing, {rss['report']} GiB with this report "
+                  "(it runs the fp32 bundle too; mapped weights count once touched)."]
     for name, text in zip(FILES, (json.dumps(result, indent=1), "\n".join(lines) + "\n")):
         write_atomic(root / name, text)

@@ -92,6 +92,8 @@ def test_accuracy_report_and_verify_pass_with_the_schemes_tolerances(scheme, int
     for task, t in result["tasks"].items():
         assert t["positions"] >= 256 and 0 <= t["mean_kl"] <= result["tolerances"]["max_mean_kl"]
     assert "gen_psnr" in result["tasks"]["gen"] and "stress test" in (root / "quant.md").read_text()
+    rss = result["peak_rss_gib"]  # the quantize step's peak, and the process's with the report's sessions
+    assert 0 < rss["quantize"] <= rss["report"] and "GiB quantizing" in (root / "quant.md").read_text()
     r = subprocess.run([sys.executable, "build.py", "verify", "--bundle", str(root), "--checkpoint",
                         str(m3_checkpoint), "--backends", "ort-cpu"], capture_output=True, text=True, timeout=600,
                        env=ENV)
