@@ -5,8 +5,10 @@ peak RSS is then that contender's alone). Per contender: open/load time, time to
 CT_small.dcm (576 image tokens + the question), decode ms/token at ~100/~600/~1600 (median after warm-up; the KV
 cache holds that many rows), seconds per generated 256x256 image (int4 by default: 1024 tokens in fp32 take tens of
 minutes here), %limit of decode against the measured GEMV bandwidth and the weight bytes each token reads.
+ONNX Runtime GenAI int4 of the same base model (the checkpoint's Phi-3 folder through its model builder, in its own
+venv: benchmarks/peers.py) is timed on prefill of 616 tokens and decode; it reads no image.
 
-    python benchmarks/full_size.py --checkpoint CKPT --fp32 FP32_BUNDLE --int4 INT4_BUNDLE [--reps 3]
+    python benchmarks/full_size.py --checkpoint CKPT --fp32 FP32_BUNDLE --int4 INT4_BUNDLE [--genai DIR] [--reps 3]
 """
 
 from __future__ import annotations
@@ -90,7 +92,30 @@ def torch_reference(a: dict) -> dict:
     return {**out, "com": com, "peak_rss_gib": peak_gib()}
 
 
-WORKERS = {"ours": ours, "torch": torch_reference}
+KV_BYTES = 32 * 2 * 3072 * 4  # fp32 K and V of M3's 32 layers per cached token
+
+
+def genai(a: dict) -> dict:
+    """GenAI int4 of the base model: built once into a["out"] (the builder's time and peak RSS kept), then timed."""
+    from benchmarks import peers
+
+    out = Path(a["out"])
+    built = (out / "genai_config.json").is_file()
+    start = time.perf_counter()
+    model = peers.build_from(Path(a["checkpoint"]) / "Phi-3-mini-4k-instruct", out, "int4")
+    if isinstance(model, str):
+        return {"error": model}
+    res = {} if built else {"build_s": time.perf_counter() - start, "build_peak_rss_gib":
+                            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
+    run = peers.run(model, a["threads"], a["contexts"], 616, a["warmup"], a["reps"], 2048)
+    if isinstance(run, str):
+        return {**res, "error": run}
+    weights = peers.weight_bytes(model)
+    return {**res, "com": {"prefill_s": run["prefill"]["median_ms"] / 1e3, "decode": {
+        c: {**d, "bytes": weights + KV_BYTES * int(c)} for c, d in run["decode"].items()}}}
+
+
+WORKERS = {"ours": ours, "torch": torch_reference, "genai": genai}
 
 
 def spawn(kind: str, args: dict) -> dict:
@@ -117,11 +142,14 @@ def table(res: dict) -> str:
             continue
         for task in (t for t in ("com", "gen") if t in r):
             t = r[task]
-            load = r.get("open_s", 0) + t.get("load_s", r.get("load_s", 0))
+            load = (f"{r.get('open_s', 0) + t.get('load_s', r.get('load_s', 0)):.1f}"
+                    if {"open_s", "load_s"} & (r.keys() | t.keys()) else "-")
             image = f"{t['image_s']:.0f}" if "image_s" in t else "-"
-            lines.append(f"| {name} | {task} | {load:.1f} | {t['ttft_s']:.1f} | "
+            ttft = f"{t['ttft_s']:.1f}" if "ttft_s" in t else f"prefill 616: {t['prefill_s']:.1f}"
+            peak = f"{r['peak_rss_gib']:.1f}" if "peak_rss_gib" in r else "-"
+            lines.append(f"| {name} | {task} | {load} | {ttft} | "
                          + " | ".join(decode(t["decode"].get(str(c))) for c in CONTEXTS)
-                         + f" | {image} | {r['peak_rss_gib']:.1f} |")
+                         + f" | {image} | {peak} |")
     return "\n".join(lines)
 
 
@@ -133,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", type=Path, required=True, help="the full checkpoint (`build.py synth --size full`)")
     p.add_argument("--fp32", type=Path, help="its fp32 bundle (`build.py export`)")
     p.add_argument("--int4", type=Path, help="its int4 bundle (`build.py calibrate --scheme int4`)")
+    p.add_argument("--genai", type=Path, help="ORT GenAI int4 of the checkpoint's base: the model builder's output "
+                   "folder (built there when missing: needs the GenAI venv, see benchmarks/peers.py)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--fp32-image", action="store_true", help="also time a generated image with the fp32 bundle")
     p.add_argument("--warmup", type=int, default=1)
@@ -157,6 +187,10 @@ def main(argv=None) -> int:
     if not a.no_torch:
         print("[run] PyTorch reference fp32", flush=True)
         res["contenders"]["PyTorch fp32"] = spawn("torch", {**common, "checkpoint": str(a.checkpoint)})
+    if a.genai is not None:
+        print(f"[run] ORT GenAI int4: {a.genai}", flush=True)
+        res["contenders"]["ORT GenAI int4 (base)"] = spawn("genai", {**common, "checkpoint": str(a.checkpoint),
+                                                                     "out": str(a.genai)})
     res["load_end"] = load_average()
     m = res["machine"]
     print(f"\n# {m['cpu']}, {m['usable_cpus']} CPUs ({threads} threads), flags: {m['flags']}, {m['mem_GiB']} GiB; "

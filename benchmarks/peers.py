@@ -67,10 +67,16 @@ def build(model: Model, precision: str) -> Path | str:
     out = cache_root(model) / f"genai-{precision}"
     if (out / "genai_config.json").is_file():
         return out
+    return build_from(checkpoint(model) / "Phi-3-mini-4k-instruct", out, precision)
+
+
+def build_from(base: Path, out: Path, precision: str) -> Path | str:
+    """`base` (an HF Phi-3 folder) through GenAI's model builder into `out` (kept: reused when complete)."""
+    if (out / "genai_config.json").is_file():
+        return out
     py = genai_python()
     if isinstance(py, str):
         return py
-    base = checkpoint(model) / "Phi-3-mini-4k-instruct"
     config = json.loads((base / "config.json").read_text())
     if config.get("original_max_position_embeddings") != config.get("max_position_embeddings"):
         return ("not run: the builder would take the LongRoPE path: original_max_position_embeddings != "
@@ -82,7 +88,8 @@ def build(model: Model, precision: str) -> Path | str:
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return f"not run: model builder failed ({tail[0][:200]})"
+        killed = f", killed by signal {-proc.returncode}" if proc.returncode < 0 else ""
+        return f"not run: model builder failed{killed} ({tail[0][:200]})"
     import shutil
 
     shutil.rmtree(tmp / "hf-cache", ignore_errors=True)

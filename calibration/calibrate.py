@@ -112,9 +112,11 @@ def _relative_error(deq: np.ndarray, w: np.ndarray) -> float:
     return float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
 
 
-def _weight_only_graph(model, matmuls, scheme, block_size, importance, done, errors, root: Path) -> onnx.ModelProto:
+def _weight_only_graph(model, matmuls, scheme, block_size, importance, done, errors, root: Path,
+                       store: WeightStore) -> onnx.ModelProto:
     """The graph with its target weights through DequantizeLinear; each distinct weight quantized once (`done`),
-    read from the weights file in `root` when its turn comes (the graph was loaded without its weights)."""
+    read from the weights file in `root` when its turn comes (the graph was loaded without its weights) and written
+    to the store at once: `done` and the graphs hold pointers, never a decoder's worth of quantized bytes."""
     arrays = {i.name: i for i in model.graph.initializer}
     block = block_size if scheme == "int4" else None
     for m in matmuls:
@@ -122,7 +124,8 @@ def _weight_only_graph(model, matmuls, scheme, block_size, importance, done, err
             w = numpy_helper.to_array(arrays[m.weight], base_dir=str(root))
             q, scale = quantize.quantize_weight(w, scheme, block_size, importance.get(m.weight))
             errors[m.weight] = _relative_error(quantize.dequantize(q, scale, scheme, block_size), w)
-            done[m.weight] = (quantize.weight_initializers(q, scale, scheme, m.weight), block)
+            done[m.weight] = ([store.put(numpy_helper.to_array(t), t.raw_data, t.data_type)
+                               for t in quantize.weight_initializers(q, scale, scheme, m.weight)], block)
     return quantize.rewrite(model, {m.weight: done[m.weight] for m in matmuls}, scheme)
 
 
@@ -180,7 +183,8 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
                     onnx.external_data_helper.load_external_data_for_model(model, str(src.root))
                     model = _qdq_graph(model, matmuls, feeds[(task, name)], scheme, algorithm, errors)
                 else:
-                    model = _weight_only_graph(model, matmuls, scheme, block_size, importance, done, errors, src.root)
+                    model = _weight_only_graph(model, matmuls, scheme, block_size, importance, done, errors, src.root,
+                                               store)
                 fused[graph_id] = len(matmuls)
                 # never mistaken for the fp32 export's graph by the export cache
                 key = hashlib.sha256(f"{key}|{scheme}|{algorithm}|{block}|{lm_head}".encode()).hexdigest()

@@ -156,3 +156,20 @@ def test_an_interrupted_calibration_leaves_no_complete_looking_bundle(m3_bundle,
         calibrate(m3_bundle, out, "int8", samples=2)
     assert not out.exists() and not out.with_name("q.partial").exists()  # nothing complete-looking, nothing left
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_full_size_benchmark_smoke_run(m3_checkpoint, m3_bundle, int4_bundle, tmp_path):
+    """benchmarks/full_size.py end to end on the tiny bundles (one repetition: its code, not a measurement)."""
+    out = tmp_path / "full_size.json"
+    r = subprocess.run([sys.executable, "benchmarks/full_size.py", "--checkpoint", str(m3_checkpoint), "--fp32",
+                        str(m3_bundle), "--int4", str(int4_bundle), "--warmup", "0", "--reps", "1", "--threads", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["machine"]["cpu"] and set(res["contenders"]) == {"ours fp32", "ours int4", "PyTorch fp32"}
+    for name, c in res["contenders"].items():
+        assert "error" not in c, (name, c)
+        assert set(c["com"]["decode"]) == {"100", "600", "1600"} and c["com"]["ttft_s"] > 0 and c["peak_rss_gib"] > 0
+    assert res["contenders"]["ours int4"]["gen"]["image_s"] > 0 and "| ours int4 | gen |" in r.stdout
+    int4, fp32 = (res["contenders"][n]["com"]["decode"]["600"]["bytes"] for n in ("ours int4", "ours fp32"))
+    assert int4 < fp32  # %limit from the bytes the int4 decoder really reads

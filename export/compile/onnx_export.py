@@ -51,6 +51,7 @@ class WeightStore:
         self.file = open(path, "wb")
         self.offsets: dict[str, tuple[int, int]] = {}  # sha256 -> (offset, length)
         self.tensors: dict[str, dict] = {}  # initializer name -> offset, dtype, shape (for the manifest)
+        self.pointers: dict[str, onnx.TensorProto] = {}  # initializer name -> its external initializer here
 
     def add(self, raw: bytes) -> tuple[str, int, int]:
         digest = hashlib.sha256(raw).hexdigest()
@@ -75,14 +76,19 @@ class WeightStore:
                                 data_location=onnx.TensorProto.EXTERNAL)
         for key, value in (("location", self.path.name), ("offset", offset), ("length", length)):
             init.external_data.add(key=key, value=str(value))
+        self.pointers[name] = init
         return init
 
     def externalize(self, model: onnx.ModelProto, source: Path | None = None) -> list[str]:
         """Move the graph's large initializers into the store, in place; returns their (content) names.
-        External initializers are the store's own (streamed in: export/compile/stream.py), or with `source` (the
-        folder their files are in: another bundle) copied over one tensor at a time."""
+        External initializers are the store's own (streamed in: export/compile/stream.py; put by calibrate), or
+        with `source` (the folder their files are in: another bundle) copied over one tensor at a time. Names are
+        content names, so a source tensor whose bytes are already here points here without being read."""
         graph, renames, kept = model.graph, {}, {}
         for init in graph.initializer:
+            if init.name in self.pointers:
+                kept.setdefault(init.name, self.pointers[init.name])
+                continue
             if init.data_location == onnx.TensorProto.EXTERNAL and source is None:
                 kept.setdefault(init.name, init)
                 continue
