@@ -8,8 +8,9 @@
         com-gemm1       COM decoder with H-LoRA as ONE GEMM over [W; A*s; R] (shipped: FoldedHLora, W + [A; R])
         com-allpos      COM decoder returning logits for every position (shipped: last position only)
         com-dynamo      COM decoder exported with torch.onnx.export(dynamo=True) (shipped: TorchScript)
-    q-SCHEME/           `build.py calibrate` of the shipped bundle's decoders (int4 AWQ, int8, w8a8), accuracy report
-                        included; q-SCHEME.source holds the shipped manifest's sha256 it was made from
+    q-NAME/             `build.py calibrate` of the shipped bundle (QUANTIZED: int4 AWQ, int8, w8a8 decoder + vision;
+                        int4-rtn for the accuracy comparison only), accuracy report included; q-NAME.source holds
+                        the shipped manifest's sha256 and the options it was made from
     optimum/            optimum-onnx main_export(base, task="text-generation-with-past") of the plain base model
     genai-fp32/, genai-int4/   ONNX Runtime GenAI model builder output of the plain base (built in peers.py)
 
@@ -27,7 +28,11 @@ from pathlib import Path
 
 MAX_CONTEXT = 2048  # the bundle default (build.py export --max-context)
 VARIANTS = ("base", "com-gemm1", "com-allpos", "com-dynamo")
-QUANTIZED = ("int4", "int8", "w8a8")  # decoders beside fp32 (fp8 has no CPU kernels: it runs as written, emulated)
+# name -> calibrate() options (fp8 has no CPU kernels: it runs as written, emulated, so it is not timed here)
+QUANTIZED = {"int4": dict(scheme="int4"), "int8": dict(scheme="int8"),
+             "w8a8": dict(scheme="w8a8", graphs=("decoder", "vision")),
+             "int4-rtn": dict(scheme="int4", algorithm="rtn")}
+TIMED = ("int4", "int8", "w8a8")  # decoders timed beside fp32; int4-rtn is there for AWQ's accuracy target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,28 +218,30 @@ def _export_dynamo(spec, module, feeds):
     return model
 
 
-def quantized(model: Model, schemes) -> dict[str, Path | str]:
-    """scheme -> the calibrated bundle (remade when the shipped bundle changed), or 'not built: reason'."""
+def quantized(model: Model, names) -> dict[str, Path | str]:
+    """name -> the calibrated bundle (remade when the shipped bundle or the options changed), or 'not built: ...'."""
     from calibration.calibrate import calibrate
     from runtime.files import file_digest
     from runtime.manifest import MANIFEST
 
     src = cache_root(model) / "bundle"
-    stamp = file_digest(src / MANIFEST)
     out = {}
-    for scheme in schemes:
-        d, source = cache_root(model) / f"q-{scheme}", cache_root(model) / f"q-{scheme}.source"
-        out[scheme] = d
+    for name in names:
+        # int4 in TensorRT's blocks of 128 along K; the tiny widths (64) need 32
+        options = {**QUANTIZED[name], "block_size": 32 if model.size == "tiny" else 128}
+        stamp = f"{file_digest(src / MANIFEST)} {sorted(options.items())}"
+        d, source = cache_root(model) / f"q-{name}", cache_root(model) / f"q-{name}.source"
+        out[name] = d
         if source.is_file() and source.read_text() == stamp:
             continue
         start = time.perf_counter()
-        try:  # int4 in TensorRT's blocks of 128 along K; the tiny widths (64) need 32
-            manifest = calibrate(src, d, scheme, block_size=32 if model.size == "tiny" else 128)
+        try:
+            manifest = calibrate(src, d, **options)
         except Exception as e:  # noqa: BLE001 - reported in the table as "not built: ..."
-            out[scheme] = f"not built: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            out[name] = f"not built: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
             continue
         source.write_text(stamp)
-        log(f"{scheme} bundle {d} in {time.perf_counter() - start:.0f}s (accuracy report "
+        log(f"{name} bundle {d} in {time.perf_counter() - start:.0f}s (accuracy report "
             f"{'passed' if manifest.precision.quantization.report.passed else 'FAILED'})")
     return out
 
@@ -265,5 +272,5 @@ def build_all(model: Model, quick: bool) -> dict:
     arts = {"checkpoint": checkpoint(model), "bundle": bundle(model)}
     arts["variants"] = variants(model, ("base",) if quick else VARIANTS)
     arts["optimum"] = "skipped (--quick)" if quick else optimum(model)
-    arts["quantized"] = quantized(model, QUANTIZED[:1] if quick else QUANTIZED)  # --quick: int4, a smoke run
+    arts["quantized"] = quantized(model, ("int4",) if quick else QUANTIZED)  # --quick: int4, a smoke run
     return arts

@@ -90,6 +90,7 @@ def targets(res, rows, hl) -> list[dict]:
         add("COM H-LoRA decoder <= 1.25x the plain decoder", f"{worst:.2f}x (bytes {hl['ours com bytes']:.2f}x)",
             worst <= 1.25)
     quantized_targets(res, rows, add)
+    accuracy_targets(res, add)
     ratio = res["derived"]["vision_gen_vs_com"]
     add("GEN vision graph >= 15x cheaper than COM's", f"{ratio:.1f}x", ratio >= 15)
     return out
@@ -111,11 +112,61 @@ def quantized_targets(res, rows, add) -> None:
         add("COM int4 decode at least as fast as ORT GenAI int4 (plain base)",
             " / ".join(f"{r[c]:.2f}x@{c}" for c in CTX), all(x >= 1 for x in r.values()),
             "GenAI runs in its own process, ours in group D1 (heavier cache traffic)")
+    oc = rows.get("ours com")
+    if q4 and oc:
+        add("int4 decoder weights <= 0.3x fp32 (COM, bytes one decode step reads)",
+            f"{q4['weights'] / oc['weights']:.2f}x", q4["weights"] / oc["weights"] <= 0.3,
+            "the LM head and H-LoRA stay fp32: their share shrinks with the layer count (full size: 0.18x)")
     pre = res.get("prefill_D1", {})
     fast = {k.split()[-1]: med(pre["ours com"]) / med(pre[k]) for k in ("ours com int4", "ours com w8a8") if k in pre}
     if fast:
         add("prefill 616 with int4 or w8a8 >= 1.5x faster than fp32 (COM)",
             ", ".join(f"{k} {v:.2f}x" for k, v in fast.items()), max(fast.values()) >= 1.5)
+
+
+def accuracy_targets(res, add) -> None:
+    """Issue 12's, from each calibrated bundle's own report (quant.json; random weights: a stress test)."""
+    acc = {k: v for k, v in res.get("accuracy", {}).items() if isinstance(v, dict) and "tasks" in v}
+
+    def worst(name, key, pick):
+        return pick(t[key] for t in acc[name]["tasks"].values())
+
+    if "int8" in acc:
+        cos = worst("int8", "logit_cosine_mean", min)
+        add("int8 weight-only logits cosine >= 0.995", f"{cos:.5f} (worst task)", cos >= 0.995)
+    if "int4" in acc and "int4-rtn" in acc:
+        kl = {t: (awq["mean_kl"], acc["int4-rtn"]["tasks"][t]["mean_kl"]) for t, awq in acc["int4"]["tasks"].items()}
+        add("activation-aware int4 (AWQ) beats round-to-nearest on teacher-forced mean KL",
+            ", ".join(f"{t} {a:.3g} vs {b:.3g}" for t, (a, b) in kl.items()), all(a < b for a, b in kl.values()))
+    if "w8a8" in acc and "vision" in acc["w8a8"]["quantization"]["graphs"]:
+        cos = worst("w8a8", "vision_cosine", min)
+        add("vision w8a8 embedding cosine >= 0.99", f"{cos:.5f} (worst task)", cos >= 0.99)
+    for name, a in acc.items():
+        add(f"{name}: its accuracy report within the scheme's tolerances", "passed" if a["passed"] else
+            "FAILED: " + ", ".join(f"{c['task']} {c['check']}" for c in a["checks"] if not c["ok"]), a["passed"])
+
+
+def accuracy_lines(res: dict) -> list[str]:
+    acc = res.get("accuracy", {})
+    if not acc:
+        return []
+    fp = acc.get("fp32", {}).get("bundle_bytes")
+    out = ["ACCURACY against the fp32 bundle (each bundle's quant.json; held-out images; random weights)",
+           f"  {'bundle':10s}{'task':5s}{'top-1':>8s}{'positions':>10s}{'mean KL':>10s}{'logit cos':>11s}"
+           f"{'vision cos':>11s}{'gen idx':>9s}{'PSNR dB':>8s}{'size':>9s}  report"]
+    for name, a in acc.items():
+        if name == "fp32":
+            continue
+        if not isinstance(a, dict):
+            out.append(f"  {name:10s}{a}")
+            continue
+        size = f"{a['bundle_bytes'] / fp:.2f}x" if fp else "-"
+        for task, t in a["tasks"].items():
+            out.append(f"  {name:10s}{task:5s}{t['top1']:8.3f}{t['positions']:10d}{t['mean_kl']:10.2e}"
+                       f"{t['logit_cosine_mean']:11.5f}{t['vision_cosine']:11.5f}"
+                       f"{f(t.get('gen_indices'), '{:.3f}'):>9s}{f(t.get('gen_psnr'), '{:.1f}'):>8s}{size:>9s}  "
+                       f"{'passed' if a['passed'] else 'FAILED'}")
+    return out + ["  (size: the whole bundle, both tasks, against the fp32 bundle's)", ""]
 
 
 def table(res: dict) -> str:
@@ -124,8 +175,9 @@ def table(res: dict) -> str:
     w = L.append
     w("")
     w(f"healthgpt-edge benchmark  {m['date']}  {'QUICK' if m['quick'] else 'full'} run")
-    w(f"model: synthetic HealthGPT-M3 at real widths (hidden 3072, 32 heads, inter 8192, vocab 40206, H-LoRA r=64/256,"
-      f" CLIP ViT-L/14-336, full VQGAN), {m['layers']} decoder layers (real: 32), fp32, max_context "
+    widths = ("real widths (hidden 3072, 32 heads, inter 8192, vocab 40206, H-LoRA r=64/256, CLIP ViT-L/14-336, full "
+              "VQGAN)" if m.get("size", "real") == "real" else "TINY widths (a smoke run: the figures mean nothing)")
+    w(f"model: synthetic HealthGPT-M3 at {widths}, {m['layers']} decoder layers (real: 32), fp32, max_context "
       f"{m['max_context']}")
     w(f"machine: {m['cpu']}, {m['usable_cpus']} CPUs ({m['physical_cores']} physical cores), {m['mem_GiB']} GiB; "
       f"{m['threads_used']} threads everywhere; load avg {m['load_start']:.2f} at start, {m['load_end']:.2f} at end")
@@ -186,17 +238,21 @@ def table(res: dict) -> str:
                       for k in ("ours com", "ours gen") if k in hl))
     t = res["ttft"]
     w(f"TIME TO FIRST TOKEN (ask, {res.get('prompt_tokens')} prompt tokens incl. image), ms: ours "
-      f"{med(t['ours ask']):.0f}, PyTorch reference {f(med(t.get('torch answer')), none='skipped (--quick)')}")
+      f"{med(t['ours ask']):.0f}, "
+      + "".join(f"ours {k.split()[-1]} {med(v):.0f}, " for k, v in t.items() if k.startswith("ours ask "))
+      + f"PyTorch reference {f(med(t.get('torch answer')), none='skipped (--quick)')}")
     g = res.get("generate")
     if isinstance(g, dict):
-        w(f"GENERATE one image (1024 constrained tokens, measured once): {g['seconds']:.0f} s; step median "
-          f"{g['step_median_ms']:.0f} ms (first 100: {g['step_median_ms_first100']:.0f}, last 100: "
-          f"{g['step_median_ms_last100']:.0f})")
+        for name, one in g.items():
+            w(f"GENERATE one image, {name} (1024 constrained tokens, measured once): {one['seconds']:.0f} s; step "
+              f"median {one['step_median_ms']:.0f} ms (first 100: {one['step_median_ms_first100']:.0f}, last 100: "
+              f"{one['step_median_ms_last100']:.0f})")
     else:
         oc = rows.get("ours com") or {}
         est = (med(t["ours ask"]) + 1024 * (oc.get("ms", {}).get("600") or 0)) / 1e3
         w(f"GENERATE one image: {g}; projected from TTFT + 1024 x decode@600 (COM decoder as a proxy): {est:.0f} s")
     w("")
+    L += accuracy_lines(res)
     w("OPTIMIZATIONS (before = shipped, after = alternative; same run, interleaved)")
     for line in opt_lines(res["opt"]):
         w("  " + line)

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     from benchmarks.timing import bandwidth, load_average, machine, mem_available
 
     t0 = time.time()
-    res = {"meta": {**machine(a.threads), "layers": a.layers, "quick": a.quick, "warmup": a.warmup,
+    res = {"meta": {**machine(a.threads), "size": a.size, "layers": a.layers, "quick": a.quick, "warmup": a.warmup,
                     "reps": a.reps, "max_context": artifacts.MAX_CONTEXT, "load_start": load_average(),
                     "mem_available_start_GiB": round(mem_available() / 2**30, 1)}}
     print(f"[run] {a.layers} decoder layers, {a.threads} threads, warm-up {a.warmup}, {a.reps} runs per figure, "
@@ -108,6 +108,7 @@ class Run:
         self.pixels = preprocess(self.scan)
         self.embeds = None  # a 616-token prompt's embeddings, for the prefill figures
         self.ref = self.decoder = self.embed = self.ours = self.base = self.gemv = None
+        self.quantized = {}  # name -> a Pipeline on that calibrated bundle (time to first token, one image)
 
     def say(self, message: str) -> None:
         print(f"[run] {time.time() - self.t0:5.0f}s {message}", flush=True)
@@ -130,11 +131,14 @@ def vision_vqgan_ttft(r: Run, np, torch) -> None:
     vision path is timed on it with GEN's clip_layer, identical shapes, only projector values differ)."""
     import dataclasses
 
+    from benchmarks import artifacts
     from export.reference.checkpoint import CheckpointPaths
     from export.reference.model import load_reference
     from export.reference.variants import get_task
     from export.reference.vqgan import load_vqgan
+    from runtime.bundle import Bundle
     from runtime.healthgpt import COM, GEN, IMAGE_TOKENS, VQ_CODES
+    from runtime.pipeline import Pipeline
 
     r.say("vision / vqgan / time to first token")
     r.ref = ref = load_reference(r.arts["checkpoint"], COM.name)
@@ -164,7 +168,13 @@ def vision_vqgan_ttft(r: Run, np, torch) -> None:
             "torch answer": lambda: ref.answer(r.scan, question, max_new_tokens=1)}
     if r.a.quick:
         ttft.pop("torch answer")
+    r.quantized = {k: Pipeline(Bundle.open(d), r.backend) for k, d in r.arts["quantized"].items()
+                   if k in artifacts.TIMED and isinstance(d, Path)}
+    ttft.update({f"ours ask {k}": (lambda q=q: q.ask(r.scan, question, max_new_tokens=1))
+                 for k, q in r.quantized.items()})
     r.res["ttft"] = r.bench(ttft)
+    for q in r.quantized.values():
+        q.unload(COM.name)
     r.res["prompt_tokens"] = r.p.prompt(COM, r.scan, question).shape[1]
     # keep the COM decoder and embedding; drop both vision sessions and the reference's CLIP
     r.decoder, r.embed = com.decoder, com.embed
@@ -174,6 +184,7 @@ def vision_vqgan_ttft(r: Run, np, torch) -> None:
 
 def decode_d1(r: Run, np, torch) -> None:
     """Decode and prefill: ours (the COM decoder + its KV cache), the plain base decoder, the reference, optimum."""
+    from benchmarks import artifacts
     from benchmarks import contenders as C
     from benchmarks.timing import Gemv
     from runtime.bundle import Bundle
@@ -188,8 +199,9 @@ def decode_d1(r: Run, np, torch) -> None:
             opt = C.OptimumDecoder(r.arts["optimum"], r.T)
         except Exception as e:  # noqa: BLE001
             r.arts["optimum"] = f"not run: {type(e).__name__}: {str(e)[:160]}"
+    timed = {k: d for k, d in r.arts["quantized"].items() if k in artifacts.TIMED}
     quant = {f"ours com {scheme}": C.our_decoder(Bundle.open(d), "com", r.embed, r.T)
-             for scheme, d in r.arts["quantized"].items() if isinstance(d, Path)}
+             for scheme, d in timed.items() if isinstance(d, Path)}
     d1 = {"ours com": ours, **quant, "ours base": base, "torch com": tref, **({"optimum base": opt} if opt else {})}
     r.gemv = Gemv(1.0)  # the bandwidth yardstick, timed in the same round-robin as the decoders
     r.res["gemv_bytes"] = r.gemv.nbytes
@@ -206,10 +218,18 @@ def decode_d1(r: Run, np, torch) -> None:
                       **{k: [d.weight_bytes, _kv_read(d)] for k, d in quant.items()},
                       "kv_per_token": 2 * r.cfg.layers * r.cfg.kv_heads * r.cfg.head_dim * 4}
     r.res["quantized"] = {scheme: {"rss_delta": quant[f"ours com {scheme}"].rss_delta, "bundle": str(d)}
-                          if isinstance(d, Path) else d for scheme, d in r.arts["quantized"].items()}
+                          if isinstance(d, Path) else d for scheme, d in timed.items()}
+    # each calibrated bundle's accuracy report (calibration/report.py, written by calibrate) and its bundle size
+    r.res["accuracy"] = {k: {**json.loads((d / "quant.json").read_text()), "bundle_bytes": _size(d)}
+                         if isinstance(d, Path) else d for k, d in r.arts["quantized"].items()}
+    r.res["accuracy"]["fp32"] = {"bundle_bytes": _size(r.arts["bundle"])}
     r.res["peers"] = {"optimum": str(r.arts["optimum"]) if opt is None else "ORTModelForCausalLM (onnxruntime-gpu, "
                                                                              "CPU provider)"}
     r.ref = None
+
+
+def _size(bundle: Path) -> int:
+    return sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
 
 
 def _kv_read(decoder) -> dict[str, int]:
@@ -334,17 +354,20 @@ def generate(r: Run, np, torch) -> None:
     if a.quick or a.no_generate:
         res["generate"] = "skipped (--quick)" if a.quick else "skipped (--no-generate)"
         return
-    say("generate one image (1024 tokens)")
-    stamps = []
-    start = time.perf_counter()
-    p.generate_image(scan, "Reconstruct the image.", constrain_image_tokens=True,
-                     on_token=lambda t: stamps.append(time.perf_counter()))
-    total = time.perf_counter() - start
-    steps = np.diff(stamps)
-    res["generate"] = {"seconds": total, "tokens": len(stamps), "ttft_s": stamps[0] - start,
-                       "step_median_ms_first100": 1e3 * float(np.median(steps[:100])),
-                       "step_median_ms_last100": 1e3 * float(np.median(steps[-100:])),
-                       "step_median_ms": 1e3 * float(np.median(steps)), "n": 1}
+    res["generate"] = {}
+    for name, pipe in {"fp32": p, **{k: q for k, q in r.quantized.items() if k == "int4"}}.items():
+        say(f"generate one image (1024 tokens), {name}")
+        stamps = []
+        start = time.perf_counter()
+        pipe.generate_image(scan, "Reconstruct the image.", constrain_image_tokens=True,
+                            on_token=lambda t: stamps.append(time.perf_counter()))
+        total = time.perf_counter() - start
+        steps = np.diff(stamps)
+        res["generate"][name] = {"seconds": total, "tokens": len(stamps), "ttft_s": stamps[0] - start,
+                                 "step_median_ms_first100": 1e3 * float(np.median(steps[:100])),
+                                 "step_median_ms_last100": 1e3 * float(np.median(steps[-100:])),
+                                 "step_median_ms": 1e3 * float(np.median(steps)), "n": 1}
+        pipe.unload("gen")
 
 
 if __name__ == "__main__":

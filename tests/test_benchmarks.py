@@ -28,3 +28,8 @@ def test_benchmark_smoke_run(tmp_path):
     assert "ours com int4" in res["decode_D1"]["600"] and "ours com int4" in res["prefill_D1"]
     rows = res["derived"]["decode"]
     assert rows["ours com int4"]["weights"] < rows["ours com"]["weights"] and res["quantized"]["int4"]["rss_delta"]
+    assert "ours ask int4" in res["ttft"]  # time to first token of the int4 bundle's ask
+    report = res["accuracy"]["int4"]  # the int4 bundle's own accuracy report, with its size beside fp32's
+    assert set(report["tasks"]) == {"com", "gen"} and report["tasks"]["com"]["positions"] >= 256
+    assert 0 < report["bundle_bytes"] < res["accuracy"]["fp32"]["bundle_bytes"]
+    assert any(t["target"].startswith("int4: its accuracy report") for t in res["targets"])
