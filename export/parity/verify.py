@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from export.parity.graphs import expect_graphs, graph_parity
 from export.reference.model import HealthGPT, load_reference
@@ -73,7 +74,8 @@ def e2e_checks(want: E2EExpectations, pipe: Pipeline, image, steps: int, bounds:
                     "detail": f"first {same} of {len(want.tokens)} tokens identical (agreement {agreement:.3f}, "
                               f"required {bounds['token_agreement']})"})
     else:
-        got = pipe.image_tokens(image, QUESTIONS[0], constrain_image_tokens=True)
+        with tqdm(total=IMAGE_TOKENS, desc=f"bundle {task}", unit="token", leave=False) as bar:
+            got = pipe.image_tokens(image, QUESTIONS[0], constrain_image_tokens=True, on_token=lambda _: bar.update())
         agree = sum(a == b for a, b in zip(want.tokens, got)) / len(want.tokens)
         quality = psnr(pipe.decode_image(got), want.image)
         need = bounds.get("gen_indices", bounds["token_agreement"])

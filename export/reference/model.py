@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 from transformers import CLIPImageProcessor, CLIPVisionModel, LogitsProcessor, Phi3Config, Phi3ForCausalLM
+from transformers.generation.streamers import BaseStreamer
 
 from export.reference.checkpoint import (
     PEFT_PREFIX,
@@ -134,13 +136,14 @@ class HealthGPT:
         """HF generate, greedy, KV cache, driven by inputs_embeds as the reference does; new tokens only,
         the stop token removed."""
         embeds = self.embed(ids, image_embeds)
-        out = self.llm.generate(
-            inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-            max_new_tokens=IMAGE_TOKENS if constrain_image_tokens else max_new_tokens,
-            eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0],
-            logits_processor=[IdxOnly(self.idx0)] if constrain_image_tokens else None,
-        )[0].tolist()
+        steps = IMAGE_TOKENS if constrain_image_tokens else max_new_tokens
+        with _Progress(steps, f"PyTorch reference {self.task}") as progress:
+            out = self.llm.generate(
+                inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, max_new_tokens=steps,
+                eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0],
+                logits_processor=[IdxOnly(self.idx0)] if constrain_image_tokens else None, streamer=progress,
+            )[0].tolist()
         return out[:-1] if out and out[-1] in self.eos_ids else out
 
     def layer(self, i: int) -> nn.Module:
@@ -166,6 +169,28 @@ class HealthGPT:
                             max_new_tokens, constrain_image_tokens)
         indices = vq_indices(ids, self.idx0)
         return self.vqgan(torch.tensor([indices]))[0].numpy()
+
+
+class _Progress(BaseStreamer):
+    """A progress bar over HF generate's new tokens (at full size 1024 image tokens take ~20 min on a CPU). generate
+    puts the prompt first (empty here: it is driven by inputs_embeds), then each step's token."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar, self.prompt_seen = tqdm(total=total, desc=desc, unit="token", leave=False), False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.bar.update(value.numel())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def load_reference(checkpoint: str, task: str, dtype: torch.dtype = torch.float32, stream: bool = False) -> HealthGPT:
