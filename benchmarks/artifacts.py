@@ -239,6 +239,7 @@ def quantized(model: Model, names) -> dict[str, Path | str]:
             manifest = calibrate(src, d, **options)
         except Exception as e:  # noqa: BLE001 - reported in the table as "not built: ..."
             out[name] = f"not built: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            log(f"{name} bundle {out[name]}")
             continue
         source.write_text(stamp)
         log(f"{name} bundle {d} in {time.perf_counter() - start:.0f}s (accuracy report "

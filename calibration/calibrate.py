@@ -129,9 +129,9 @@ def _weight_only_graph(model, matmuls, scheme, block_size, importance, done, err
     return quantize.rewrite(model, {m.weight: done[m.weight] for m in matmuls}, scheme)
 
 
-def _qdq_graph(model, matmuls, feeds, scheme, algorithm, errors) -> onnx.ModelProto:
+def _qdq_graph(model, root: Path, matmuls, feeds, scheme, algorithm, errors) -> onnx.ModelProto:
     nodes = [m.node for m in matmuls]
-    out, weights = qdq.quantize_graph(model, nodes, feeds, scheme, algorithm)
+    out, weights = qdq.quantize_graph(model, root, nodes, feeds, scheme, algorithm)
     deq = qdq.dequantized_weights(out, nodes)
     errors.update({m.weight: _relative_error(deq[m.node], weights[m.node]) for m in matmuls})
     return out
@@ -179,9 +179,8 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
             key = entry.cache_key
             if (task, name) in targets:
                 matmuls = targets[(task, name)][1]
-                if scheme in qdq.FORMATS:  # quantize_static takes the graph with its weights in it
-                    onnx.external_data_helper.load_external_data_for_model(model, str(src.root))
-                    model = _qdq_graph(model, matmuls, feeds[(task, name)], scheme, algorithm, errors)
+                if scheme in qdq.FORMATS:
+                    model = _qdq_graph(model, src.root, matmuls, feeds[(task, name)], scheme, algorithm, errors)
                 else:
                     model = _weight_only_graph(model, matmuls, scheme, block_size, importance, done, errors, src.root,
                                                store)

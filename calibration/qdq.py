@@ -53,18 +53,20 @@ class _Feeds:
         return next(self.todo, None)
 
 
-def quantize_graph(model: onnx.ModelProto, nodes: list[str], feeds: list[dict], scheme: str,
+def quantize_graph(model: onnx.ModelProto, weights_dir: Path, nodes: list[str], feeds: list[dict], scheme: str,
                    algorithm: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A Q/DQ copy of `model` (weights inside it) where the MatMuls named `nodes` are quantized, and those MatMuls'
-    fp32 weights by node name. Consumes `model` (quantize_static moves its weights out)."""
-    from onnx import version_converter
+    """A Q/DQ copy of `model` (loaded without its weights, which lie in `weights_dir`; the copy holds them inside)
+    where the MatMuls named `nodes` are quantized, and those MatMuls' fp32 weights by node name."""
+    from onnx import external_data_helper, version_converter
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    # converted before the weights come in: the converter serializes the model, and protobuf stops at 2 GB
+    model = version_converter.convert_version(model, OPSET)
+    model.ir_version = IR_VERSION
+    external_data_helper.load_external_data_for_model(model, str(weights_dir))
     by_name = {n.name: n for n in model.graph.node}
     inits = {i.name: i for i in model.graph.initializer}
     weights = {n: numpy_helper.to_array(inits[by_name[n].input[1]]) for n in nodes}  # fp32, for FP8 and the errors
-    model = version_converter.convert_version(model, OPSET)
-    model.ir_version = IR_VERSION
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[algorithm]
     root, level = logging.getLogger(), logging.getLogger().level
