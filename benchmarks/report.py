@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from calibration.report import TOLERANCES, judge
+
 CTX = ("100", "600", "1600")
 
 
@@ -142,8 +144,17 @@ def accuracy_targets(res, add) -> None:
         cos = worst("w8a8", "vision_cosine", min)
         add("vision w8a8 embedding cosine >= 0.99", f"{cos:.5f} (worst task)", cos >= 0.99)
     for name, a in acc.items():
-        add(f"{name}: its accuracy report within the scheme's tolerances", "passed" if a["passed"] else
-            "FAILED: " + ", ".join(f"{c['task']} {c['check']}" for c in a["checks"] if not c["ok"]), a["passed"])
+        failed = misses(a)
+        add(f"{name}: its accuracy within the scheme's tolerances", "FAILED: " + ", ".join(failed) if failed else
+            "passed", not failed, "" if a["passed"] == (not failed) else
+            f"its own report, against the tolerances it was made with: {'passed' if a['passed'] else 'FAILED'}")
+
+
+def misses(acc: dict) -> list[str]:
+    """The checks a bundle's measured accuracy fails against today's tolerances of its scheme (its own report keeps
+    the tolerances it was calibrated with)."""
+    return [f"{c['task']} {c['check']}" for c in judge(acc["tasks"], TOLERANCES[acc["quantization"]["scheme"]])
+            if not c["ok"]]
 
 
 def accuracy_lines(res: dict) -> list[str]:
@@ -165,8 +176,9 @@ def accuracy_lines(res: dict) -> list[str]:
             out.append(f"  {name:10s}{task:5s}{t['top1']:8.3f}{t['positions']:10d}{t['mean_kl']:10.2e}"
                        f"{t['logit_cosine_mean']:11.5f}{t['vision_cosine']:11.5f}"
                        f"{f(t.get('gen_indices'), '{:.3f}'):>9s}{f(t.get('gen_psnr'), '{:.1f}'):>8s}{size:>9s}  "
-                       f"{'passed' if a['passed'] else 'FAILED'}")
-    return out + ["  (size: the whole bundle, both tasks, against the fp32 bundle's)", ""]
+                       f"{'FAILED' if misses(a) else 'passed'}")
+    return out + ["  (size: the whole bundle, both tasks, against the fp32 bundle's; report: the figures against "
+                  "today's tolerances of the scheme)", ""]
 
 
 def table(res: dict) -> str:

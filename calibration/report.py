@@ -30,29 +30,34 @@ GREEDY_STEPS = 32
 STRESS = ("Random synthetic weights make these figures a stress test of the quantization (heavy-tailed, "
           "unstructured weights and logits with no dominant token), not a prediction of the release model's accuracy.")
 # Per scheme, the bounds a bundle must meet here and, against PyTorch fp32 (vs_reference), in `build.py verify`.
-# Set from the tiny synthetic bundle's measurements with a margin (measured: int8 top-1 0.98-0.99, mean KL ~1e-6,
-# logit cosine 0.99997; int4 block 32 top-1 0.59-0.75, KL 0.8-1.7e-4, cosine 0.993-0.996). The tiny random model's
-# logits are nearly tied, so one flipped argmax sends free-running decoding elsewhere for good: the greedy and GEN
-# index bounds are floors, the teacher-forced statistics are the real test.
+# Set from the benchmark's real-width 4-layer M3 (2026-12-03, held-out images, 512 positions per task; the tiny
+# bundles of the tests measure far closer, e.g. int8 KL ~1e-6): floors ~0.13 under the worst top-1; 4x the worst
+# mean KL, distance of a cosine from 1 and logit max abs (int4: 2x, whose distances are large already: 4x would let
+# a broken int4 graph through). The random model's logits are nearly tied, so one flipped argmax sends free-running
+# decoding elsewhere for good: the greedy and GEN index bounds are floors, the teacher-forced statistics the test.
+# The full 32-layer M3's int4 (RTN: top-1 0/32, KL 0.32-0.39, cosine 0.69-0.71) is outside them.
 FILES = ("quant.json", "quant.md")  # what `write` adds to the bundle
 TOLERANCES = {
-    "int8": Tolerances(min_top1=0.95, max_mean_kl=1e-5, min_greedy=1 / 32, min_vision_cosine=0.9999,
-                       min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.9995,
-                       vs_reference=ReferenceBounds(max_abs=0.05, min_cosine=0.9995, token_agreement=1 / 32,
+    # int8 measured: top-1 0.90-0.95, KL 8.3-9.9e-4, logit cos 0.99920-0.99923, logit max abs 0.24-0.26
+    "int8": Tolerances(min_top1=0.77, max_mean_kl=4e-3, min_greedy=1 / 32, min_vision_cosine=0.9999,
+                       min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.996,
+                       vs_reference=ReferenceBounds(max_abs=1.0, min_cosine=0.996, token_agreement=1 / 32,
                                                     gen_indices=0.0, min_psnr=10.0)),
-    "int4": Tolerances(min_top1=0.5, max_mean_kl=5e-4, min_greedy=0.0, min_vision_cosine=0.99,
-                       min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.99,
-                       vs_reference=ReferenceBounds(max_abs=0.5, min_cosine=0.99, token_agreement=0.0,
+    # int4 blocks of 128 measured: AWQ top-1 0.33-0.38, KL 0.081-0.089, logit cos 0.925-0.927, max abs 2.2-2.4;
+    # round-to-nearest top-1 0.33-0.60, KL 0.108-0.129, cos 0.895-0.900, max abs 2.5-2.8
+    "int4": Tolerances(min_top1=0.2, max_mean_kl=0.26, min_greedy=0.0, min_vision_cosine=0.99,
+                       min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.79,
+                       vs_reference=ReferenceBounds(max_abs=5.5, min_cosine=0.79, token_agreement=0.0,
                                                     gen_indices=0.0, min_psnr=10.0)),
-    # Q/DQ, decoder and vision, over minmax/percentile/entropy and 3 or 10 calibration images: floors about 4x the
-    # worst measured distance from 1 (cosines), ~0.13 under the worst top-1, 4x the worst mean KL.
-    # w8a8 measured (decoder fused by ORT, vision as written): top-1 0.83-0.95, KL 0.9-5.1e-5, logit cos 0.9975-0.9996,
-    # vision cos 0.9987-0.9998, PSNR 12.5 dB
-    "w8a8": Tolerances(min_top1=0.7, max_mean_kl=2e-4, min_greedy=0.0, min_vision_cosine=0.995,
-                       min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.99,
-                       vs_reference=ReferenceBounds(max_abs=1.0, min_cosine=0.99, token_agreement=0.0,
+    # w8a8 measured (minmax, decoder fused by ORT, vision as written): top-1 0.80-0.88, KL 4.3-4.7e-3, logit cos
+    # 0.99601-0.99617, max abs 0.52-0.56, vision cos 0.99959-0.99972 (tiny: vision cos down to 0.9987, over
+    # minmax/percentile/entropy)
+    "w8a8": Tolerances(min_top1=0.67, max_mean_kl=0.02, min_greedy=0.0, min_vision_cosine=0.995,
+                       min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.98,
+                       vs_reference=ReferenceBounds(max_abs=2.5, min_cosine=0.98, token_agreement=0.0,
                                                     gen_indices=0.0, min_psnr=10.0)),
-    # fp8 measured (as written): top-1 0.80-0.88, KL 2.2-4.4e-5, logit cos 0.9983-0.9989, vision cos 0.9968-0.9984
+    # fp8 (not built by the benchmark: from the tiny bundle, as written): top-1 0.80-0.88, KL 2.2-4.4e-5, logit cos
+    # 0.9983-0.9989, vision cos 0.9968-0.9984
     "fp8": Tolerances(min_top1=0.65, max_mean_kl=2e-4, min_greedy=0.0, min_vision_cosine=0.985,
                       min_gen_indices=0.0, min_psnr=10.0, min_logit_cosine=0.99,
                       vs_reference=ReferenceBounds(max_abs=1.0, min_cosine=0.985, token_agreement=0.0,
@@ -140,22 +145,30 @@ def measure(fp_bundle: Bundle, q_bundle: Bundle, images: list[Path], positions: 
              "logit_cosine_mean": float(np.mean([x for r in runs for x in r["cosine"]])),
              "logit_max_abs": max(r["max_abs"] for r in runs),
              "greedy_agreement": min(r["greedy_agreement"] for r in runs)}
+        if "gen" in want:
+            t["gen_indices"] = float(np.mean([a == b for a, b in zip(want["gen"], got["gen"])]))
+            t["gen_psnr"] = psnr(got["image"], want["image"])
+        result["tasks"][task] = t
+    if not gen_image:
+        result["not_measured"] = "gen indices and image PSNR (quick report)"
+    result["checks"] = judge(result["tasks"], tol)
+    result["passed"] = all(c["ok"] for c in result["checks"])
+    return result
+
+
+def judge(tasks: dict, tol: Tolerances) -> list[dict]:
+    """Each task's figures (as `measure` reports them) against a scheme's tolerances."""
+    checks = []
+    for task, t in tasks.items():
         checks += [(task, "vision embedding cosine", t["vision_cosine"] >= tol.min_vision_cosine),
                    (task, "teacher-forced top-1", t["top1"] >= tol.min_top1),
                    (task, "teacher-forced mean KL", t["mean_kl"] <= tol.max_mean_kl),
                    (task, "mean logit cosine", t["logit_cosine_mean"] >= tol.min_logit_cosine),
                    (task, "greedy agreement", t["greedy_agreement"] >= tol.min_greedy)]
-        if "gen" in want:
-            t["gen_indices"] = float(np.mean([a == b for a, b in zip(want["gen"], got["gen"])]))
-            t["gen_psnr"] = psnr(got["image"], want["image"])
+        if "gen_indices" in t:
             checks += [(task, "gen indices", t["gen_indices"] >= tol.min_gen_indices),
                        (task, "gen image PSNR", t["gen_psnr"] >= tol.min_psnr)]
-        result["tasks"][task] = t
-    if not gen_image:
-        result["not_measured"] = "gen indices and image PSNR (quick report)"
-    result["checks"] = [{"task": a, "check": b, "ok": bool(c)} for a, b, c in checks]
-    result["passed"] = all(c for *_, c in checks)
-    return result
+    return [{"task": a, "check": b, "ok": bool(c)} for a, b, c in checks]
 
 
 def write(root: Path, result: dict) -> None:
