@@ -67,17 +67,19 @@ class Bundle:
 
     def check_layout(self) -> None:
         """Cheap checks that need the file system but no hashing: every listed file is inside the bundle, and the
-        weights table tiles the weights file."""
+        weights table tiles the weights file. Tensors may share one range exactly: the store keeps equal bytes once,
+        whatever their dtype (an int8 zero point and an fp32 zero bias of as many bytes)."""
         for name in self.manifest.files:
             self.file(name)
         table = self.manifest.weights
         size = self.file(table.file).stat().st_size if (self.root / table.file).is_file() else 0
-        end = 0
-        for name, t in sorted(table.tensors.items(), key=lambda kv: kv[1].offset):
-            if t.offset < end or t.offset + t.nbytes > size:
+        end, last = 0, None
+        for name, t in sorted(table.tensors.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes)):
+            span = (t.offset, t.nbytes)
+            if (t.offset < end and span != last) or t.offset + t.nbytes > size:
                 raise UserError(f"{self.root / MANIFEST}: weights tensor {name} ({t.offset}..{t.offset + t.nbytes}) "
                                 f"overlaps another or lies past the end of {table.file} ({size} bytes)")
-            end = t.offset + t.nbytes
+            end, last = max(end, t.offset + t.nbytes), span
 
     def verify_files(self, rehash: bool = False) -> None:
         weights = self.manifest.weights.file

@@ -206,6 +206,26 @@ def test_a_bad_manifest_is_refused(copy, edit, match):
         Bundle.open(copy, verify=False)
 
 
+def _alias(manifest: dict, partial: bool) -> None:
+    """Another tensor over the bytes of a float32 one: as int8 of the same bytes (what the store writes for equal
+    bytes of two dtypes), or over its first half only."""
+    tensors = manifest["weights"]["tensors"]
+    name, t = next((n, t) for n, t in tensors.items() if t["dtype"] == "float32")
+    count = int(np.prod(t["shape"])) * 4 // (2 if partial else 1)
+    tensors[f"{name.rsplit('.', 2)[0]}.int8.{count}"] = {**t, "dtype": "int8", "shape": [count]}
+
+
+def test_equal_bytes_of_two_dtypes_share_one_range(copy):
+    _edit_manifest(copy, lambda m: _alias(m, partial=False))
+    Bundle.open(copy)  # layout and content both hold
+
+
+def test_a_partly_overlapping_tensor_is_refused(copy):
+    _edit_manifest(copy, lambda m: _alias(m, partial=True))
+    with pytest.raises(UserError, match="overlaps another"):
+        Bundle.open(copy, verify=False)
+
+
 def test_swapped_tensor_offsets_are_caught_by_content(copy):
     _edit_manifest(copy, swap_same_shape_offsets)
     Bundle.open(copy, verify=False)  # the layout is still plausible ...
