@@ -191,7 +191,8 @@ def table(res: dict) -> str:
               "VQGAN)" if m.get("size", "real") == "real" else "TINY widths (a smoke run: the figures mean nothing)")
     w(f"model: synthetic HealthGPT-M3 at {widths}, {m['layers']} decoder layers (real: 32), fp32, max_context "
       f"{m['max_context']}")
-    w(f"machine: {m['cpu']}, {m['usable_cpus']} CPUs ({m['physical_cores']} physical cores), {m['mem_GiB']} GiB; "
+    w(f"machine: {m['cpu']}, {m['usable_cpus']} CPUs ({m['physical_cores']} physical cores), flags: "
+      f"{m.get('flags', '?')}, {m['mem_GiB']} GiB; "
       f"{m['threads_used']} threads everywhere; load avg {m['load_start']:.2f} at start, {m['load_end']:.2f} at end")
     w(f"every figure: median of {m['reps']} runs after {m['warmup']} warm-up (contenders interleaved run by run)")
     w(f"memory bandwidth ({bw['threads']} threads, {bw['matrix_bytes'] / 2**30:.1f} GiB): GEMV a@x "
