@@ -86,7 +86,8 @@ def cmd_calibrate(a):
     from calibration.calibrate import calibrate
 
     manifest = calibrate(a.bundle, a.out, a.scheme, a.block_size, a.images, a.samples,
-                         tuple(g for g in a.graphs.split(",") if g), a.algorithm, a.lm_head, a.quick_report)
+                         tuple(g for g in a.graphs.split(",") if g), a.algorithm,
+                         None if a.lm_head is None else a.lm_head == "quantized", a.quick_report)
     q = manifest.precision.quantization
     total = sum(f.bytes for f in manifest.files.values())
     print(f"[I] {a.out}: {q.scheme} ({q.algorithm}), {sum(q.quantized_matmuls.values())} MatMuls through "
@@ -147,7 +148,9 @@ def main(argv=None) -> int:
                         "inside the installed packages)")
     c.add_argument("--samples", type=int, help="use the first N calibration images")
     c.add_argument("--graphs", default="decoder", help="comma-separated: decoder, vision (default decoder)")
-    c.add_argument("--lm-head", action="store_true", help="quantize the LM head too (default: kept fp32)")
+    c.add_argument("--lm-head", choices=["quantized", "float32"],
+                   help="the decoder's LM head: quantized with the base weights or kept float32 (default: quantized "
+                        "for int4 and int8, float32 for w8a8 and fp8; calibration/calibrate.py says why)")
     c.add_argument("--quick-report", action="store_true",
                    help="accuracy report on one held-out image and 32 positions, no generated image (full size)")
     c.set_defaults(run=cmd_calibrate)

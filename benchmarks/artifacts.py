@@ -9,8 +9,9 @@
         com-allpos      COM decoder returning logits for every position (shipped: last position only)
         com-dynamo      COM decoder exported with torch.onnx.export(dynamo=True) (shipped: TorchScript)
     q-NAME/             `build.py calibrate` of the shipped bundle (QUANTIZED: int4 AWQ, int8, w8a8 decoder + vision;
-                        int4-rtn for the accuracy comparison only), accuracy report included; q-NAME.source holds
-                        the shipped manifest's sha256 and the options it was made from
+                        int4-rtn for the accuracy comparison only; int4-headfp32: int4 with the LM head kept float),
+                        accuracy report included; q-NAME.source holds the shipped manifest's sha256 and the options
+                        it was made from
     optimum/            optimum-onnx main_export(base, task="text-generation-with-past") of the plain base model
     genai-fp32/, genai-int4/   ONNX Runtime GenAI model builder output of the plain base (built in peers.py)
 
@@ -31,8 +32,10 @@ VARIANTS = ("base", "com-gemm1", "com-allpos", "com-dynamo")
 # name -> calibrate() options (fp8 has no CPU kernels: it runs as written, emulated, so it is not timed here)
 QUANTIZED = {"int4": dict(scheme="int4"), "int8": dict(scheme="int8"),
              "w8a8": dict(scheme="w8a8", graphs=("decoder", "vision")),
-             "int4-rtn": dict(scheme="int4", algorithm="rtn")}
-TIMED = ("int4", "int8", "w8a8")  # decoders timed beside fp32; int4-rtn is there for AWQ's accuracy target
+             "int4-rtn": dict(scheme="int4", algorithm="rtn"), "int4-headfp32": dict(scheme="int4", lm_head=False)}
+# decoders timed beside fp32 (int4-headfp32: the LM head kept float, the alternative to the default);
+# int4-rtn is there for AWQ's accuracy target
+TIMED = ("int4", "int4-headfp32", "int8", "w8a8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +223,7 @@ def _export_dynamo(spec, module, feeds):
 
 def quantized(model: Model, names) -> dict[str, Path | str]:
     """name -> the calibrated bundle (remade when the shipped bundle or the options changed), or 'not built: ...'."""
-    from calibration.calibrate import calibrate
+    from calibration.calibrate import LM_HEAD, calibrate
     from runtime.files import file_digest
     from runtime.manifest import MANIFEST
 
@@ -229,6 +232,7 @@ def quantized(model: Model, names) -> dict[str, Path | str]:
     for name in names:
         # int4 in TensorRT's blocks of 128 along K; the tiny widths (64) need 32
         options = {**QUANTIZED[name], "block_size": 32 if model.size == "tiny" else 128}
+        options.setdefault("lm_head", LM_HEAD[options["scheme"]])  # in the stamp: a new default remakes the bundle
         stamp = f"{file_digest(src / MANIFEST)} {sorted(options.items())}"
         d, source = cache_root(model) / f"q-{name}", cache_root(model) / f"q-{name}.source"
         out[name] = d

@@ -118,7 +118,7 @@ def quantized_targets(res, rows, add) -> None:
     if q4 and oc:
         add("int4 decoder weights <= 0.3x fp32 (COM, bytes one decode step reads)",
             f"{q4['weights'] / oc['weights']:.2f}x", q4["weights"] / oc["weights"] <= 0.3,
-            "the LM head and H-LoRA stay fp32: their share shrinks with the layer count (full size: 0.18x)")
+            "the H-LoRA (and an LM head kept float) stay fp32: their share shrinks with the layer count")
     pre = res.get("prefill_D1", {})
     fast = {k.split()[-1]: med(pre["ours com"]) / med(pre[k]) for k in ("ours com int4", "ours com w8a8") if k in pre}
     if fast:

@@ -29,7 +29,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def int4_bundle(m3_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "int4"
-    calibrate(m3_bundle, out, "int4", block_size=32)  # the tiny widths (64, 128) are below the release's 128
+    # the tiny widths (64, 128) are below the release's blocks of 128; the LM head quantized (the int4 default)
+    calibrate(m3_bundle, out, "int4", block_size=32)
     return out
 
 
@@ -37,7 +38,8 @@ def int4_bundle(m3_bundle, tmp_path_factory):
 def int8_bundle(m3_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "int8"
     r = subprocess.run([sys.executable, "build.py", "calibrate", "--bundle", str(m3_bundle), "--out", str(out),
-                        "--scheme", "int8"], capture_output=True, text=True, timeout=600, env=ENV)
+                        "--scheme", "int8", "--lm-head", "float32"], capture_output=True, text=True, timeout=600,
+                       env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "accuracy report" in r.stdout
     return out
@@ -49,8 +51,11 @@ def test_quantized_bundle_is_standard_onnx_with_shared_base_weights(scheme, int4
     bundle = Bundle.open(root)  # every file matches its sha256 in the manifest
     q = bundle.manifest.precision.quantization.to_json()
     assert q["scheme"] == scheme and q["algorithm"] == ("awq" if scheme == "int4" else "rtn")
-    assert q["block_size"] == (32 if scheme == "int4" else None) and q["lm_head"] == "float32"
-    assert q["quantized_matmuls"] == {"com.decoder": 8, "gen.decoder": 8}  # qkv, o, gate_up, down x 2 layers
+    lm_head = scheme == "int4"  # int8 was calibrated with --lm-head float32
+    assert q["block_size"] == (32 if scheme == "int4" else None)
+    assert q["lm_head"] == ("quantized" if lm_head else "float32")
+    matmuls = 8 + lm_head  # qkv, o, gate_up, down x 2 layers (+ the LM head)
+    assert q["quantized_matmuls"] == {"com.decoder": matmuls, "gen.decoder": matmuls}
     assert {c["file"] for c in q["calibration_set"]} >= {"MR_small.dcm", "examples_rgb_color.dcm"}
     assert all(len(c["sha256"]) == 64 for c in q["calibration_set"])
     assert not {c["file"] for c in q["calibration_set"]} & set(data.HELD_OUT)
@@ -62,13 +67,15 @@ def test_quantized_bundle_is_standard_onnx_with_shared_base_weights(scheme, int4
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path), load_external_data=False)
         assert lint(model) == [] and model.opset_import[0].version == 21
-        inits = {i.name: i for i in model.graph.initializer}
+        inits, outputs = {i.name: i for i in model.graph.initializer}, {o.name for o in model.graph.output}
         dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-        assert len(dqs) == 8 and all(inits[n.input[0]].data_type == want_dtype and len(n.input) == 2 for n in dqs)
-        per_task[task] = {n.input[0] for n in dqs}
+        assert len(dqs) == matmuls
+        assert all(inits[n.input[0]].data_type == want_dtype and len(n.input) == 2 for n in dqs)
+        head = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.output[0] in outputs}
+        per_task[task] = {n.input[0] for n in dqs} - {n.input[0] for n in dqs if n.output[0] in head}
         float_weights = Counter(m.role for m in quantize.weight_matmuls(model))  # MatMuls still on an fp32 weight
-        assert sum(float_weights.values()) == 17 and float_weights["lm_head"] == 1  # H-LoRA A/R, B x 8; LM head
-    assert per_task["com"] == per_task["gen"]  # the quantized base weights: one tensor for both tasks
+        assert sum(float_weights.values()) == 17 - lm_head and float_weights["lm_head"] == 1 - lm_head  # H-LoRA x 8
+    assert per_task["com"] == per_task["gen"] and len(per_task["com"]) == 8  # base weights: one tensor, both tasks
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
