@@ -163,17 +163,17 @@ def accuracy_lines(res: dict) -> list[str]:
         return []
     fp = acc.get("fp32", {}).get("bundle_bytes")
     out = ["ACCURACY against the fp32 bundle (each bundle's quant.json; held-out images; random weights)",
-           f"  {'bundle':10s}{'task':5s}{'top-1':>8s}{'positions':>10s}{'mean KL':>10s}{'logit cos':>11s}"
+           f"  {'bundle':14s}{'task':5s}{'top-1':>8s}{'positions':>10s}{'mean KL':>10s}{'logit cos':>11s}"
            f"{'vision cos':>11s}{'gen idx':>9s}{'PSNR dB':>8s}{'size':>9s}  report"]
     for name, a in acc.items():
         if name == "fp32":
             continue
         if not isinstance(a, dict):
-            out.append(f"  {name:10s}{a}")
+            out.append(f"  {name:14s}{a}")
             continue
         size = f"{a['bundle_bytes'] / fp:.2f}x" if fp else "-"
         for task, t in a["tasks"].items():
-            out.append(f"  {name:10s}{task:5s}{t['top1']:8.3f}{t['positions']:10d}{t['mean_kl']:10.2e}"
+            out.append(f"  {name:14s}{task:5s}{t['top1']:8.3f}{t['positions']:10d}{t['mean_kl']:10.2e}"
                        f"{t['logit_cosine_mean']:11.5f}{t['vision_cosine']:11.5f}"
                        f"{f(t.get('gen_indices'), '{:.3f}'):>9s}{f(t.get('gen_psnr'), '{:.1f}'):>8s}{size:>9s}  "
                        f"{'FAILED' if misses(a) else 'passed'}")
@@ -210,11 +210,11 @@ def table(res: dict) -> str:
       f"({med(q['torch']) / med(q['ours']):.1f}x)")
     rows = res["derived"]["decode"]
     w("")
-    w("DECODE, ms/token      ctx~100   ~600  ~1600  1600/100  weights GB  GEMV GB/s@600  limit@600  %limit "
+    w("DECODE, ms/token           ctx~100   ~600  ~1600  1600/100  weights GB  GEMV GB/s@600  limit@600  %limit "
       "(100/600/1600)")
     for name, r in rows.items():
         ms, pl = r["ms"], r["pct_limit"]
-        w(f"  {name:18s}{f(ms['100'], '{:8.0f}')}{f(ms['600'], '{:7.0f}')}{f(ms['1600'], '{:7.0f}')}"
+        w(f"  {name:23s}{f(ms['100'], '{:8.0f}')}{f(ms['600'], '{:7.0f}')}{f(ms['1600'], '{:7.0f}')}"
           f"{ms['1600'] / ms['100']:10.2f}{r['weights'] / 1e9:12.2f}{r['bw']['600'] / 1e9:15.1f}"
           f"{r['limit_ms']['600']:11.0f}  " + " / ".join(f(pl[c], "{:.0f}%") for c in CTX))
     w(f"  (limit = (weight bytes + {res['bytes']['kv_per_token'] / 1024:.0f} KiB of KV per cached token) / the "
