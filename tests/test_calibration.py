@@ -72,7 +72,7 @@ def test_quantized_bundle_is_standard_onnx_with_shared_base_weights(scheme, int4
         assert len(dqs) == matmuls
         assert all(inits[n.input[0]].data_type == want_dtype and len(n.input) == 2 for n in dqs)
         head = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.output[0] in outputs}
-        per_task[task] = {n.input[0] for n in dqs} - {n.input[0] for n in dqs if n.output[0] in head}
+        per_task[task] = {n.input[0] for n in dqs if n.output[0] not in head}
         float_weights = Counter(m.role for m in quantize.weight_matmuls(model))  # MatMuls still on an fp32 weight
         assert sum(float_weights.values()) == 17 - lm_head and float_weights["lm_head"] == 1 - lm_head  # H-LoRA x 8
     assert per_task["com"] == per_task["gen"] and len(per_task["com"]) == 8  # base weights: one tensor, both tasks
