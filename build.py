@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from engines.build import add_engines_command
-from runtime.args import Parser, non_negative_int, positive_int
-from runtime.errors import UserError
+from runtime.frontends.args import Parser, non_negative_int, positive_int
+from runtime.contract.errors import UserError
 
 
 def _directory(text: str) -> Path:
@@ -44,8 +44,8 @@ def cmd_synth(a):
 
 
 def cmd_reference(a):
-    from runtime.image import check_png_path, load_image, save_png
-    from runtime.prompt import check_question
+    from runtime.core.image import check_png_path, load_image, save_png
+    from runtime.core.prompt import check_question
 
     check_question(a.prompt)  # the input checks first: loading the reference takes torch and the whole model
     image = load_image(a.image)

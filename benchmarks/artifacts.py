@@ -138,7 +138,7 @@ def _export_variants(model: Model, names: list[str]) -> dict[str, str]:
 
 def _decoder_spec(llm, all_positions: bool):
     from export.compile import specs
-    from runtime.graphspec import TensorSpec
+    from runtime.contract.graphspec import TensorSpec
 
     cfg = llm.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -161,9 +161,9 @@ def _export_one(model: Model, name: str, module, llm, dynamo: bool = False,
 
     from export.compile.bundle import EXPORTER_VERSION
     from export.compile.onnx_export import WeightStore, export_graph
-    from runtime.bundle import Bundle
-    from runtime.files import file_digest
-    from runtime.manifest import MANIFEST, FileEntry, GraphEntry, TensorEntry, WeightsTable
+    from runtime.core.bundle import Bundle
+    from runtime.contract.files import file_digest
+    from runtime.contract.manifest import MANIFEST, FileEntry, GraphEntry, TensorEntry, WeightsTable
 
     d = variant_dir(model, name)
     tmp = d.with_name(name + ".partial")
@@ -224,8 +224,8 @@ def _export_dynamo(spec, module, feeds):
 def quantized(model: Model, names) -> dict[str, Path | str]:
     """name -> the calibrated bundle (remade when the shipped bundle or the options changed), or 'not built: ...'."""
     from calibration.calibrate import LM_HEAD, calibrate
-    from runtime.files import file_digest
-    from runtime.manifest import MANIFEST
+    from runtime.contract.files import file_digest
+    from runtime.contract.manifest import MANIFEST
 
     src = cache_root(model) / "bundle"
     out = {}

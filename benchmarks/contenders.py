@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.timing import Case, rss_bytes
-from runtime.backend import OrtBackend, OrtGraph
-from runtime.bundle import Bundle
-from runtime.generate import decode_one_token, prefill
-from runtime.kvcache import KVCache
+from runtime.core.backend import OrtBackend, OrtGraph
+from runtime.core.bundle import Bundle
+from runtime.core.generate import decode_one_token, prefill
+from runtime.core.kvcache import KVCache
 
 TOKEN = 1000  # any id below every vocabulary; decode cost does not depend on it
 
@@ -20,7 +20,7 @@ TOKEN = 1000  # any id below every vocabulary; decode cost does not depend on it
 # ---------------------------------------------------------------- our runtime
 @dataclass
 class OurDecoder:
-    """A decoder graph + its KVCache, driven exactly as runtime/generate.py drives it. full_cache: the cache held
+    """A decoder graph + its KVCache, driven exactly as runtime/core/generate.py drives it. full_cache: the cache held
     at max_context rows at every context (the design before the cache grew by powers of two), for comparison."""
 
     graph: OrtGraph

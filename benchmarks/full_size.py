@@ -38,9 +38,9 @@ def ours(a: dict) -> dict:
 
     from benchmarks.contenders import OurDecoder, graph_weight_bytes
     from benchmarks.timing import bench
-    from runtime.healthgpt import TASKS
-    from runtime.kvcache import KVCache
-    from runtime.pipeline import Pipeline
+    from runtime.contract.healthgpt import TASKS
+    from runtime.core.kvcache import KVCache
+    from runtime.core.pipeline import Pipeline
 
     image = get_testdata_file("CT_small.dcm", download=False)
     out, start = {}, time.perf_counter()
@@ -76,7 +76,7 @@ def torch_reference(a: dict) -> dict:
     from benchmarks.contenders import TorchDecoder
     from benchmarks.timing import bench
     from export.reference.model import load_reference
-    from runtime.image import load_image
+    from runtime.core.image import load_image
 
     torch.set_num_threads(a["threads"])
     start = time.perf_counter()

@@ -92,10 +92,10 @@ class Run:
     def __init__(self, a, arts: dict, res: dict):
         from pydicom.data import get_testdata_file
 
-        from runtime.backend import OrtBackend
-        from runtime.bundle import Bundle
-        from runtime.image import load_image, preprocess
-        from runtime.pipeline import Pipeline
+        from runtime.core.backend import OrtBackend
+        from runtime.core.bundle import Bundle
+        from runtime.core.image import load_image, preprocess
+        from runtime.core.pipeline import Pipeline
 
         self.a, self.arts, self.res = a, arts, res
         self.W, self.R, self.T = a.warmup, a.reps, a.threads
@@ -136,9 +136,9 @@ def vision_vqgan_ttft(r: Run, np, torch) -> None:
     from export.reference.model import load_reference
     from export.reference.variants import get_task
     from export.reference.vqgan import load_vqgan
-    from runtime.bundle import Bundle
-    from runtime.healthgpt import COM, GEN, IMAGE_TOKENS, VQ_CODES
-    from runtime.pipeline import Pipeline
+    from runtime.core.bundle import Bundle
+    from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKENS, VQ_CODES
+    from runtime.core.pipeline import Pipeline
 
     r.say("vision / vqgan / time to first token")
     r.ref = ref = load_reference(r.arts["checkpoint"], COM.name)
@@ -187,7 +187,7 @@ def decode_d1(r: Run, np, torch) -> None:
     from benchmarks import artifacts
     from benchmarks import contenders as C
     from benchmarks.timing import Gemv
-    from runtime.bundle import Bundle
+    from runtime.core.bundle import Bundle
 
     r.say("decode / prefill group D1")
     r.embeds = np.random.default_rng(0).standard_normal((1, PROMPT, r.cfg.hidden)).astype(np.float32)
@@ -257,8 +257,8 @@ def decode_d2(r: Run, np, torch) -> None:
 def optimizations(r: Run, np, torch) -> None:
     """Each alternative against the shipped COM decoder, side by side."""
     from benchmarks import contenders as C
-    from runtime.bundle import Bundle
-    from runtime.kvcache import KVCache
+    from runtime.core.bundle import Bundle
+    from runtime.core.kvcache import KVCache
 
     r.say("optimizations")
     ours, embeds = r.ours, r.embeds

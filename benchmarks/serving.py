@@ -28,11 +28,11 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from benchmarks.cpu import cpu_flags  # noqa: E402
 from benchmarks.timing import machine  # noqa: E402
 
-from runtime.pipeline import Pipeline  # noqa: E402
-from runtime.sampling import Sampler  # noqa: E402
-from runtime.serving import environment, repository  # noqa: E402
-from runtime.serving.client import Client, Request  # noqa: E402
-from runtime.serving.server import Ports, Server  # noqa: E402
+from runtime.core.pipeline import Pipeline  # noqa: E402
+from runtime.core.sampling import Sampler  # noqa: E402
+from runtime.frontends.serving import environment, repository  # noqa: E402
+from runtime.frontends.serving.client import Client, Request  # noqa: E402
+from runtime.frontends.serving.server import Ports, Server  # noqa: E402
 
 QUESTION, INSTRUCTION = "What does this scan show?", "Reconstruct the image."
 def com_local(pipe: Pipeline, image: bytes, tokens: int) -> dict:
@@ -58,7 +58,7 @@ def _com_figures(start: float, stamps: list[float]) -> dict:
 
 
 def gen_local(pipe: Pipeline, image: bytes) -> dict:
-    from runtime.image import png_bytes
+    from runtime.core.image import png_bytes
 
     start = time.perf_counter()
     png_bytes(pipe.generate_image(image, INSTRUCTION, constrain_image_tokens=True))  # the server encodes it too

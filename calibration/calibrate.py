@@ -29,13 +29,13 @@ from export.compile.lint import lint
 from export.compile.onnx_export import WeightStore
 from export.outdir import staged
 from export.parity.verify import peak_rss_gib
-from runtime.backend import OrtBackend
-from runtime.bundle import Bundle
-from runtime.errors import UserError
-from runtime.files import write_atomic
-from runtime.healthgpt import TASKS
-from runtime.kvcache import KVCache
-from runtime.manifest import (
+from runtime.core.backend import OrtBackend
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
+from runtime.contract.files import write_atomic
+from runtime.contract.healthgpt import TASKS
+from runtime.core.kvcache import KVCache
+from runtime.contract.manifest import (
     MANIFEST,
     CalibrationFile,
     Manifest,
@@ -44,7 +44,7 @@ from runtime.manifest import (
     TensorEntry,
     WeightsTable,
 )
-from runtime.pipeline import Pipeline
+from runtime.core.pipeline import Pipeline
 
 BLOCK_SIZES = (128, 64, 32)  # TensorRT's INT4 blocks are 64 or 128; 32 for the tiny test widths
 # first: the default

@@ -16,14 +16,14 @@ import numpy as np
 
 from calibration.data import PROMPTS
 from export.parity.verify import psnr
-from runtime.backend import OrtBackend
-from runtime.bundle import Bundle
-from runtime.files import write_atomic
-from runtime.generate import decode_one_token, prefill
-from runtime.healthgpt import TASKS
-from runtime.image import load_image, preprocess
-from runtime.manifest import ReferenceBounds, Tolerances
-from runtime.pipeline import Pipeline
+from runtime.core.backend import OrtBackend
+from runtime.core.bundle import Bundle
+from runtime.contract.files import write_atomic
+from runtime.core.generate import decode_one_token, prefill
+from runtime.contract.healthgpt import TASKS
+from runtime.core.image import load_image, preprocess
+from runtime.contract.manifest import ReferenceBounds, Tolerances
+from runtime.core.pipeline import Pipeline
 
 POSITIONS = 256  # teacher-forced positions per held-out image (llama.cpp's KLD statistics need a few hundred)
 GREEDY_STEPS = 32

@@ -28,13 +28,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runtime.args import positive_int
-from runtime.bundle import Bundle
-from runtime.errors import UserError
-from runtime.files import check_file, write_atomic
-from runtime.graphspec import GraphSpec
-from runtime.manifest import MANIFEST, EngineEntry, FileEntry, Manifest
-from runtime.trt_compat import DeviceInfo, check_compat, current_device
+from runtime.frontends.args import positive_int
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
+from runtime.contract.files import check_file, write_atomic
+from runtime.contract.graphspec import GraphSpec
+from runtime.contract.manifest import MANIFEST, EngineEntry, FileEntry, Manifest
+from runtime.core.trt_compat import DeviceInfo, check_compat, current_device
 
 BUILD_PRECISIONS = ("fp32", "fp16", "bf16")  # what TensorRT could build; a bundle holds fp32 or fp16
 BUILDER_VERSION = 1  # bump when the build settings below change: every cached engine is then rebuilt
@@ -105,7 +105,7 @@ def engine_key(manifest: Manifest, graph_id: str, precision: str, device: Device
 
 def engine_entry(graph_id: str, file: str, sha256: str, nbytes: int, device: DeviceInfo, precision: str,
                  profiles: list[dict[str, Shapes]], key: str, seconds: float) -> EngineEntry:
-    """The manifest record of one engine: what the runtime checks (runtime.trt_compat) and what built it."""
+    """The manifest record of one engine: what the runtime checks (runtime.core.trt_compat) and what built it."""
     return EngineEntry(
         graph=graph_id, file=file, sha256=sha256, bytes=nbytes, gpu_name=device.name,
         compute_capability=device.compute_capability, tensorrt_version=device.tensorrt_version, precision=precision,

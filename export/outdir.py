@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from runtime.errors import UserError
-from runtime.manifest import FORMAT, MANIFEST
+from runtime.contract.errors import UserError
+from runtime.contract.manifest import FORMAT, MANIFEST
 
 SYNTHETIC_MARKER = ".healthgpt-edge-synthetic"  # written into every synthetic checkpoint
 KINDS = {"bundle": "a healthgpt-edge bundle", "checkpoint": "a synthetic checkpoint written by `build.py synth`"}

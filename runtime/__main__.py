@@ -1,11 +1,11 @@
-"""`python -m runtime`: see runtime/cli.py."""
+"""`python -m runtime`: see runtime/frontends/cli.py."""
 
 import faulthandler
 import os
 import signal
 import sys
 
-from runtime.cli import EXIT_INTERRUPTED, main
+from runtime.frontends.cli import EXIT_INTERRUPTED, main
 
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack, goes on
 code = main()

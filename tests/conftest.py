@@ -9,7 +9,7 @@ INSTRUCTION = "Reconstruct the image."
 
 @pytest.fixture(scope="session", autouse=True)
 def private_verified_record(tmp_path_factory):
-    """The record of hashed files (runtime/verified.py) in a folder of this session's, for it and its subprocesses."""
+    """The record of hashed files (runtime/core/verified.py) in a folder of this session's, for it and its subprocesses."""
     import os
 
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
@@ -79,7 +79,7 @@ def l14_bundle(l14_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def m3_gen_tokens(m3_gen, ct_small):
     """The reference's 1024 constrained GEN tokens for CT_small (HF generate, the slowest step: computed once)."""
-    from runtime.image import load_image
+    from runtime.core.image import load_image
 
     ref = m3_gen
     embeds = ref.encode_image(ref.pixel_values(load_image(ct_small)))

@@ -1,7 +1,7 @@
 """Client side of tests/test_serving.py, run by the serving venv's Python (tritonclient is installed there; the
 test venv's protobuf 7 rules it out there). Reads a JSON job on stdin, prints a JSON result on stdout.
 
-job: {"url": "HOST:PORT", "concurrency": N, "requests": [{...runtime.serving.client.Request fields, "image": PATH,
+job: {"url": "HOST:PORT", "concurrency": N, "requests": [{...runtime.frontends.serving.client.Request fields, "image": PATH,
       "cancel_after": K}], "rss_pid": PID, "rss_after": [counts]}  or  {"url": ..., "selftest": [ints, floats]}
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import UserError
-from runtime.serving.client import Client, Request
+from runtime.contract.errors import UserError
+from runtime.frontends.serving.client import Client, Request
 
 
 def group_rss(pid: int) -> int:

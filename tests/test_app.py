@@ -34,13 +34,13 @@ if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it when run as root)",
                 allow_module_level=True)
 
-from runtime.app.audit import AuditLog  # noqa: E402
-from runtime.app.model import LocalModel  # noqa: E402
-from runtime.app.server import bind, create_app  # noqa: E402
-from runtime.bundle import file_digest  # noqa: E402
-from runtime.errors import UserError  # noqa: E402
-from runtime.image import load_image, preprocess  # noqa: E402
-from runtime.pipeline import Pipeline  # noqa: E402
+from runtime.frontends.app.audit import AuditLog  # noqa: E402
+from runtime.frontends.app.model import LocalModel  # noqa: E402
+from runtime.frontends.app.server import bind, create_app  # noqa: E402
+from runtime.core.bundle import file_digest  # noqa: E402
+from runtime.contract.errors import UserError  # noqa: E402
+from runtime.core.image import load_image, preprocess  # noqa: E402
+from runtime.core.pipeline import Pipeline  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "app"
 LUNG = (-600.0, 1500.0)
@@ -377,7 +377,7 @@ def test_cli_serves_the_page_and_leaves_on_ctrl_c(m3_bundle, tmp_path):
 
 
 def test_cli_user_errors(m3_bundle, tmp_path):
-    from test_runtime import NO_TORCH  # the import blocker: every runtime.app module loads, torch never tries
+    from test_runtime import NO_TORCH  # the import blocker: every runtime.frontends.app module loads, torch never tries
 
     r = subprocess.run([sys.executable, "-c", NO_TORCH, "app", "--server", "http://127.0.0.1:9"],  # nobody there
                        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)

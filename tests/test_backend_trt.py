@@ -1,4 +1,4 @@
-"""runtime/backend_trt.py: engine lookup and refusals, profile selection, the whole TrtBackend on the host with
+"""runtime/core/backend_trt.py: engine lookup and refusals, profile selection, the whole TrtBackend on the host with
 TensorRT and CUDA emulated, and, where TensorRT and a GPU exist, a real engine built from the tiny decoder graph and
 run through the KV-cache loop against ONNX Runtime."""
 
@@ -13,12 +13,12 @@ from tiny_bundle import H200, TINY, TRT_REASON, run_steps, steps
 
 from engines import build as eb
 from export.compile import specs
-from runtime.backend import OrtBackend
-from runtime.backend_trt import find_engine, pick_profile
-from runtime.bundle import Bundle
-from runtime.errors import UserError
-from runtime.manifest import FileEntry
-from runtime.trt_compat import DeviceInfo
+from runtime.core.backend import OrtBackend
+from runtime.core.backend_trt import find_engine, pick_profile
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
+from runtime.contract.manifest import FileEntry
+from runtime.core.trt_compat import DeviceInfo
 
 
 def test_pick_profile_decode_for_one_token_prefill_otherwise():
@@ -81,7 +81,7 @@ def test_fixture_graph_on_onnxruntime(bundle_dir):
 # shared scratch. What it cannot check: TensorRT itself (the GPU test below does).
 
 class HostCudart:
-    """The libcudart calls Polygraphy's wrapper and runtime/backend_trt.py make, on host memory."""
+    """The libcudart calls Polygraphy's wrapper and runtime/core/backend_trt.py make, on host memory."""
 
     def __init__(self):
         self.blocks = {}
@@ -199,7 +199,7 @@ def emulated_trt(monkeypatch):
     import polygraphy.backend.trt as ptrt
     from polygraphy.cuda import cuda as pcuda
 
-    import runtime.backend_trt as bt
+    import runtime.core.backend_trt as bt
 
     trt = types.ModuleType("tensorrt")
     trt.__version__ = H200.tensorrt_version
@@ -261,7 +261,7 @@ def test_trt_backend_pipeline_emulated_on_an_exported_bundle(m3_bundle, ct_small
     answer and the same generated image as ONNX Runtime."""
     import shutil
 
-    from runtime.pipeline import Pipeline
+    from runtime.core.pipeline import Pipeline
 
     bundle = tmp_path / "m3"
     shutil.copytree(m3_bundle, bundle)
@@ -279,7 +279,7 @@ def test_trt_backend_pipeline_emulated_on_an_exported_bundle(m3_bundle, ct_small
 
 @pytest.mark.skipif(TRT_REASON is not None, reason=TRT_REASON or "")
 def test_trt_engine_matches_onnxruntime(bundle_dir):
-    from runtime.backend_trt import DeviceTensor, TrtBackend
+    from runtime.core.backend_trt import DeviceTensor, TrtBackend
 
     engines = eb.build_engines(bundle_dir)
     assert engines["com.decoder"]["profiles"][1]["inputs_embeds"] == [[1, 1, 6]] * 3
@@ -306,8 +306,8 @@ def test_trt_pipeline_matches_onnxruntime_on_an_exported_bundle(m3_bundle, ct_sm
     """Every graph of a real exported bundle (tiny, fp32) as an engine; greedy COM tokens equal ONNX Runtime's."""
     import shutil
 
-    from runtime.backend_trt import TrtBackend
-    from runtime.pipeline import Pipeline
+    from runtime.core.backend_trt import TrtBackend
+    from runtime.core.pipeline import Pipeline
 
     bundle = tmp_path / "m3"
     shutil.copytree(m3_bundle, bundle)  # the session's bundle stays engine-free for the other tests

@@ -18,10 +18,10 @@ from calibration import calibrate as calibrate_mod
 from calibration import data, quantize
 from calibration.calibrate import calibrate
 from export.compile.lint import lint
-from runtime.backend import OrtBackend
-from runtime.bundle import Bundle
-from runtime.errors import UserError
-from runtime.pipeline import Pipeline
+from runtime.core.backend import OrtBackend
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
+from runtime.core.pipeline import Pipeline
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

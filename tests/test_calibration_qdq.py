@@ -24,12 +24,12 @@ from calibration.calibrate import calibrate
 from engines import build as eb
 from export.compile.lint import lint
 from export.parity.verify import verify
-from runtime.backend import OrtBackend
-from runtime.bundle import Bundle
-from runtime.errors import UserError
-from runtime.manifest import Manifest
-from runtime.pipeline import Pipeline
-from runtime.records import ManifestError
+from runtime.core.backend import OrtBackend
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
+from runtime.contract.manifest import Manifest
+from runtime.core.pipeline import Pipeline
+from runtime.contract.records import ManifestError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SCHEMES = ("w8a8", "fp8")
@@ -169,7 +169,7 @@ def test_engines_record_the_scheme_of_quantized_graphs(qdq_bundles, tmp_path, mo
 
 @pytest.mark.skipif(TRT_REASON is not None, reason=TRT_REASON or "")
 def test_trt_engines_from_qdq_graphs_answer_as_onnx_runtime(qdq_bundles, ct_small, tmp_path):
-    from runtime.backend_trt import TrtBackend
+    from runtime.core.backend_trt import TrtBackend
 
     for scheme in SCHEMES:
         bundle = tmp_path / scheme

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime import cli
-from runtime.manifest import FORMAT_VERSION, MANIFEST
+from runtime.frontends import cli
+from runtime.contract.manifest import FORMAT_VERSION, MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What abnormality is visible in this scan?"
@@ -238,7 +238,7 @@ def test_sigusr1_dumps_the_stacks_and_goes_on(m3_bundle, ct_small):
 
 
 def test_a_stuck_decoder_is_bounded_and_shows_where(m3_bundle, ct_small):
-    stuck = ("import sys, time, runtime.cli as cli, runtime.image as image\n"
+    stuck = ("import sys, time, runtime.frontends.cli as cli, runtime.core.image as image\n"
              "cli.DECODE_LIMIT_S = 1\n"
              "def load_image(*args, **kwargs):\n"
              "    time.sleep(120)  # stands in for a decoder that never returns\n"
@@ -253,7 +253,7 @@ def test_a_stuck_decoder_is_bounded_and_shows_where(m3_bundle, ct_small):
 # --- what works ---------------------------------------------------------------------------------------------------
 
 def test_ask_streams_the_answer(m3_bundle, ct_small):
-    from runtime.pipeline import Pipeline
+    from runtime.core.pipeline import Pipeline
 
     proc = run_cli("ask", "--bundle", m3_bundle, "--image", ct_small, "--providers", "cpu", "--max-new-tokens", "16",
                    QUESTION)
@@ -312,7 +312,7 @@ def test_info_describes_the_bundle(m3_bundle):
 
 
 def test_frame_and_window_reach_the_image_loader(ct_small):
-    from runtime.image import load_image
+    from runtime.core.image import load_image
 
     parse = cli.build_parser().parse_args
     dose = shipped("rtdose.dcm")  # 15 frames

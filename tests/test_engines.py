@@ -14,11 +14,11 @@ from tiny_bundle import H200, TINY, make_bundle
 
 from engines import build as eb
 from export.compile import specs
-from runtime.bundle import Bundle
-from runtime.errors import UserError
-from runtime.graphspec import GraphSpec
-from runtime.healthgpt import IMAGE_TOKENS
-from runtime.trt_compat import INSTALL_HINT, DeviceInfo, check_compat
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
+from runtime.contract.graphspec import GraphSpec
+from runtime.contract.healthgpt import IMAGE_TOKENS
+from runtime.core.trt_compat import INSTALL_HINT, DeviceInfo, check_compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_build_without_tensorrt_says_how_to_install(bundle_dir, monkeypatch):
     with pytest.raises(UserError) as err:
         eb.build_engines(bundle_dir)
     assert str(err.value) == INSTALL_HINT == "TensorRT is not installed: pip install '.[tensorrt]'"
-    from runtime.backend import open_backend
+    from runtime.core.backend import open_backend
 
     with pytest.raises(UserError, match="TensorRT is not installed"):
         open_backend("trt")
@@ -190,7 +190,7 @@ def test_engines_command(bundle_dir, monkeypatch, capsys):
 
 def test_modules_import_without_tensorrt():
     code = ("import sys; sys.modules['tensorrt'] = None\n"
-            "import engines.build, runtime.trt_compat, runtime.backend_trt\n"
+            "import engines.build, runtime.core.trt_compat, runtime.core.backend_trt\n"
             "assert 'torch' not in sys.modules, 'the runtime side must not import torch'\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 

@@ -12,10 +12,10 @@ from onnx import helper
 from export.compile.bundle import export_bundle
 from export.compile.lint import fp32_islands, lint
 from export.parity.graphs import expect_graphs, graph_parity
-from runtime.backend import OrtBackend
-from runtime.bundle import Bundle
-from runtime.image import load_image
-from runtime.pipeline import Pipeline
+from runtime.core.backend import OrtBackend
+from runtime.core.bundle import Bundle
+from runtime.core.image import load_image
+from runtime.core.pipeline import Pipeline
 
 
 def graphs_of(bundle_dir):

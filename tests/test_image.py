@@ -1,4 +1,4 @@
-"""runtime/image.py: preprocessing bit-identical to the reference (expand2square + HF CLIPImageProcessor), DICOM
+"""runtime/core/image.py: preprocessing bit-identical to the reference (expand2square + HF CLIPImageProcessor), DICOM
 rendering (rescale, window, MONOCHROME1, frames, colour), one-line UserErrors, atomic PNG writing.
 
 DICOM inputs are the test files that ship inside the pydicom wheel (no network)."""
@@ -17,9 +17,9 @@ from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.pixels import get_decoder  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 
-from runtime import files  # noqa: E402
-from runtime import image as rimg  # noqa: E402
-from runtime.errors import UserError  # noqa: E402
+from runtime.contract import files  # noqa: E402
+from runtime.core import image as rimg  # noqa: E402
+from runtime.contract.errors import UserError  # noqa: E402
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]

@@ -10,6 +10,16 @@ PACKAGES = ("runtime", "engines", "export", "calibration")
 # What each layer may import of the project (besides itself): the runtime is the bottom, needed by everyone.
 ALLOWED = {"runtime": set(), "engines": {"runtime"}, "export": {"runtime"}, "calibration": {"runtime", "export"}}
 NEVER_IN_RUNTIME = {"torch", "transformers", "export", "engines", "calibration"}
+# Inside the runtime, three rooms, each importing only the rooms below it: the bundle contract, the inference core,
+# the front-ends. `python -m runtime` (runtime.__main__) is the front door, so it sits with the front-ends.
+ROOMS = {"runtime.contract": set(), "runtime.core": {"runtime.contract"},
+         "runtime.frontends": {"runtime.contract", "runtime.core"}}
+
+
+def room(module: str) -> str:
+    if module in ("runtime", "runtime.__main__"):
+        return "runtime.frontends"
+    return ".".join(module.split(".")[:2])
 
 
 def modules() -> dict[str, Path]:
@@ -60,6 +70,19 @@ def test_no_import_against_the_layers():
     assert bad == {}, bad
 
 
+def test_runtime_rooms_import_only_the_rooms_below():
+    bad = {}
+    for name, deps in project_graph().items():
+        if name.split(".")[0] == "runtime":
+            if wrong := {d for d in deps if d.split(".")[0] == "runtime" and room(d) not in ROOMS[room(name)] | {room(name)}}:
+                bad[name] = sorted(wrong)
+    assert bad == {}, bad
+
+
+def test_every_runtime_module_is_in_a_room():
+    assert {room(name) for name in modules() if name.split(".")[0] == "runtime"} == set(ROOMS)
+
+
 def test_no_import_cycles():
     graph, cycles, state = project_graph(), [], {}
 
@@ -80,4 +103,4 @@ def test_no_import_cycles():
 
 def test_the_checker_sees_lazy_imports():
     """The checks above would pass vacuously if function-level imports were missed: one is known to exist."""
-    assert "runtime.backend_trt" in project_graph()["runtime.backend"]
+    assert "runtime.core.backend_trt" in project_graph()["runtime.core.backend"]

@@ -4,7 +4,7 @@
 
 The two graphs share nothing but the weights on disk: optimum traces HF's own Phi3ForCausalLM (growing cache,
 attention_mask + position_ids, token ids in), we trace our own forward (inputs_embeds + past_length in). Both run in
-ONNX Runtime on CPU; ours is driven through runtime.kvcache.KVCache exactly as runtime/generate.py drives it.
+ONNX Runtime on CPU; ours is driven through runtime.core.kvcache.KVCache exactly as runtime/core/generate.py drives it.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from export.compile import specs
 from export.compile.graphs import DecoderGraph
 from export.compile.onnx_export import export_graph
 from export.reference.checkpoint import CheckpointPaths
-from runtime.backend import OrtBackend
-from runtime.graphspec import GraphSpec
-from runtime.kvcache import KVCache
+from runtime.core.backend import OrtBackend
+from runtime.contract.graphspec import GraphSpec
+from runtime.core.kvcache import KVCache
 
 MAX_CONTEXT = 64
 PROMPT = 12

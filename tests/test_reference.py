@@ -14,9 +14,9 @@ from export.reference.checkpoint import PEFT_PREFIX
 from export.reference.hlora import FoldedHLora, HLoraLinear
 from export.reference.model import load_reference
 from export.reference.variants import VARIANTS, get_task
-from runtime.errors import UserError
-from runtime.image import load_image
-from runtime.prompt import vq_indices
+from runtime.contract.errors import UserError
+from runtime.core.image import load_image
+from runtime.core.prompt import vq_indices
 
 
 def per_expert(layer: HLoraLinear, x: torch.Tensor) -> torch.Tensor:

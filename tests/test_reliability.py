@@ -22,13 +22,13 @@ from export.compile.bundle import export_bundle
 from export.outdir import staged
 from export.reference.model import load_reference
 from export.synth.checkpoint import synthesize
-from runtime.backend import OrtBackend
-from runtime.bundle import Bundle
-from runtime.errors import UserError
-from runtime.healthgpt import GEN
-from runtime.image import load_image
-from runtime.manifest import MANIFEST
-from runtime.pipeline import Pipeline
+from runtime.core.backend import OrtBackend
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
+from runtime.contract.healthgpt import GEN
+from runtime.core.image import load_image
+from runtime.contract.manifest import MANIFEST
+from runtime.core.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ("What does this scan show?", "Is there a lesion?", "Describe the anatomy.", "Any fracture?")
@@ -64,7 +64,7 @@ def test_concurrent_requests_get_their_own_answers(pipe, scans):
     """3 threads x 20 requests over both tasks, each answer compared with the same request made alone. Random
     weights answer alike whatever the question, so each request samples with a seed of its own: a request that
     read another's cache or sampler state would come out different."""
-    from runtime.sampling import Sampler
+    from runtime.core.sampling import Sampler
 
     requests = [(i % 2 == 0, scans[(i // 2) % 2], QUESTIONS[i % 4], i) for i in range(20)]
 
@@ -97,7 +97,7 @@ def test_concurrent_requests_get_their_own_answers(pipe, scans):
 
 
 def test_a_request_does_not_advance_the_callers_sampler(pipe, scans):
-    from runtime.sampling import Sampler
+    from runtime.core.sampling import Sampler
 
     sampler = Sampler(temperature=1.0, seed=3)
     first = pipe.ask(scans[0], QUESTIONS[0], max_new_tokens=8, sampler=sampler)

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from export.parity.verify import psnr as image_psnr
-from runtime.backend import OrtBackend
-from runtime.errors import UserError
-from runtime.generate import decode_one_token, generate, prefill
-from runtime.healthgpt import COM
-from runtime.image import load_image
-from runtime.pipeline import Pipeline
-from runtime.prompt import vq_indices
-from runtime.sampling import Sampler
+from runtime.core.backend import OrtBackend
+from runtime.contract.errors import UserError
+from runtime.core.generate import decode_one_token, generate, prefill
+from runtime.contract.healthgpt import COM
+from runtime.core.image import load_image
+from runtime.core.pipeline import Pipeline
+from runtime.core.prompt import vq_indices
+from runtime.core.sampling import Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real scans shipped inside the pydicom wheel (never downloaded): a CT, an MR, and a JPEG 2000 compressed CT.
@@ -142,7 +142,7 @@ NO_TORCH = textwrap.dedent("""
             return None
 
     sys.meta_path.insert(0, Block())
-    import runtime, runtime.cli, runtime.pipeline  # noqa: E401
+    import runtime, runtime.frontends.cli, runtime.core.pipeline  # noqa: E401
     assert "torch" not in sys.modules and "transformers" not in sys.modules
     sys.argv = ["runtime", *sys.argv[1:]]
     try:

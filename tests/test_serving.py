@@ -26,11 +26,11 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from serving_http import b64, http_generate, http_stream, metrics, pixels
 
-from runtime.errors import UserError
-from runtime.prompt import vq_indices
-from runtime.sampling import Sampler
-from runtime.serving import environment, repository
-from runtime.serving.server import SELFTEST_FLOATS, SELFTEST_INTS, Ports, Server
+from runtime.contract.errors import UserError
+from runtime.core.prompt import vq_indices
+from runtime.core.sampling import Sampler
+from runtime.frontends.serving import environment, repository
+from runtime.frontends.serving.server import SELFTEST_FLOATS, SELFTEST_INTS, Ports, Server
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("serving_client.py")
@@ -83,7 +83,7 @@ def server(serving_env, repo):
 
 @pytest.fixture(scope="module")
 def pipe(m3_bundle):
-    from runtime.pipeline import Pipeline
+    from runtime.core.pipeline import Pipeline
 
     # As the repository opens it: prepack off (both tasks resident), CPU provider.
     return Pipeline.open(m3_bundle, providers="cpu", prepack=False)
@@ -91,7 +91,7 @@ def pipe(m3_bundle):
 
 def expected(pipe, task="com", prompt=QUESTION, image=None, frame=None, window=None, max_new_tokens=None,
              temperature=0.0, top_k=0, top_p=1.0, seed=None, constrain_image_tokens=False):
-    from runtime.image import load_image
+    from runtime.core.image import load_image
 
     pil = load_image(image, frame=frame, window=window) if image else None
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -348,8 +348,8 @@ def test_app_remote_model_gives_the_pipelines_answers(server, pipe):
     """`python -m runtime app --server URL`: the app's model on the server answers as the local Pipeline does."""
     import threading
 
-    from runtime.app.remote import RemoteModel
-    from runtime.image import load_image
+    from runtime.frontends.app.remote import RemoteModel
+    from runtime.core.image import load_image
 
     model = RemoteModel(server.http)
     info = model.describe()

@@ -1,4 +1,4 @@
-"""Start-up at size: a bundle whose files were hashed and found good is not hashed again (runtime/verified.py), and
+"""Start-up at size: a bundle whose files were hashed and found good is not hashed again (runtime/core/verified.py), and
 any change to a file - even one that keeps its size and restores its mtime - makes it hashed, and refused, again."""
 
 import json
@@ -9,10 +9,10 @@ import time
 import pytest
 from tiny_bundle import swap_same_shape_offsets
 
-from runtime import bundle as bundle_mod
-from runtime import verified
-from runtime.bundle import Bundle
-from runtime.errors import UserError
+from runtime.core import bundle as bundle_mod
+from runtime.core import verified
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
 
 
 @pytest.fixture

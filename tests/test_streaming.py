@@ -11,7 +11,7 @@ import torch
 
 from export.compile.bundle import export_bundle
 from export.synth.checkpoint import Size, synthesize
-from runtime.errors import UserError
+from runtime.contract.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Wide enough that a decoder layer (19 MB in fp32 with its H-LoRA) stands out of the process's RSS noise.

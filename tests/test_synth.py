@@ -20,7 +20,7 @@ from export.reference.checkpoint import SAFETENSORS, SAFETENSORS_INDEX, Checkpoi
 from export.reference.model import load_reference
 from export.synth.checkpoint import SIZES, base_config, base_weights, synthesize
 from export.synth.shards import split, write_model
-from runtime.errors import UserError
+from runtime.contract.errors import UserError
 
 BASE = "Phi-3-mini-4k-instruct"
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")

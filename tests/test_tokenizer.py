@@ -12,10 +12,10 @@ import pytest
 from export.compile.tokenizer import QUESTIONS, prompt_set, write_runtime_tokenizer
 from export.reference.tokenizer import ReferenceEncoder, load_reference_tokenizer
 from export.synth.tokenizer import PHI3_ADDED, write_phi3_tokenizer, write_phi4_tokenizer
-from runtime.errors import UserError
-from runtime.healthgpt import IMAGE_TOKEN_INDEX
-from runtime.prompt import TEMPLATES, split_image_tokens
-from runtime.tokenizer import StreamDecoder, Tokenizer
+from runtime.contract.errors import UserError
+from runtime.contract.healthgpt import IMAGE_TOKEN_INDEX
+from runtime.core.prompt import TEMPLATES, split_image_tokens
+from runtime.core.tokenizer import StreamDecoder, Tokenizer
 
 BASE_LEN = {"m3": 32011, "l14": 100352}
 WRITERS = {"m3": write_phi3_tokenizer, "l14": write_phi4_tokenizer}
@@ -273,5 +273,5 @@ def test_user_errors(base_dirs, tmp_path):
 
 
 def test_runtime_tokenizer_is_torch_free():
-    code = "import sys, runtime.tokenizer; sys.exit(any(m in sys.modules for m in ('torch', 'transformers')))"
+    code = "import sys, runtime.core.tokenizer; sys.exit(any(m in sys.modules for m in ('torch', 'transformers')))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

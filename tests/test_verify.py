@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import onnx
 
-from runtime.files import file_digest
+from runtime.contract.files import file_digest
 
 
 def run_verify(bundle, checkpoint, *extra):

@@ -17,7 +17,7 @@ from export.reference.vqgan import (
     to_uint8_image,
 )
 from export.synth.vqgan import random_vqgan, write_synthetic_vqgan
-from runtime.errors import UserError
+from runtime.contract.errors import UserError
 
 
 class FakeCallback:  # stands in for the pytorch_lightning objects a real last.ckpt may pickle

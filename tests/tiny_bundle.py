@@ -8,12 +8,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from export.compile import specs
-from runtime.errors import UserError
-from runtime.files import file_digest
-from runtime.graphspec import GraphSpec
-from runtime.healthgpt import IMAGE_TOKENS, VQ_CODES
-from runtime.kvcache import KVCache
-from runtime.manifest import (
+from runtime.contract.errors import UserError
+from runtime.contract.files import file_digest
+from runtime.contract.graphspec import GraphSpec
+from runtime.contract.healthgpt import IMAGE_TOKENS, VQ_CODES
+from runtime.core.kvcache import KVCache
+from runtime.contract.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -29,7 +29,7 @@ from runtime.manifest import (
     Tokens,
     WeightsTable,
 )
-from runtime.trt_compat import DeviceInfo, current_device
+from runtime.core.trt_compat import DeviceInfo, current_device
 
 H200 = DeviceInfo("NVIDIA H200", "9.0", "10.8.0.43")
 TINY = dict(layers=1, kv_heads=2, head_dim=3, hidden=6, vocab=6, max_context=64)  # specs.decoder needs >= 64

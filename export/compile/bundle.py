@@ -30,11 +30,11 @@ from export.reference.model import HealthGPT, load_reference
 from export.reference.tokenizer import load_reference_tokenizer
 from export.reference.variants import get_task
 from export.reference.vqgan import load_vqgan
-from runtime.bundle import Bundle
-from runtime.errors import UserError
-from runtime.files import file_digest, write_atomic
-from runtime.healthgpt import IMAGE_TOKEN_INDEX, IMAGE_TOKENS, SHARED, TASK_GRAPHS, TASKS, VQ_CODES
-from runtime.manifest import (
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
+from runtime.contract.files import file_digest, write_atomic
+from runtime.contract.healthgpt import IMAGE_TOKEN_INDEX, IMAGE_TOKENS, SHARED, TASK_GRAPHS, TASKS, VQ_CODES
+from runtime.contract.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -52,7 +52,7 @@ from runtime.manifest import (
     Tokens,
     WeightsTable,
 )
-from runtime.prompt import TEMPLATES
+from runtime.core.prompt import TEMPLATES
 
 EXPORTER_VERSION = 3  # 3: typed manifest (format 2), KV pairs in the decoder spec
 FP32_ISLANDS = ("rmsnorm statistics", "attention softmax", "lm_head")

@@ -11,7 +11,7 @@ from torch import nn
 
 from export.reference.hlora import FoldedHLora, HLoraLinear
 from export.reference.model import HealthGPT
-from runtime.errors import UserError
+from runtime.contract.errors import UserError
 
 
 class VisionGraph(nn.Module):

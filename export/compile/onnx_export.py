@@ -17,7 +17,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from runtime.graphspec import GraphSpec
+from runtime.contract.graphspec import GraphSpec
 
 OPSET = 17
 ALIGN = 4096  # page-aligned offsets so the runtime can memory-map tensors in place

@@ -1,11 +1,11 @@
 """Every graph of the bundle, declared once. The exporter writes these into the manifest; engines/, runtime/ and the
-verifier read them back from there (runtime.graphspec.GraphSpec.from_json)."""
+verifier read them back from there (runtime.contract.graphspec.GraphSpec.from_json)."""
 
 from __future__ import annotations
 
-from runtime.graphspec import Dim, GraphSpec, TensorSpec, Tolerance
-from runtime.healthgpt import IMAGE_PATCHES, IMAGE_SIZE, IMAGE_TOKENS, OUT_SIZE, VQ_CODES
-from runtime.manifest import KVInterface
+from runtime.contract.graphspec import Dim, GraphSpec, TensorSpec, Tolerance
+from runtime.contract.healthgpt import IMAGE_PATCHES, IMAGE_SIZE, IMAGE_TOKENS, OUT_SIZE, VQ_CODES
+from runtime.contract.manifest import KVInterface
 
 
 def vision(hidden: int, dtype: str) -> GraphSpec:
@@ -34,7 +34,7 @@ def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, 
     """One step over `seq` new positions. Reads the runtime's KV buffers ([1, kv_heads, cache, head_dim], rows
     >= past_length masked) and returns last-position logits and only the new K/V rows, which the runtime writes at
     [past_length, past_length + seq): the graph never copies the cache. `cache` is the buffer's row count, which the
-    runtime grows in steps as the context grows (runtime/kvcache.py): a prefill from an empty context attends over
+    runtime grows in steps as the context grows (runtime/core/kvcache.py): a prefill from an empty context attends over
     one masked row, not over max_context of them."""
     cache, pairs = (1, kv_heads, "cache", head_dim), KVInterface().pairs(layers)
     return GraphSpec(

@@ -22,8 +22,8 @@ from export.compile.graphs import Block, DecoderGraph
 from export.compile.onnx_export import INLINE_BYTES, WeightStore, export_graph
 from export.reference.hlora import FoldedHLora
 from export.reference.model import HealthGPT
-from runtime.errors import UserError
-from runtime.graphspec import GraphSpec
+from runtime.contract.errors import UserError
+from runtime.contract.graphspec import GraphSpec
 
 LAYER_PARAM = re.compile(r"blocks\.(\d+)\.(.+)")
 

@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 
 from export.reference.tokenizer import ReferenceEncoder
-from runtime.errors import UserError
-from runtime.files import write_atomic
-from runtime.healthgpt import IMAGE_TOKEN, TASKS
-from runtime.prompt import TEMPLATES, Part, split_image_tokens
+from runtime.contract.errors import UserError
+from runtime.contract.files import write_atomic
+from runtime.contract.healthgpt import IMAGE_TOKEN, TASKS
+from runtime.core.prompt import TEMPLATES, Part, split_image_tokens
 
 QUESTIONS = (
     "Could you explain what this mass in the MRI means for my health? Is it very serious?",
@@ -57,7 +57,7 @@ def prompt_set(slow_tokenizer) -> list[str]:
 
 def write_runtime_tokenizer(slow_tokenizer, path: Path) -> dict:
     """Write `path` (tokenizer.json) converted from the slow tokenizer; verify it; return the manifest entry."""
-    from runtime.tokenizer import Tokenizer
+    from runtime.core.tokenizer import Tokenizer
 
     path = Path(path)
     backend = _convert(slow_tokenizer)
@@ -78,7 +78,7 @@ def _convert(slow):
     `special` is set only for the slow tokenizer's `all_special_tokens` (bos/eos/unk/pad + HealthGPT's tokens), not
     for every token its config marks special: slow `decode(skip_special_tokens=True)` skips exactly those, so e.g.
     Phi-3's `<|end|>` survives decoding (HealthGPT then cuts it with `[:-8]`), and the runtime's Llama prefix rule
-    (runtime/tokenizer.py) keys on the same set.
+    (runtime/core/tokenizer.py) keys on the same set.
     """
     from tokenizers import Tokenizer
     from transformers.convert_slow_tokenizer import convert_slow_tokenizer

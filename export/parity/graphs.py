@@ -18,11 +18,11 @@ from polygraphy.logger import G_LOGGER
 from transformers import DynamicCache
 
 from export.reference.model import HealthGPT
-from runtime.generate import decode_one_token, prefill
-from runtime.graphspec import GraphSpec, Tolerance
-from runtime.healthgpt import IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
-from runtime.image import preprocess
-from runtime.pipeline import Pipeline
+from runtime.core.generate import decode_one_token, prefill
+from runtime.contract.graphspec import GraphSpec, Tolerance
+from runtime.contract.healthgpt import IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
+from runtime.core.image import preprocess
+from runtime.core.pipeline import Pipeline
 
 
 @dataclass

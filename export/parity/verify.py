@@ -20,14 +20,14 @@ from tqdm import tqdm
 
 from export.parity.graphs import expect_graphs, graph_parity
 from export.reference.model import HealthGPT, load_reference
-from runtime.backend import open_backend
-from runtime.bundle import Bundle
-from runtime.errors import UserError
-from runtime.files import write_atomic
-from runtime.graphspec import Tolerance
-from runtime.healthgpt import GEN, IMAGE_TOKENS, TASKS
-from runtime.image import load_image
-from runtime.pipeline import Pipeline
+from runtime.core.backend import open_backend
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
+from runtime.contract.files import write_atomic
+from runtime.contract.graphspec import Tolerance
+from runtime.contract.healthgpt import GEN, IMAGE_TOKENS, TASKS
+from runtime.core.image import load_image
+from runtime.core.pipeline import Pipeline
 
 BACKENDS = {"ort-cpu": ("ort", "cpu"), "ort-cuda": ("ort", "cuda"), "trt": ("trt", "auto")}
 # End-to-end bounds by bundle precision (per-graph bounds come from each graph's spec, scaled for fp16).

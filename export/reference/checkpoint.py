@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from export.reference.variants import CLIP_DIR, VARIANTS, VQGAN_DIR, Variant, get_task
-from runtime.errors import UserError
+from runtime.contract.errors import UserError
 
 PEFT_PREFIX = "base_model.model."  # HealthGPT loads its .bin files into the PeftModel wrapper
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"  # HF's names, in its order

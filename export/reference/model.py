@@ -31,10 +31,10 @@ from export.reference.tensors import ReleaseTensors
 from export.reference.tokenizer import ReferenceEncoder, load_reference_tokenizer
 from export.reference.variants import TaskConfig, Variant, get_task
 from export.reference.vqgan import GumbelVQDecoder, load_vqgan
-from runtime.errors import UserError
-from runtime.healthgpt import COM, GEN, HEALTHGPT_TOKENS, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, TASKS, VQ_CODES
-from runtime.image import expand2square
-from runtime.prompt import TEMPLATES, split_image_tokens, vq_indices
+from runtime.contract.errors import UserError
+from runtime.contract.healthgpt import COM, GEN, HEALTHGPT_TOKENS, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, TASKS, VQ_CODES
+from runtime.core.image import expand2square
+from runtime.core.prompt import TEMPLATES, split_image_tokens, vq_indices
 
 
 def _hf_loaded(cls, path, dtype, what: str, unused: tuple[str, ...] = ()):

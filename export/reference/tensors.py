@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from export.reference.checkpoint import load_state_dict
-from runtime.errors import UserError
+from runtime.contract.errors import UserError
 
 
 class ReleaseTensors:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.errors import UserError
-from runtime.healthgpt import HEALTHGPT_TOKENS, START_INDEX
-from runtime.prompt import Part
-from runtime.tokenizer import UNDERLINE, added_pattern, encode_parts
+from runtime.contract.errors import UserError
+from runtime.contract.healthgpt import HEALTHGPT_TOKENS, START_INDEX
+from runtime.core.prompt import Part
+from runtime.core.tokenizer import UNDERLINE, added_pattern, encode_parts
 
 
 def load_reference_tokenizer(base_dir: Path):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime import healthgpt
-from runtime.errors import UserError
+from runtime.contract import healthgpt
+from runtime.contract.errors import UserError
 
 
 @dataclass(frozen=True)

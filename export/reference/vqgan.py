@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from runtime.errors import UserError
+from runtime.contract.errors import UserError
 
 log = logging.getLogger(__name__)
 

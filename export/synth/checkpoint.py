@@ -25,8 +25,8 @@ from export.reference.vqgan import VQGANConfig
 from export.synth.shards import write_model
 from export.synth.tokenizer import write_phi3_tokenizer, write_phi4_tokenizer
 from export.synth.vqgan import write_synthetic_vqgan
-from runtime.errors import UserError
-from runtime.healthgpt import HEALTHGPT_TOKENS
+from runtime.contract.errors import UserError
+from runtime.contract.healthgpt import HEALTHGPT_TOKENS
 
 
 @dataclass(frozen=True)

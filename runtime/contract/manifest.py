@@ -1,0 +1,357 @@
+"""The bundle manifest as types: the one contract between build time and run time.
+
+The exporter builds a `Manifest`; the runtime, the engine builder, the verifier and the benchmarks read its
+attributes. `Manifest.from_json` is the only reader: it checks every field's type (an `"eos": "32000"` is refused),
+names what is missing, and checks ranges and the references between parts (every graph's weights in the weights
+table, every file the runtime opens listed with its sha256, every path relative and inside the bundle). The format
+version lives here, once; a manifest of another version is refused with "re-export" before anything else is read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Iterator
+
+import numpy as np
+
+from runtime.contract.errors import UserError
+from runtime.contract.graphspec import GraphSpec
+from runtime.contract.healthgpt import IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
+from runtime.contract.records import ManifestError, Record
+
+FORMAT = "healthgpt-edge-bundle"
+FORMAT_VERSION = 2  # 2: typed and validated manifest, KV pairs in the decoder spec, per-tensor digests checked
+MANIFEST = "manifest.json"
+PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # bundle precision -> its float tensors' dtype
+WEIGHT_DTYPES = frozenset({"float32", "float16", "int64", "uint8", "int8", "int32", "int4", "uint4", "float8_e4m3fn"})
+PACKED_4BIT = frozenset({"int4", "uint4"})  # stored two values a byte, as ONNX packs them
+FLOAT8 = frozenset({"float8_e4m3fn"})  # one byte each; numpy has no such type without ml_dtypes
+NOT_NUMPY = PACKED_4BIT | FLOAT8  # tensors the runtime cannot hand over as numpy arrays
+QUANT_SCHEMES = ("int4", "int8", "w8a8", "fp8")
+
+
+def bundle_path(name: str) -> str | None:
+    """Why `name` cannot be a path inside a bundle (absolute, `..`, backslashes, empty), or None when it can."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name or name != p.as_posix() or name.startswith("."):
+        return f"{name!r} is not a plain relative path inside the bundle"
+    return None
+
+
+def _positive(obj, *names: str) -> Iterator[str]:
+    for n in names:
+        if getattr(obj, n) < 1:
+            yield f"{n} must be at least 1, got {getattr(obj, n)}"
+
+
+##### the parts #####
+
+@dataclass(frozen=True)
+class TaskInfo(Record):
+    rank: int
+    alpha: int
+    clip_layer: int
+    experts: int
+    scaling: float
+    hlora_file: str
+    fusion_file: str | None
+
+    def problems(self):
+        yield from _positive(self, "rank", "alpha", "experts")
+        if self.rank % self.experts:
+            yield f"rank {self.rank} is not a multiple of experts {self.experts}"
+
+
+@dataclass(frozen=True)
+class ModelConfig(Record):
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    base_vocab: int
+    max_context: int
+    sliding_window: int | None
+    clip_blocks_total: int
+
+    def problems(self):
+        yield from _positive(self, "hidden", "layers", "heads", "kv_heads", "head_dim", "vocab", "base_vocab",
+                             "max_context", "clip_blocks_total")
+        if self.heads * self.head_dim != self.hidden or self.heads % max(self.kv_heads, 1):
+            yield f"heads {self.heads} x head_dim {self.head_dim} != hidden {self.hidden}, or kv_heads do not divide"
+        if not self.base_vocab < self.vocab:
+            yield f"base_vocab {self.base_vocab} must be below vocab {self.vocab}"
+
+
+@dataclass(frozen=True)
+class Tokens(Record):
+    image_token_index: int
+    start_index: int
+    idx_0: int
+    end_index: int
+    vq_codes: int
+    image_tokens: int
+    eos: tuple[int, ...]
+
+    def problems(self):
+        if (self.vq_codes, self.image_tokens) != (VQ_CODES, IMAGE_TOKENS):
+            yield f"vq_codes/image_tokens {self.vq_codes}/{self.image_tokens} are not HealthGPT's"
+        if not (self.idx_0 == self.start_index + 1 and self.end_index == self.idx_0 + self.vq_codes):
+            yield "start_index, idx_0 and end_index are not consecutive"
+        if not self.eos or min(self.eos) < 0:
+            yield "eos must list at least one non-negative token id"
+
+    @property
+    def image_range(self) -> tuple[int, int]:
+        """[lo, hi) of the <idx_*> token ids."""
+        return self.idx_0, self.idx_0 + self.vq_codes
+
+
+@dataclass(frozen=True)
+class TokenizerInfo(Record):
+    file: str
+    bos_id: int | None
+    add_bos: bool
+    eos_token: str
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class TemplateInfo(Record):
+    name: str
+    system: str
+    user: str
+    assistant: str
+    sep: str
+
+
+@dataclass(frozen=True)
+class CalibrationFile(Record):
+    file: str  # its name
+    path: str  # where it was on the machine that calibrated
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ReferenceBounds(Record):
+    """What `build.py verify` requires of a quantized bundle against the PyTorch fp32 reference."""
+    max_abs: float
+    min_cosine: float
+    token_agreement: float
+    gen_indices: float
+    min_psnr: float
+
+
+@dataclass(frozen=True)
+class Tolerances(Record):
+    """The accuracy report's bounds against the fp32 bundle (calibration/report.py), per scheme."""
+    min_top1: float
+    max_mean_kl: float
+    min_greedy: float
+    min_vision_cosine: float
+    min_gen_indices: float
+    min_psnr: float
+    min_logit_cosine: float
+    vs_reference: ReferenceBounds
+
+
+@dataclass(frozen=True)
+class ReportRef(Record):
+    passed: bool
+    file: str
+
+
+@dataclass(frozen=True)
+class Quantization(Record):
+    """The typed slot `build.py calibrate` fills: which scheme, how, on what data, and how accurate it came out."""
+    scheme: str  # int4 | int8 (weight-only) | w8a8 | fp8 (Q/DQ on weights and activations)
+    algorithm: str  # awq (activation-aware clipping), rtn; Q/DQ activation ranges: minmax, percentile, entropy
+    block_size: int | None  # int4: elements per scale along K; None: per output channel (int8)
+    weights: str  # the stored weight type
+    activations: str  # what the quantized MatMuls read: float32 (weight-only), int8, float8e4m3fn
+    graphs: tuple[str, ...]  # graph names quantized (decoder, vision)
+    lm_head: str  # float32 | quantized
+    form: str  # the ONNX form, in words
+    ort_only: bool  # True: a form TensorRT cannot build (none written today)
+    accuracy_level: int | None  # ONNX Runtime's MatMulNBits compute type (session.qdq_matmulnbits_accuracy_level)
+    quantized_matmuls: dict[str, int]  # graph id -> MatMuls reading a DequantizeLinear
+    source_bundle: str
+    calibration_set: tuple[CalibrationFile, ...]
+    weight_rel_error: dict[str, float]  # mean / max relative Frobenius error of the quantized weights
+    tolerances: Tolerances
+    report: ReportRef | None = None
+    # graph name -> ONNX Runtime session config entries its sessions need (OrtBackend sets them), e.g. fp8:
+    # session.disable_quant_qdq = 1 (the CPU provider's QDQ fusions have no float8 kernels)
+    session_config: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def problems(self):
+        if self.scheme not in QUANT_SCHEMES:
+            yield f"scheme {self.scheme!r} is not one of {', '.join(QUANT_SCHEMES)}"
+        if bad := [k for entries in self.session_config.values() for k in entries if not k.startswith("session.")]:
+            yield f"session_config key(s) {', '.join(bad)} are not ONNX Runtime session config entries"
+        if self.accuracy_level is not None and not 0 <= self.accuracy_level <= 4:
+            yield f"accuracy_level {self.accuracy_level} is not in 0..4"
+
+
+@dataclass(frozen=True)
+class Precision(Record):
+    dtype: str
+    fp32_islands: tuple[str, ...]
+    quantization: Quantization | None = None
+
+    def problems(self):
+        if self.dtype not in PRECISIONS:
+            yield f"dtype {self.dtype!r} is not one of {', '.join(PRECISIONS)}"
+
+
+@dataclass(frozen=True)
+class KVInterface(Record):
+    """How the decoder's KV cache is bound; name templates as ORT GenAI's genai_config writes them."""
+    past: str = "past_key_values.{layer}.{kind}"  # input: the runtime's whole buffer, read-only
+    present: str = "present.{layer}.{kind}"  # output: only the new rows [1, kv_heads, seq, head_dim]
+    kinds: tuple[str, ...] = ("key", "value")
+    position_input: str = "past_length"
+    layout: str = "per layer and kind: [batch=1, kv_heads, cache, head_dim], past_length <= cache <= max_context"
+    update: str = ("the runtime writes the new rows at [past_length, past_length + seq) in place, first moving to a "
+                   "buffer of the next power-of-two rows when they do not fit; rows >= past_length are masked")
+
+    def pairs(self, layers: int) -> tuple[tuple[str, str], ...]:
+        """(cache input, new-rows output) per layer and kind, in graph order."""
+        return tuple((self.past.format(layer=i, kind=k), self.present.format(layer=i, kind=k))
+                     for i in range(layers) for k in self.kinds)
+
+
+@dataclass(frozen=True)
+class GraphEntry(Record):
+    task: str
+    file: str
+    spec: GraphSpec
+    cache_key: str
+    initializers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TensorEntry(Record):
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = int(np.prod(self.shape, dtype=np.int64))
+        if self.dtype in NOT_NUMPY:
+            return (n + 1) // 2 if self.dtype in PACKED_4BIT else n
+        return n * np.dtype(self.dtype).itemsize
+
+    def problems(self):
+        if self.dtype not in WEIGHT_DTYPES:
+            yield f"dtype {self.dtype!r} is not a weight dtype"
+        if self.offset < 0 or any(d < 0 for d in self.shape):
+            yield "negative offset or dimension"
+
+
+@dataclass(frozen=True)
+class WeightsTable(Record):
+    file: str
+    tensors: dict[str, TensorEntry]
+    align: int = 4096  # every tensor starts on a page: the runtime maps them in place
+
+    def problems(self):
+        for name, t in self.tensors.items():
+            parts = name.split(".")  # w.<sha256 prefix>.<dtype>.<shape>: named after its content
+            if len(parts) != 4 or parts[0] != "w" or parts[2] != t.dtype or parts[3] != "x".join(map(str, t.shape)):
+                yield f"tensor {name!r} does not name its dtype {t.dtype} and shape {list(t.shape)}"
+            if t.offset % self.align:
+                yield f"tensor {name!r} starts at {t.offset}, not on a {self.align}-byte boundary"
+
+
+@dataclass(frozen=True)
+class EngineEntry(Record):
+    graph: str
+    file: str
+    sha256: str
+    bytes: int
+    gpu_name: str
+    compute_capability: str
+    tensorrt_version: str
+    precision: str
+    profiles: tuple[dict[str, tuple[tuple[int, ...], ...]], ...]
+    key: str
+    build_seconds: float
+    built_at: str
+
+
+@dataclass(frozen=True)
+class FileEntry(Record):
+    sha256: str
+    bytes: int
+
+    def problems(self):
+        if len(self.sha256) != 64 or self.bytes < 0:
+            yield "not a sha256 digest and a byte count"
+
+
+##### the whole #####
+
+@dataclass(frozen=True)
+class Manifest(Record):
+    format: str
+    format_version: int
+    variant: str
+    tasks: dict[str, TaskInfo]
+    config: ModelConfig
+    tokens: Tokens
+    tokenizer: TokenizerInfo
+    template: TemplateInfo
+    precision: Precision
+    kv_cache: KVInterface
+    graphs: dict[str, GraphEntry]
+    weights: WeightsTable
+    tools: dict[str, str | None]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    engines: dict[str, EngineEntry] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "manifest") -> Manifest:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ManifestError(f"{where} is not a healthgpt-edge bundle manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(f"the bundle has format version {data.get('format_version')}; this runtime reads "
+                                f"version {FORMAT_VERSION}: re-export it with this release's `build.py export`")
+        return super().from_json(data, where)
+
+    def problems(self):
+        if unknown := sorted(set(self.tasks) - set(TASKS)):
+            yield f"unknown task(s) {', '.join(unknown)}"
+        if not self.tasks:
+            yield "no tasks"
+        if max(self.tokens.eos, default=0) >= self.config.vocab or self.tokens.end_index >= self.config.vocab:
+            yield f"token ids past the vocabulary of {self.config.vocab}"
+        for name in self.files:
+            if why := bundle_path(name):
+                yield f"files: {why}"
+        opened = [self.weights.file, self.tokenizer.file, *(g.file for g in self.graphs.values()),
+                  *(e.file for e in self.engines.values())]
+        if unlisted := sorted({f for f in opened if f not in self.files}):
+            yield f"file(s) the runtime opens are not hashed in `files`: {', '.join(unlisted)}"
+        for gid, g in self.graphs.items():
+            if gid != graph_id(g.task, g.spec.name):
+                yield f"graphs.{gid}: its task {g.task!r} and spec {g.spec.name!r} do not name it"
+            if missing := [t for t in g.initializers if t not in self.weights.tensors]:
+                yield f"graphs.{gid}: initializer(s) not in the weights table: {', '.join(missing[:3])}"
+        for gid in self.engines:
+            if gid not in self.graphs:
+                yield f"engines.{gid}: no such graph"
+
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+    def graph(self, task: str, name: str) -> GraphEntry:
+        gid = graph_id(task, name)
+        if gid not in self.graphs:
+            raise UserError(f"the bundle has no {gid} graph (it holds {', '.join(self.graphs)}); export with "
+                            f"--tasks {task}")
+        return self.graphs[gid]

@@ -1,0 +1,165 @@
+"""Backends run graphs; they know nothing about HealthGPT. The decode loop (runtime/core/generate.py) is the same for all.
+
+A backend provides `load(bundle, task, name) -> Graph`, and the two things the in-place KV cache needs:
+`buffer(shape, dtype)` (a persistent tensor bound as a graph input in place) and `write(buffer, rows, at)`
+(put new rows at sequence offset `at`). `Graph.run(feeds) -> {name: array}`: outputs are host arrays, or device
+tensors the same backend's `write` accepts, valid until the same graph runs again (consume or copy them first).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from runtime.core.bundle import Bundle
+from runtime.contract.errors import UserError
+from runtime.contract.graphspec import GraphSpec
+from runtime.contract.healthgpt import graph_id
+from runtime.contract.manifest import NOT_NUMPY
+from runtime.core.providers import PROVIDERS, QUIET, VERBOSE
+
+
+class Graph(Protocol):
+    spec: GraphSpec
+    providers: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Backend(Protocol):
+    name: str
+    concurrent: bool  # may several threads run its graphs at once (each request with its own KV cache)?
+
+    def load(self, bundle: Bundle, task: str, name: str) -> Graph: ...
+
+    def buffer(self, shape: tuple[int, ...], dtype: str): ...
+
+    def write(self, buffer, rows, at: int) -> None: ...
+
+
+class OrtGraph:
+    def __init__(self, session, spec: GraphSpec, weights: dict | None = None):
+        self.session, self.spec = session, spec
+        self.weights = weights  # the OrtValues handed in with add_initializer: ORT does not keep them alive
+        self.providers = session.get_providers()  # what the session really got, not what was asked
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.spec.output_names, self.session.run(self.spec.output_names, feeds)))
+
+
+def available_memory() -> int:
+    """MemAvailable in bytes (Linux); elsewhere no limit is assumed."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+class OrtBackend:
+    """ONNX Runtime. The weights file is memory-mapped once and every initializer is handed to every session with
+    `add_initializer`: no session reads or parses weights itself, and tensors both tasks use (CLIP blocks, base
+    decoder weights) are mapped once. But the CPU provider *prepacks* MatMul weights into a private copy per session
+    (its kernels' layout; the Python API has no shared prepacked-weights container), so with prepack=True (default,
+    fastest decode) each session holds its own copy of its weights, and a pipeline with both tasks open holds the
+    base decoder twice. prepack=False: sessions compute from the shared mapping, one copy in all (measured here at
+    4 real-width layers: +0.00 instead of +1.9 GiB per decoder session, decode 5-8% slower; benchmarks/README.md).
+    prepack=None (default): prepack unless three copies of the bundle's weights (the mapping and a copy per task)
+    would not fit in the memory available when the bundle is first opened - the full-size fp32 model's 15 GB, say;
+    a quantized bundle always prepacks: MatMulNBits runs from its prepacked layout (full-size int4 COM decode at 600
+    tokens, measured here: 0.84 s per token prepacked, 39 s without).
+    The KV cache is a host numpy buffer: CPU sessions read it in place; CUDA sessions copy it in per step.
+    Sessions run from several threads at once (ONNX Runtime's `run` is thread-safe), so `concurrent` is True.
+
+    verbose: ONNX Runtime's own log from severity info up (default: quiet; a provider that fails to load is reported
+    by us instead, from session.get_providers). accuracy_level: MatMulNBits' accuracy level for quantized bundles
+    (default: the bundle's, from its manifest)."""
+
+    concurrent = True
+
+    def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool | None = None,
+                 verbose: bool = False, accuracy_level: int | None = None, optimized_dir: Path | None = None):
+        import onnxruntime as ort
+
+        if providers not in PROVIDERS:
+            raise UserError(f"unknown providers {providers!r}; choose one of {', '.join(PROVIDERS)}")
+        self.severity = VERBOSE if verbose else QUIET
+        ort.set_default_logger_severity(self.severity)
+        self.ort, self.requested = ort, providers
+        self.name = f"ort-{providers}"
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self.prepack, self.accuracy_level = prepack, accuracy_level
+        self.optimized_dir = optimized_dir  # where each session writes the graph it really runs (which nodes fused)
+        self.weights: dict[Path, dict[str, object]] = {}  # bundle -> tensor name -> OrtValue over its mmap
+        self.prepacks: dict[Path, bool] = {}  # bundle -> whether its sessions prepack (prepack=None: by size)
+
+    def shared_weights(self, bundle: Bundle) -> dict[str, object]:
+        """Every tensor of the bundle's weights file as an OrtValue over one read-only memory map (made once).
+        4-bit and float8 tensors are not among them: numpy has no such types to hand them over with (packed 4-bit;
+        float8 only through ml_dtypes), so ONNX Runtime reads those from the weights file itself (the graphs point
+        into it as external data)."""
+        if bundle.root not in self.weights:
+            table = bundle.manifest.weights
+            self.prepacks[bundle.root] = self.prepack if self.prepack is not None else (
+                bundle.manifest.precision.quantization is not None  # MatMulNBits computes from its packed layout
+                or 3 * sum(t.nbytes for t in table.tensors.values()) < available_memory())
+            mm = np.memmap(bundle.file(table.file), dtype=np.uint8, mode="r")
+            self.weights[bundle.root] = {
+                name: self.ort.OrtValue.ortvalue_from_numpy(
+                    mm[t.offset: t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.shape))
+                for name, t in table.tensors.items() if t.dtype not in NOT_NUMPY}
+        return self.weights[bundle.root]
+
+    def load(self, bundle: Bundle, task: str, name: str, model: bytes | None = None) -> OrtGraph:
+        """model: a serialized variant of the graph to run instead (same initializers; calibration adds outputs)."""
+        opts = self.ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = min(self.severity, 3)  # 3: errors only, even when quiet
+        weights = self.shared_weights(bundle)
+        if not self.prepacks[bundle.root]:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        quantization = bundle.manifest.precision.quantization
+        level = self.accuracy_level if self.accuracy_level is not None else quantization and quantization.accuracy_level
+        if level is not None:
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        for key, value in (quantization.session_config.get(name, {}) if quantization else {}).items():
+            opts.add_session_config_entry(key, value)
+        if self.optimized_dir is not None:
+            opts.optimized_model_filepath = str(Path(self.optimized_dir) / f"{graph_id(task, name)}.onnx")
+        if model is not None:  # its external initializers point into the bundle's weights file, relative to the bundle
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.root))
+        for tensor in bundle.entry(task, name).initializers:
+            if tensor in weights:
+                opts.add_initializer(tensor, weights[tensor])
+        available = self.ort.get_available_providers()
+        asked = [p for p in PROVIDERS[self.requested] if p in available]
+        session = self.ort.InferenceSession(model or str(bundle.path(task, name)), opts, providers=asked)
+        session.disable_fallback()  # a provider failing at run time is an error, not a silent move to the CPU
+        got = session.get_providers()
+        if self.requested in ("cuda", "tensorrt") and got[0] != PROVIDERS[self.requested][0]:
+            raise UserError(f"{PROVIDERS[self.requested][0]} was requested but could not be loaded (the session "
+                            f"got {', '.join(got)}); check the CUDA/cuDNN installation or use --providers cpu")
+        return OrtGraph(session, bundle.spec(task, name), weights)
+
+    def buffer(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        return np.zeros(shape, np.dtype(dtype))
+
+    def write(self, buffer: np.ndarray, rows: np.ndarray, at: int) -> None:
+        buffer[:, :, at: at + rows.shape[2]] = rows
+
+
+def open_backend(name: str, providers: str = "auto", prepack: bool | None = None, verbose: bool = False,
+                 accuracy_level: int | None = None) -> Backend:
+    if name == "ort":
+        return OrtBackend(providers, prepack=prepack, verbose=verbose, accuracy_level=accuracy_level)
+    if name == "trt":
+        from runtime.core.backend_trt import TrtBackend  # tensorrt and CUDA are imported only when asked for
+
+        return TrtBackend()
+    raise UserError(f"unknown backend {name!r}; choose ort or trt")

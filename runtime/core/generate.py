@@ -1,0 +1,45 @@
+"""The decode loop, the same for every backend: prefill once, then one token at a time on the in-place KV cache."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from runtime.core.backend import Graph
+from runtime.contract.errors import UserError
+from runtime.core.kvcache import KVCache
+from runtime.core.sampling import Sampler
+
+
+def prefill(decoder: Graph, cache: KVCache, embeds: np.ndarray) -> np.ndarray:
+    # embeds: [1, S, hidden] -> logits of the last position: [vocab]
+    cache.check_room(embeds.shape[1])
+    out = decoder.run({"inputs_embeds": embeds, **cache.feeds()})
+    cache.update(out)
+    return out["logits"][0]
+
+
+def decode_one_token(decoder: Graph, embed: Graph, cache: KVCache, token: int) -> np.ndarray:
+    x = embed.run({"input_ids": np.array([[token]], dtype=np.int64)})["inputs_embeds"]  # [1, 1, hidden]
+    return prefill(decoder, cache, x)
+
+
+def generate(decoder: Graph, embed: Graph, cache: KVCache, prompt_embeds: np.ndarray, max_new_tokens: int,
+             sample: Sampler, stop_ids: frozenset[int], on_token: Callable[[int], None] | None = None) -> list[int]:
+    """New tokens only, the stop token excluded (HF generate's output minus its trailing eos). `cache`: empty."""
+    logits = prefill(decoder, cache, prompt_embeds)
+    tokens: list[int] = []
+    while True:
+        if not np.isfinite(logits).all():  # NaN weights or a failing backend: never an empty or garbage answer
+            raise UserError(f"the decoder returned non-finite logits after {len(tokens)} tokens: the bundle's weights "
+                            "or the backend are broken (run `build.py verify` on this bundle)")
+        token = sample(logits)
+        if token in stop_ids:
+            return tokens
+        tokens.append(token)
+        if on_token:
+            on_token(token)
+        if len(tokens) >= max_new_tokens:
+            return tokens
+        logits = decode_one_token(decoder, embed, cache, token)

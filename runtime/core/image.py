@@ -1,0 +1,392 @@
+"""Image input/output for the runtime: load (Pillow formats and DICOM), pad to square, CLIP preprocessing, save PNG.
+
+Torch-free on purpose, so a host that only drives an engine needs numpy, Pillow and pydicom. `preprocess` is
+bit-identical to the reference: `expand2square`, then transformers' slow `CLIPImageProcessor` configured as
+openai/clip-vit-large-patch14-336 (reference notes §1.4; checked by tests/test_image.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import stat
+import struct
+import tempfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from runtime.contract.errors import UserError
+from runtime.contract.files import atomic_write
+from runtime.contract.healthgpt import IMAGE_SIZE
+
+# openai/clip-vit-large-patch14-336 preprocessor_config.json
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESAMPLE = Image.Resampling.BICUBIC  # == 3
+RESCALE = 1 / 255
+# The reference pads with tuple(int(x*255) for x in image_mean): int() truncates, giving (122, 116, 104).
+FILL = tuple(int(x * 255) for x in CLIP_MEAN)
+
+_MEAN32 = np.array(CLIP_MEAN, dtype=np.float32)
+_STD32 = np.array(CLIP_STD, dtype=np.float32)
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_DEEP_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # Pillow's grey modes deeper than 8 bits
+# pip names for the dependencies pydicom reports as missing, where they differ from the import name.
+_PIP_NAMES = {"gdcm": "python-gdcm"}
+
+
+def load_image(path, *, frame: int | None = None, window: tuple[float, float] | None = None) -> Image.Image:
+    """Read a PNG/JPEG/TIFF/BMP (or any Pillow format) or a DICOM file as an RGB image.
+
+    path: the file, or its bytes (a server request's image: DICOM is then recognised by its magic). frame: index
+    into a multi-frame file (default 0). window: (center, width) for monochrome DICOM, in modality
+    units (e.g. Hounsfield units for CT); default: the file's first WindowCenter/WindowWidth, else the data's min/max.
+    Images deeper than 8 bits (16-bit PNG, 32-bit or float TIFF) are mapped to 8 bits by their min/max. A flat
+    (one colour) or non-finite image is refused: there is nothing in it to ask about.
+    """
+    if isinstance(path, (bytearray, memoryview)):
+        path = bytes(path)
+    opened = open_image(path, f"image ({len(path)} bytes)" if isinstance(path, bytes) else None)
+    img = opened.frame(frame).render(window)
+    pixels = np.asarray(img)
+    if pixels.min() == pixels.max():
+        rgb = tuple(int(v) for v in pixels.reshape(-1, 3)[0])
+        raise UserError(f"{opened.name}: the image is one flat colour (every pixel is RGB {rgb}"
+                        + (f" with window {window}; try a wider --window" if window else "")
+                        + "): there is nothing in it to ask about")
+    return img
+
+
+def open_image(source, name: str | None = None) -> DicomFile | PillowFile:
+    """Open a path, or the bytes of an uploaded file called `name`, for decoding frame by frame (`load_image` in
+    steps, so that a viewer decodes a frame once and re-windows it as often as it likes). A path is read once,
+    whole, and only if it is a regular file."""
+    if isinstance(source, bytes):
+        name = name or "upload"
+    else:
+        source, name = _read_regular(Path(source)), str(source)
+    has_magic = source[128:132] == b"DICM"
+    if has_magic or Path(name).suffix.lower() in _DICOM_SUFFIXES:
+        return DicomFile.read(source, name, force=not has_magic)
+    return PillowFile(source, name)
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of `path`, only if it is a regular file: a FIFO or device would block or never end. The check is on
+    the opened descriptor (opened non-blocking, so even a FIFO opens at once), not on the name, so nothing can be
+    swapped in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise UserError(f"{path}: is {kind}: only regular image files are read; give the image file itself")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame before display. Monochrome DICOM keeps its modality values (e.g. Hounsfield units) and
+    the file's own window; anything else is already 8-bit RGB."""
+
+    name: str
+    pixels: np.ndarray  # monochrome DICOM: float64 [H, W] modality values; otherwise uint8 [H, W, 3]
+    window: tuple[float, float] | None  # monochrome DICOM: the file's (center, width), else the data's range
+    photometric: str | None  # None: not DICOM
+    monochrome1: bool = False
+
+    def render(self, window: tuple[float, float] | None = None) -> Image.Image:
+        """The 8-bit RGB image under `window` (default: the frame's own): what is shown and what the model gets."""
+        if self.window is None:
+            if window is not None and self.photometric is None:
+                raise UserError(f"{self.name}: a display window applies only to DICOM images, and this is not a "
+                                "DICOM file")
+            if window is not None:
+                raise UserError(f"{self.name}: a display window applies only to monochrome images; this one is "
+                                f"{self.photometric}")
+            return Image.fromarray(self.pixels)
+        if window is not None:
+            center, width = (float(v) for v in window)
+            if not (np.isfinite(center) and np.isfinite(width) and width > 0):
+                raise UserError(f"window {window!r}: need a finite center and a width > 0")
+        else:
+            center, width = self.window
+        grey = _window(self.pixels, center, width)
+        if self.monochrome1:  # low values are bright
+            grey = 255 - grey
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+
+
+def _frame_index(name: str, frame: int | None, n_frames: int) -> int:
+    if frame is None:
+        return 0
+    if not 0 <= frame < n_frames:
+        raise UserError(f"{name}: frame {frame} is out of range: the file has {n_frames} frame(s), "
+                        f"valid indices 0..{n_frames - 1}")
+    return frame
+
+
+@contextlib.contextmanager
+def _pillow_errors(name: str):
+    try:
+        yield
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: not an image file Pillow can read (PNG, JPEG, TIFF, BMP, ...) "
+                        "and not DICOM (no 'DICM' magic, no .dcm suffix)") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{name}: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's ways of saying truncated/corrupt
+        raise UserError(f"{name}: corrupt or truncated image: {e}") from None
+
+
+class PillowFile:
+    def __init__(self, data: bytes, name: str):
+        self._data, self.name = data, name
+        with self._open() as im:
+            self.n_frames = getattr(im, "n_frames", 1)
+
+    @contextlib.contextmanager
+    def _open(self):
+        with _pillow_errors(self.name), Image.open(io.BytesIO(self._data)) as im:
+            yield im
+
+    def frame(self, index: int | None = None) -> Frame:
+        index = _frame_index(self.name, index, self.n_frames)
+        with self._open() as im:
+            if index:
+                im.seek(index)
+            if im.mode in _DEEP_MODES:  # convert("RGB") would saturate them (a 16-bit grey PNG turns white)
+                values = np.asarray(im, dtype=np.float64)
+                _check_finite(self.name, values)
+                grey = _window(values, *_full_range(self.name, values))
+                return Frame(self.name, np.repeat(grey[..., None], 3, axis=-1), None, None)
+            return Frame(self.name, np.asarray(im.convert("RGB")), None, None)  # as the reference demos do
+
+
+def _check_finite(name: str, values: np.ndarray) -> None:
+    if bad := np.count_nonzero(~np.isfinite(values)):
+        raise UserError(f"{name}: {bad} of {values.size} pixel values are NaN or infinite: an image with undefined "
+                        "values is refused")
+
+
+def _full_range(name: str, values: np.ndarray) -> tuple[float, float]:
+    """(center, width) of a window over the data's min..max; a flat image has none."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi == lo:
+        raise UserError(f"{name}: the image is flat: every pixel has the value {lo:g}, so there is nothing in it "
+                        "to ask about")
+    return (lo + hi) / 2, hi - lo
+
+
+def _install_hint(decoder) -> str:
+    """Turn pydicom's 'gdcm - requires gdcm>=3.0.10' lines into pip commands."""
+    cmds = []
+    for line in decoder.missing_dependencies:
+        needs = line.split("requires", 1)[-1].split(" and ")
+        names = [re.match(r"\s*([A-Za-z0-9_.\-]+)", n).group(1) for n in needs if n.strip()]
+        names = [_PIP_NAMES.get(n, n) for n in names if n != "numpy"]
+        if names:
+            cmds.append("`pip install " + " ".join(names) + "`")
+    return ("to decode it, install one of: " + " or ".join(cmds)) if cmds else \
+        "convert it to an uncompressed transfer syntax first (e.g. `gdcmconv --raw` or `dcmdjpeg`)"
+
+
+def _first(value) -> float:
+    return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+
+
+def _functional_group(ds, index: int, sequence: str):
+    """Enhanced multi-frame files keep rescale and window per frame (or shared) in functional groups."""
+    for groups, i in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups)
+        if items and i < len(items) and items[i].get(sequence):
+            return items[i].get(sequence)[0]
+    return None
+
+
+class DicomFile:
+    """A DICOM file read and checked (pixel data present, a decoder for its transfer syntax); `ds` keeps its tags."""
+
+    def __init__(self, ds, name: str, n_frames: int, syntax: str, decoder):
+        self.ds, self.name, self.n_frames = ds, name, n_frames
+        self._syntax, self._decoder = syntax, decoder
+
+    @classmethod
+    def read(cls, data: bytes, name: str, *, force: bool) -> DicomFile:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+        from pydicom.pixels import get_decoder
+
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=force)
+        except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, struct.error, zlib.error) as e:
+            raise UserError(f"{name}: not a readable DICOM file: {e}") from None
+        if not any(k in ds for k in _PIXEL_KEYWORDS):
+            sop = ds.get("SOPClassUID")
+            what = f"a '{sop.name}' object" if sop else "this file"
+            raise UserError(f"{name}: DICOM file has no pixel data: {what} holds no image (or the file is truncated)")
+        if not any(ds.get(k) for k in _PIXEL_KEYWORDS):
+            raise UserError(f"{name}: the DICOM pixel data element is empty: the file holds no image")
+        try:
+            n_frames = int(ds.get("NumberOfFrames") or 1)
+        except (TypeError, ValueError):
+            raise UserError(f"{name}: invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
+
+        meta = ds.file_meta
+        if "TransferSyntaxUID" not in meta and ds.original_encoding[0] is not None:
+            # A bare dataset without file meta (read via the .dcm suffix) is native; say which native encoding.
+            implicit, little = ds.original_encoding
+            meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                      pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
+        ts = meta.get("TransferSyntaxUID")
+        if ts is None:
+            raise UserError(f"{name}: DICOM file meta has no Transfer Syntax UID, so its pixel encoding is unknown")
+        syntax = f"transfer syntax '{ts.name}' ({ts})"
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError:
+            raise UserError(f"{name}: pydicom cannot decode {syntax}; convert the file to an uncompressed "
+                            "transfer syntax first (e.g. `gdcmconv --raw`)") from None
+        if not decoder.is_available:
+            raise UserError(f"{name}: no installed decoder handles {syntax}; {_install_hint(decoder)}")
+        return cls(ds, name, n_frames, syntax, decoder)
+
+    def frame(self, index: int | None = None) -> Frame:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+
+        ds, name = self.ds, self.name
+        index = _frame_index(name, index, self.n_frames)
+        try:  # pydicom converts YBR_FULL/YBR_FULL_422 (and the JPEG 2000 colour transforms) to RGB here
+            arr = pixel_array(ds, index=index if self.n_frames > 1 else None)
+        except RuntimeError as e:  # every installed plugin failed on this data (e.g. Pillow on 12-bit JPEG)
+            detail = " ".join(str(e).split())
+            raise UserError(f"{name}: cannot decode {self._syntax}: {detail}; {_install_hint(self._decoder)}") from None
+        except (ValueError, AttributeError, NotImplementedError, KeyError) as e:  # truncated or inconsistent
+            raise UserError(f"{name}: corrupt or truncated DICOM pixel data: {' '.join(str(e).split())}") from None
+
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        if photometric == "PALETTE COLOR":
+            try:
+                rgb = _to_uint8(apply_color_lut(arr, ds), int(ds.RedPaletteColorLookupTableDescriptor[2]))
+            except (ValueError, AttributeError, IndexError) as e:  # the palette lookup table is missing or broken
+                raise UserError(f"{name}: PALETTE COLOR image without a usable colour lookup table: {e}") from None
+        elif arr.ndim == 3:  # colour: no VOI windowing in DICOM, just scale the stored bit depth to 8 bits
+            rgb = _to_uint8(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
+        else:
+            rgb = None
+        if rgb is not None:
+            return Frame(name, np.ascontiguousarray(rgb), None, photometric)
+
+        rescale = ds if ("RescaleSlope" in ds or "ModalityLUTSequence" in ds) else \
+            _functional_group(ds, index, "PixelValueTransformationSequence")
+        slope = rescale.get("RescaleSlope") if rescale is not None else None
+        if slope is not None and not (np.isfinite(_first(slope)) and _first(slope) != 0):
+            raise UserError(f"{name}: invalid RescaleSlope {slope!r}: it must be a finite number other than 0 (with 0 "
+                            "every pixel maps to the intercept)")
+        values = np.asarray(apply_modality_lut(arr, rescale) if rescale is not None else arr, dtype=np.float64)
+        _check_finite(name, values)
+        voi = ds if "WindowCenter" in ds else _functional_group(ds, index, "FrameVOILUTSequence")
+        center = width = None
+        if voi is not None and voi.get("WindowCenter") is not None and voi.get("WindowWidth") is not None:
+            center, width = _first(voi.WindowCenter), _first(voi.WindowWidth)
+        if width is None or not (width > 0 and np.isfinite(width) and np.isfinite(center)):  # none usable in the file
+            center, width = _full_range(name, values)
+        return Frame(name, values, (center, width), photometric, photometric == "MONOCHROME1")
+
+
+def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Linear window: center - width/2 -> 0, center + width/2 -> 255, clipped, rounded to nearest."""
+    scaled = (values - (center - width / 2)) / width * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
+    if arr.dtype == np.uint8 and bits <= 8:
+        return arr
+    return np.clip(np.rint(arr.astype(np.float64) * (255.0 / (2 ** bits - 1))), 0, 255).astype(np.uint8)
+
+
+def expand2square(img: Image.Image) -> Image.Image:
+    """The reference `expand2square` with its fill colour: pad to max(W, H), original pasted floor-centred."""
+    if img.mode != "RGB":  # the reference only ever sees RGB; an RGB fill tuple needs an RGB canvas
+        img = img.convert("RGB")
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    result = Image.new(img.mode, (side, side), FILL)
+    result.paste(img, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
+    return result
+
+
+def preprocess(img: Image.Image) -> np.ndarray:
+    """expand2square + CLIPImageProcessor (336): float32 [1, 3, 336, 336], bit-identical to transformers."""
+    img = expand2square(img)
+    # HF resizes the shortest edge to 336 through PIL on uint8; the image is square, so that is (336, 336) and the
+    # 336 centre crop is a no-op. PIL returns an unresampled copy when the size already matches, as in HF.
+    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), resample=RESAMPLE)
+    # HF rescale: upcast to float64, multiply by the Python float 1/255, then downcast to float32.
+    x = (np.asarray(img).astype(np.float64) * RESCALE).astype(np.float32)
+    # HF normalize: float32 (x - mean) / std, channels last, then transposed to CHW.
+    x = (x - _MEAN32) / _STD32
+    return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
+
+
+def _png_name(path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"{path}: images are saved as PNG only (lossless); use a .png file name")
+    return path
+
+
+def check_png_path(path) -> None:
+    """Refuse a path `save_png` could not write, before the work that makes the image: a .png name, not a folder,
+    whose nearest existing folder takes a new file (probed with a temp file, removed again; no folder is created)."""
+    path = _png_name(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give the PNG file to write")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: cannot write into {folder}: {e.strerror or e}") from None
+
+
+def png_bytes(array) -> bytes:
+    """A uint8 HxWx3 array as PNG file contents."""
+    arr = np.asarray(array)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"png_bytes wants a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def save_png(image, path) -> None:
+    """Write a uint8 HxWx3 array (or PNG bytes, e.g. from a server) as PNG atomically (runtime.contract.files.atomic_write)."""
+    path = _png_name(path)
+    data = image if isinstance(image, bytes) else png_bytes(image)
+    with atomic_write(path) as f:
+        f.write(data)

@@ -1,0 +1,72 @@
+"""The KV cache: one buffer per layer for keys and values, bound to the decoder in place.
+
+Each step the decoder reads the whole buffer (rows >= length are masked inside the graph) and returns only the
+new rows; `update` writes them at `length`. The buffers start at one row, so a prefill from an empty context does
+not attend over max_context masked rows, and grow to the next power of two when new rows do not fit: a handful
+of copies over a whole conversation (1 -> 1024 -> 2048 for a 616-token prompt), between which nothing moves.
+The decoder's cost per token then follows the context, not the largest context the bundle allows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.core.backend import Backend
+from runtime.contract.errors import UserError
+from runtime.contract.graphspec import GraphSpec
+
+
+def check_room(length: int, capacity: int, detail: str = "") -> None:
+    """The one refusal of a context longer than the bundle's KV cache."""
+    if length > capacity:
+        raise UserError(f"the context would reach {length} tokens; this bundle holds at most {capacity}{detail} "
+                        "(shorten the prompt, or re-export with a larger --max-context)")
+
+
+class KVCache:
+    def __init__(self, backend: Backend, spec: GraphSpec):
+        self.backend, self.spec = backend, spec
+        self.pairs = spec.kv_pairs  # (cache input, new-rows output), declared by the decoder's spec
+        self.capacity = spec.dims["cache"].max  # the bundle's max_context
+        self.length = 0
+        self.buffers = self._allocate(1)
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.buffers.values())).shape[2]
+
+    def _allocate(self, rows: int) -> dict:
+        # Zeroed by the backend: masked rows must hold finite values (0 * NaN from stale garbage is still NaN).
+        return {past: self.backend.buffer(self.spec.shape(past, cache=rows), self.spec.tensor(past).dtype)
+                for past, _ in self.pairs}
+
+    def feeds(self) -> dict:
+        return {"past_length": np.array([self.length], dtype=np.int64), **self.buffers}
+
+    def check_room(self, new: int) -> None:
+        check_room(self.length + new, self.capacity)
+
+    def rows_for(self, length: int) -> int:
+        """Buffer rows for a context of `length`: the next power of two, at least 1, at most capacity."""
+        return min(self.capacity, 1 << (max(length, 1) - 1).bit_length())
+
+    def reserve(self, rows: int) -> None:
+        """Make the buffers hold at least `rows` rows (rows_for(rows) of them), the rows written so far kept."""
+        if rows > self.rows:
+            grown = self._allocate(self.rows_for(rows))
+            for past, buffer in grown.items():
+                self.backend.write(buffer, self.buffers[past], 0)  # old rows, stale tail included (masked anyway)
+            self.buffers = grown
+
+    def update(self, outputs: dict) -> None:
+        """Write the step's new rows at [length, length + seq) of every buffer (grown first if they do not fit)."""
+        seq = outputs[self.pairs[0][1]].shape[2]
+        self.reserve(self.length + seq)
+        for past, present in self.pairs:
+            self.backend.write(self.buffers[past], outputs[present], self.length)
+        self.length += seq
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.rows > 1:
+            self.buffers = self._allocate(1)  # the next prefill attends over one masked row

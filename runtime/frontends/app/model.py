@@ -1,0 +1,162 @@
+"""What the app asks of a model: describe itself, answer with streamed text, generate an image with progress.
+
+`LocalModel` runs a bundle in this process through the public Pipeline API. A Triton client (`--server`) is meant
+to implement the same three methods; the app needs nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+from PIL import Image
+
+from runtime.contract.manifest import Manifest
+from runtime.core.tokenizer import StreamDecoder
+
+
+class Stopped(Exception):
+    """The user pressed stop (or left): the decode loop ends at the next token."""
+
+
+class Model(Protocol):
+    tasks: list[str]
+    max_context: int | None  # None: not known here (a server's bundle)
+    manifest_sha256: str  # the bundle's digest, for the audit log
+
+    def describe(self) -> dict: ...
+
+    def ask(self, image: Image.Image | None, question: str, max_new_tokens: int,
+            on_text: Callable[[str, int], None], stop: threading.Event) -> str:
+        """The answer; on_text(new printable text, tokens so far) once per token (and once more for text held
+        back at the end). Raises Stopped when `stop` is set."""
+
+    def generate(self, image: Image.Image, instruction: str, constrain: bool,
+                 on_progress: Callable[[int, int, int], None], stop: threading.Event) -> np.ndarray:
+        """uint8 [256, 256, 3]; on_progress(image tokens, other tokens, image tokens needed) once per token."""
+
+
+@dataclass(frozen=True)
+class BundleFacts:
+    """The manifest facts the app shows or needs, read in this one place."""
+
+    variant: str
+    precision: str
+    max_context: int
+    image_token_ids: range
+    image_tokens: int
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> BundleFacts:
+        return cls(manifest.variant, manifest.precision.dtype, manifest.config.max_context,
+                   range(*manifest.tokens.image_range), manifest.tokens.image_tokens)
+
+
+# The backend names `build.py verify` writes into parity.json, by what this process really runs on.
+_PARITY_KEYS = {("ort", "CPUExecutionProvider"): "ort-cpu", ("ort", "CUDAExecutionProvider"): "ort-cuda"}
+
+
+def parity_status(root: Path, backend: str, provider: str) -> dict:
+    """passed / failed / not verified, for the backend and provider in use, with a one-line reason."""
+    key = "trt" if backend == "trt" else _PARITY_KEYS.get((backend, provider))
+    path = root / "parity.json"
+    if not path.is_file():
+        return {"status": "not verified", "backend": key,
+                "detail": "the bundle has no parity report; run `build.py verify` on it"}
+    try:
+        backends = json.loads(path.read_text())["backends"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return {"status": "not verified", "backend": key, "detail": f"parity.json is unreadable: {e}"}
+    summary = ", ".join(f"{name}: {b.get('status')}" for name, b in backends.items())
+    entry = backends.get(key) if key else None
+    if entry is None:
+        what = key or f"{backend} on {provider}"
+        return {"status": "not verified", "backend": key, "detail": f"the report has no result for {what} ({summary})"}
+    if entry.get("status") == "passed":
+        return {"status": "passed", "backend": key, "detail": f"{key} passed ({summary})"}
+    if entry.get("status") == "failed":
+        failed = [c for c in entry.get("checks", []) + entry.get("e2e", []) if not c.get("ok")]
+        return {"status": "failed", "backend": key,
+                "detail": f"{key} FAILED {len(failed)} check(s): see parity.md in the bundle ({summary})"}
+    return {"status": "not verified", "backend": key,
+            "detail": f"{key} was not run: {entry.get('reason', 'no reason given')}"}
+
+
+class LocalModel:
+    """A bundle opened in this process. The Pipeline is thread-safe, but requests take turns here: on one workstation
+    two decodes at once would each run at half speed, and the one who asked first should get their answer first."""
+
+    def __init__(self, pipe, backend: str):
+        self.pipe = pipe
+        self.facts = BundleFacts.of(pipe.bundle.manifest)
+        self.tasks = list(pipe.bundle.tasks)
+        self.manifest_sha256 = pipe.bundle.digest
+        self.max_context = self.facts.max_context
+        for task in self.tasks:  # load now: errors show at start, and the first request is not the slow one
+            pipe.task(task)
+        self._backend = backend
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, bundle: Path, backend: str, providers: str) -> LocalModel:
+        from runtime.core.pipeline import Pipeline
+
+        # Both tasks stay open: one copy of the shared weights instead of one per task (see Pipeline.open).
+        return cls(Pipeline.open(bundle, backend=backend, providers=providers, prepack=False), backend)
+
+    def describe(self) -> dict:
+        providers = self.pipe.providers()
+        first = next(iter(providers.values()))[0]
+        return {"bundle": str(self.pipe.bundle.root), "variant": self.facts.variant,
+                "precision": self.facts.precision, "max_context": self.facts.max_context, "tasks": self.tasks,
+                "backend": self._backend, "providers": sorted({p[0] for p in providers.values()}),
+                "manifest_sha256": self.manifest_sha256,
+                "parity": parity_status(self.pipe.bundle.root, self._backend, first)}
+
+    @contextlib.contextmanager
+    def _turn(self, stop: threading.Event):
+        """Wait for the model, giving up when the user stops while waiting."""
+        while not self._lock.acquire(timeout=0.1):
+            if stop.is_set():
+                raise Stopped
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def ask(self, image, question, max_new_tokens, on_text, stop) -> str:
+        stream = StreamDecoder(self.pipe.tokenizer)
+        count = 0
+
+        def on_token(token: int) -> None:
+            nonlocal count
+            if stop.is_set():
+                raise Stopped
+            count += 1
+            on_text(stream.push(token), count)
+
+        with self._turn(stop):
+            answer = self.pipe.ask(image, question, max_new_tokens=max_new_tokens, on_token=on_token)
+        tail = stream.flush()
+        if tail:
+            on_text(tail, count)
+        return answer
+
+    def generate(self, image, instruction, constrain, on_progress, stop) -> np.ndarray:
+        ids, need = self.facts.image_token_ids, self.facts.image_tokens
+        counts = [0, 0]  # image tokens, other tokens
+
+        def on_token(token: int) -> None:
+            if stop.is_set():
+                raise Stopped
+            counts[token not in ids] += 1
+            on_progress(counts[0], counts[1], need)
+
+        with self._turn(stop):
+            tokens = self.pipe.image_tokens(image, instruction, constrain_image_tokens=constrain, on_token=on_token)
+            return self.pipe.decode_image(tokens)  # a UserError saying what came out unless exactly 1024 image tokens

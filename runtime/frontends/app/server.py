@@ -1,0 +1,388 @@
+"""The app's HTTP side: the page, uploads, windowed renders, streamed requests (server-sent events), the audit log.
+
+Every model request runs in a worker thread; its events (tokens, progress, the end) reach the page through an
+asyncio queue as `data: {json}` lines. Stop sets the request's event, which the model checks at every token; a page
+that goes away stops its request the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import math
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import unquote
+
+import uvicorn
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from runtime.frontends.app.audit import AuditLog
+from runtime.frontends.app.model import Model, Stopped
+from runtime.frontends.app.scans import Scan, Scans
+from runtime.contract.errors import UserError
+from runtime.contract.healthgpt import COM, GEN
+
+STATIC = Path(__file__).parent / "static"
+MAX_UPLOAD = 1 << 30  # bytes; a large multi-frame study still fits, a runaway upload does not
+MAX_JSON = 1 << 20
+KEEP_OUTPUTS = 16  # generated PNGs held for the page to fetch
+# Everything from this origin, nothing from any other; images also from the blob: URLs the page makes.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# A custom header makes any cross-origin POST a CORS preflight, which this app never grants: another web page open
+# in the clinician's browser cannot start requests here.
+CSRF_HEADER = "x-healthgpt-app"
+
+
+def _error(message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _sse(event: dict) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class _Job:
+    def __init__(self):
+        self.id = uuid.uuid4().hex
+        self.stop = threading.Event()
+
+
+class App:
+    def __init__(self, model: Model, audit: AuditLog):
+        self.model, self.audit = model, audit
+        self.scans = Scans()
+        self.jobs: dict[str, _Job] = {}
+        self.outputs: OrderedDict[str, bytes] = OrderedDict()
+        self._outputs_lock = threading.Lock()
+
+    # ---- request helpers ----
+
+    @staticmethod
+    def _guard(request: Request) -> None:
+        if request.headers.get(CSRF_HEADER) != "1":
+            raise UserError(f"refused: requests to this app come from its own page (missing {CSRF_HEADER} header)")
+
+    @staticmethod
+    async def _json(request: Request) -> dict:
+        body = await request.body()
+        if len(body) > MAX_JSON:
+            raise UserError(f"request too large ({len(body)} bytes; the limit is {MAX_JSON})")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise UserError("request body is not JSON") from None
+        if not isinstance(data, dict):
+            raise UserError("request body must be a JSON object")
+        return data
+
+    @staticmethod
+    def _window(value) -> tuple[float, float] | None:
+        if value is None:
+            return None
+        try:
+            center, width = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise UserError(f"window {value!r}: need [center, width]") from None
+        if not (math.isfinite(center) and math.isfinite(width) and width > 0):
+            raise UserError(f"window ({center:g}, {width:g}): need a finite center and a width > 0")
+        return center, width
+
+    def _image(self, data: dict):
+        """The scan, frame, window and rendered image a request names (the scan may be null for a question)."""
+        if data.get("scan") is None:
+            return None, None, None, None
+        scan = self.scans.get(str(data["scan"]))
+        frame = data.get("frame", 0)
+        if isinstance(frame, bool) or not isinstance(frame, int):
+            raise UserError(f"frame {frame!r}: need an integer")
+        image, window = scan.render(frame, self._window(data.get("window")))
+        return scan, frame, window, image
+
+    # ---- routes ----
+
+    async def index(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    async def info(self, request: Request) -> Response:
+        return JSONResponse({**self.model.describe(), "audit_log": str(self.audit.path)})
+
+    async def upload(self, request: Request) -> Response:
+        self._guard(request)
+        name = unquote(request.headers.get("x-filename", "")) or "upload"
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_UPLOAD:
+                raise UserError(f"{name}: file too large (over {MAX_UPLOAD >> 20} MiB)")
+            chunks.append(chunk)
+        if not size:
+            raise UserError(f"{name}: the file is empty")
+        scan = await asyncio.to_thread(Scan, b"".join(chunks), name)  # decoding is CPU work: off the event loop
+        self.scans.add(scan)
+        return JSONResponse(scan.describe())
+
+    async def render(self, request: Request) -> Response:
+        scan = self.scans.get(request.path_params["scan"])
+        q = request.query_params
+        try:
+            frame = int(q.get("frame", "0"))
+        except ValueError:
+            raise UserError(f"frame {q.get('frame')!r}: need an integer") from None
+        window = self._window((q["center"], q["width"])) if "center" in q else None
+        image, window = await asyncio.to_thread(scan.render, frame, window)
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        headers = {"Cache-Control": "no-store"}
+        if window is not None:
+            headers["X-Window"] = f"{window[0]:.6g} {window[1]:.6g}"
+        return Response(png.getvalue(), media_type="image/png", headers=headers)
+
+    async def output(self, request: Request) -> Response:
+        with self._outputs_lock:
+            png = self.outputs.get(request.path_params["sha"])
+        if png is None:
+            return _error("no such generated image (the app keeps the last few): generate it again", 404)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    async def stop(self, request: Request) -> Response:
+        self._guard(request)
+        job = self.jobs.get(request.path_params["job"])
+        if job is not None:
+            job.stop.set()
+        return Response(status_code=204)  # already finished: nothing to stop
+
+    async def ask(self, request: Request) -> Response:
+        self._guard(request)
+        data = await self._json(request)
+        question = data.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise UserError("type a question first")
+        limit = self.model.max_context or math.inf  # unknown for a server's bundle: the server checks it
+        max_new = data.get("max_new_tokens", COM.max_new_tokens)
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= limit:
+            raise UserError(f"max new tokens {max_new!r}: need an integer from 1 to {limit} (the bundle's context)")
+        scan, frame, window, image = await asyncio.to_thread(self._image, data)
+        record = self._record(COM.name, scan, frame, window, question)
+        texts: list[str] = []
+
+        def work(job: _Job, emit, started: float) -> dict:
+            stamps: list[float] = []
+
+            def on_text(piece: str, tokens: int) -> None:
+                if len(stamps) < tokens:
+                    stamps.append(time.perf_counter())
+                texts.append(piece)
+                emit({"type": "text", "text": piece, "tokens": tokens, **_rates(started, stamps)})
+
+            try:
+                self.model.ask(image, question, max_new, on_text, job.stop)
+            finally:
+                record.update(answer="".join(texts), tokens=len(stamps))
+            return {"tokens": len(stamps), **_rates(started, stamps)}
+
+        return self._stream(record, work)
+
+    async def generate(self, request: Request) -> Response:
+        self._guard(request)
+        if GEN.name not in self.model.tasks:
+            raise UserError("this bundle has no image generation (gen) task")
+        data = await self._json(request)
+        instruction = data.get("instruction")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise UserError("type an instruction first, e.g. \"Reconstruct the image.\"")
+        if data.get("scan") is None:
+            raise UserError("open an image first: generation starts from the image on screen")
+        scan, frame, window, image = await asyncio.to_thread(self._image, data)
+        constrain = bool(data.get("constrain", True))
+        record = self._record(GEN.name, scan, frame, window, instruction, constrain_image_tokens=constrain)
+
+        def work(job: _Job, emit, started: float) -> dict:
+            def on_progress(done: int, other: int, need: int) -> None:
+                emit({"type": "progress", "done": done, "other": other, "need": need})
+
+            pixels = self.model.generate(image, instruction, constrain, on_progress, job.stop)
+            png = io.BytesIO()
+            Image.fromarray(pixels).save(png, format="PNG")
+            sha = hashlib.sha256(png.getvalue()).hexdigest()
+            with self._outputs_lock:
+                self.outputs[sha] = png.getvalue()
+                while len(self.outputs) > KEEP_OUTPUTS:
+                    self.outputs.popitem(last=False)
+            record["output_sha256"] = sha
+            return {"url": f"/api/outputs/{sha}.png", "sha256": sha}
+
+        return self._stream(record, work)
+
+    # ---- streaming and the audit record ----
+
+    def _record(self, task: str, scan: Scan | None, frame, window, prompt: str, **extra) -> dict:
+        return {"time": _now(), "task": task, "input_sha256": scan.sha256 if scan else None,
+                "frame": frame, "window": list(window) if window else None, "prompt": prompt, **extra,
+                "bundle_manifest_sha256": self.model.manifest_sha256}
+
+    def _stream(self, record: dict, work) -> StreamingResponse:
+        """Run work(job, emit, started) in a thread and stream its events; one audit line per request."""
+        job = _Job()
+        self.jobs[job.id] = job
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: dict | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        def run() -> None:
+            started = time.perf_counter()
+            try:
+                end = {"type": "done", **work(job, emit, started)}
+                record["status"] = "done"
+            except Stopped:
+                end = {"type": "stopped"}
+                record["status"] = "stopped"
+            except UserError as e:
+                end = {"type": "error", "error": str(e)}
+                record.update(status="error", error=str(e))
+            except Exception:  # a bug, not the user's doing: full detail in the server log, one line on the page
+                traceback.print_exc(file=sys.stderr)
+                end = {"type": "error", "error": "internal error: the server log has the details"}
+                record.update(status="error", error="internal error")
+            record["duration_s"] = round(time.perf_counter() - started, 4)
+            try:
+                self.audit.write(record)
+            except OSError as e:
+                print(f"error: audit log {self.audit.path}: {e}", file=sys.stderr, flush=True)
+                end = {"type": "error", "error": f"the audit log could not be written ({e}); this request is "
+                                                 "not recorded, tell your administrator"}
+            emit({**end, "duration": record["duration_s"]})
+            emit(None)
+
+        async def events():
+            try:
+                yield _sse({"type": "start", "job": job.id})
+                loop.run_in_executor(None, run)
+                while (event := await queue.get()) is not None:
+                    yield _sse(event)
+            finally:  # finished, or the page went away: either way nothing more to decode
+                job.stop.set()
+                self.jobs.pop(job.id, None)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    def stop_all(self) -> None:
+        for job in list(self.jobs.values()):
+            job.stop.set()
+
+
+def _rates(started: float, stamps: list[float]) -> dict:
+    """Time to first token (from the request) and tokens/s after it, as `python -m runtime ask` reports them."""
+    if not stamps:
+        return {}
+    out = {"ttft": round(stamps[0] - started, 4)}
+    if len(stamps) > 1:
+        out["rate"] = round((len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9), 2)
+    return out
+
+
+class _SecurityHeaders:
+    """Adds the CSP and friends to every response (pure ASGI, so streamed responses pass through untouched)."""
+
+    HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+               (b"referrer-policy", b"no-referrer")]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+
+async def _user_error(request: Request, exc: UserError) -> Response:
+    return _error(str(exc))
+
+
+def create_app(model: Model, audit: AuditLog, allowed_hosts: list[str]) -> Starlette:
+    app = App(model, audit)
+
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        app.stop_all()  # shutting down: end running decodes at their next token
+
+    routes = [Route("/", app.index), Route("/api/info", app.info),
+              Route("/api/scans", app.upload, methods=["POST"]),
+              Route("/api/scans/{scan}/image", app.render),
+              Route("/api/ask", app.ask, methods=["POST"]), Route("/api/generate", app.generate, methods=["POST"]),
+              Route("/api/jobs/{job}/stop", app.stop, methods=["POST"]),
+              Route("/api/outputs/{sha}.png", app.output),
+              Mount("/static", StaticFiles(directory=STATIC))]
+    starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers={UserError: _user_error},
+                          middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts),
+                                      Middleware(_SecurityHeaders)])
+    starlette.state.app = app
+    return starlette
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a busy port is one clear error (and port 0 picks a free one)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or --host)") \
+            from None
+    return sock
+
+
+def serve(bundle: Path | None, server_url: str | None, host: str, port: int, audit_path: Path, backend: str,
+          providers: str, quiet) -> int:
+    """`python -m runtime app`: open the model, listen, serve until Ctrl-C."""
+    from runtime.frontends.app.model import LocalModel
+    from runtime.frontends.app.remote import RemoteModel
+
+    audit = AuditLog(audit_path)
+    sock = bind(host, port)
+    with quiet():
+        model = RemoteModel(server_url) if server_url else LocalModel.open(bundle, backend, providers)
+    port = sock.getsockname()[1]
+    local = host in ("127.0.0.1", "localhost", "::1")
+    allowed = ["127.0.0.1", "localhost", "[::1]", host] if local else ["*"]
+    info = model.describe()
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    print(f"[I] {info['variant']} {info['precision']} on {', '.join(info['providers'])}; parity "
+          f"{info['parity']['status']}; audit log {audit.path}", file=sys.stderr, flush=True)
+    if not local:
+        print(f"warning: listening on {host}: the app has no login; anyone who can reach this port can use it",
+              file=sys.stderr, flush=True)
+    print(f"[I] app at {url} (Ctrl-C stops it)", flush=True)
+    config = uvicorn.Config(create_app(model, audit, allowed), log_level="warning", access_log=False, http="h11",
+                            ws="none", lifespan="on", timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
