@@ -15,6 +15,7 @@ from pathlib import Path
 from engines.build import add_engines_command
 from runtime.frontends.args import Parser, non_negative_int, positive_int
 from runtime.contract.errors import UserError
+from runtime.contract.healthgpt import TASKS
 
 
 def _directory(text: str) -> Path:
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
 
         a.image = Path(get_testdata_file("CT_small.dcm"))
     if a.command == "reference" and a.max_new_tokens is None:
-        a.max_new_tokens = 1024 if a.task == "com" else 1100  # the reference demos' defaults
+        a.max_new_tokens = TASKS[a.task].max_new_tokens  # the reference demos' defaults
     try:
         a.run(a)
     except UserError as err:

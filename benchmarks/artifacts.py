@@ -140,13 +140,9 @@ def _decoder_spec(llm, all_positions: bool):
     from export.compile import specs
     from runtime.contract.graphspec import TensorSpec
 
-    cfg = llm.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    vocab = llm.lm_head.weight.shape[0]
-    spec = specs.decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, cfg.hidden_size, vocab,
-                         MAX_CONTEXT, "float32")
+    spec = specs.decoder_of(llm, MAX_CONTEXT, "float32")
     if all_positions:
-        logits = TensorSpec("logits", "float32", (1, "seq", vocab))
+        logits = TensorSpec("logits", "float32", (1, "seq", llm.lm_head.weight.shape[0]))
         spec = dataclasses.replace(spec, outputs=(logits, *spec.outputs[1:]))
     return spec
 
@@ -154,47 +150,34 @@ def _decoder_spec(llm, all_positions: bool):
 def _export_one(model: Model, name: str, module, llm, dynamo: bool = False,
                 all_positions: bool = False) -> dict[str, str]:
     """Export one decoder variant into variants/NAME/: a bundle holding only its com.decoder graph."""
-    import shutil
-
     import numpy as np
-    import onnx
 
     from export.compile.bundle import EXPORTER_VERSION
-    from export.compile.onnx_export import WeightStore, export_graph
+    from export.compile.onnx_export import export_graph
+    from export.compile.writer import BundleWriter
+    from export.outdir import staged
+    from runtime.contract.manifest import GraphEntry
     from runtime.core.bundle import Bundle
-    from runtime.contract.files import file_digest
-    from runtime.contract.manifest import MANIFEST, FileEntry, GraphEntry, TensorEntry, WeightsTable
 
-    d = variant_dir(model, name)
-    tmp = d.with_name(name + ".partial")
     shipped = Bundle.open(cache_root(model) / "bundle", verify=False)  # built first (build_all)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     spec = _decoder_spec(llm, all_positions)
     feeds = spec.sample_inputs(np.random.default_rng(0), seq=3)
     start = time.perf_counter()
     try:
-        model = _export_dynamo(spec, module, feeds) if dynamo else export_graph(spec, module, feeds)
+        graph = _export_dynamo(spec, module, feeds) if dynamo else export_graph(spec, module, feeds)
     except Exception as e:  # noqa: BLE001 - reported in the table as "not built: ..."
-        shutil.rmtree(tmp, ignore_errors=True)
         log(f"variant {name}: export failed: {type(e).__name__}: {str(e)[:300]}")
         return {name: f"not built: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-    store = WeightStore(tmp / "weights.bin")
-    inits = store.externalize(model)
-    store.close()
-    onnx.save(model, str(tmp / "decoder.onnx"))
-    shutil.copy(shipped.file(shipped.manifest.tokenizer.file), tmp / shipped.manifest.tokenizer.file)
-    tensors = {n: TensorEntry(t["offset"], t["dtype"], tuple(t["shape"])) for n, t in store.tensors.items()}
-    files = {p.name: FileEntry(file_digest(p), p.stat().st_size) for p in sorted(tmp.iterdir())}
-    manifest = dataclasses.replace(
-        shipped.manifest, graphs={"com.decoder": GraphEntry("com", "decoder.onnx", spec, name, tuple(inits))},
-        weights=WeightsTable("weights.bin", tensors), files=files, engines={})
-    (tmp / MANIFEST).write_text(manifest.to_json_text())
-    (tmp / "variant.json").write_text(json.dumps({"export": "dynamo" if dynamo else "torchscript",
-                                                  "nodes": len(model.graph.node), "exporter": EXPORTER_VERSION}))
-    shutil.rmtree(d, ignore_errors=True)
-    tmp.rename(d)
-    log(f"variant {name}: {len(model.graph.node)} nodes in {time.perf_counter() - start:.0f}s")
+    with staged(variant_dir(model, name), "bundle", [shipped.root]) as tmp:
+        writer = BundleWriter(tmp)
+        inits = writer.add_graph("decoder.onnx", graph)
+        writer.copy(shipped.file(shipped.manifest.tokenizer.file))
+        writer.write_manifest(dataclasses.replace(
+            shipped.manifest, graphs={"com.decoder": GraphEntry("com", "decoder.onnx", spec, name, inits)},
+            weights=writer.weights(), files=writer.files(), engines={}))
+        (tmp / "variant.json").write_text(json.dumps({"export": "dynamo" if dynamo else "torchscript",
+                                                      "nodes": len(graph.graph.node), "exporter": EXPORTER_VERSION}))
+    log(f"variant {name}: {len(graph.graph.node)} nodes in {time.perf_counter() - start:.0f}s")
     return {}
 
 

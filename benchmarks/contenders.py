@@ -11,7 +11,7 @@ import numpy as np
 from benchmarks.timing import Case, rss_bytes
 from runtime.core.backend import OrtBackend, OrtGraph
 from runtime.core.bundle import Bundle
-from runtime.core.generate import decode_one_token, prefill
+from runtime.core.generate import decode_one_token, forward
 from runtime.core.kvcache import KVCache
 
 TOKEN = 1000  # any id below every vocabulary; decode cost does not depend on it
@@ -58,7 +58,7 @@ class OurDecoder:
         return Case(step, lambda: self.at(context))
 
     def prefill_case(self, embeds: np.ndarray) -> Case:
-        return Case(lambda: prefill(self.graph, self.cache, embeds), lambda: self.at(0))
+        return Case(lambda: forward(self.graph, self.cache, embeds), lambda: self.at(0))
 
     def kv_bytes_read(self, context: int) -> int:
         """The graph reads the whole buffer every step: a power of two of rows >= context (or all of them)."""

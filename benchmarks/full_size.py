@@ -40,11 +40,13 @@ def ours(a: dict) -> dict:
     from benchmarks.timing import bench
     from runtime.contract.healthgpt import TASKS
     from runtime.core.kvcache import KVCache
+    from runtime.core.backend import OrtBackend
+    from runtime.core.bundle import Bundle
     from runtime.core.pipeline import Pipeline
 
     image = get_testdata_file("CT_small.dcm", download=False)
     out, start = {}, time.perf_counter()
-    pipe = Pipeline.open(a["bundle"], providers="cpu")
+    pipe = Pipeline(Bundle.open(a["bundle"]), OrtBackend("cpu"))
     out["open_s"] = time.perf_counter() - start  # manifest + every file's sha256 (or its record)
     for task in a["tasks"]:
         start = time.perf_counter()

@@ -181,10 +181,11 @@ def accuracy_lines(res: dict) -> list[str]:
                   "today's tolerances of the scheme)", ""]
 
 
-def table(res: dict) -> str:
-    m, bw = res["meta"], res["bandwidth"]
-    L = []
+def _header_lines(res: dict) -> list[str]:
+    """What was measured, on which machine, how."""
+    L: list[str] = []
     w = L.append
+    m, bw = res["meta"], res["bandwidth"]
     w("")
     w(f"healthgpt-edge benchmark  {m['date']}  {'QUICK' if m['quick'] else 'full'} run")
     widths = ("real widths (hidden 3072, 32 heads, inter 8192, vocab 40206, H-LoRA r=64/256, CLIP ViT-L/14-336, full "
@@ -197,6 +198,13 @@ def table(res: dict) -> str:
     w(f"every figure: median of {m['reps']} runs after {m['warmup']} warm-up (contenders interleaved run by run)")
     w(f"memory bandwidth ({bw['threads']} threads, {bw['matrix_bytes'] / 2**30:.1f} GiB): GEMV a@x "
       f"{bw['gemv_GBps']:.1f} GB/s | sum {bw['sum_GBps']:.1f} GB/s | copy (r+w) {bw['copy_GBps']:.1f} GB/s")
+    return L
+
+
+def _vision_lines(res: dict) -> list[str]:
+    """The vision graphs and the VQGAN against PyTorch."""
+    L: list[str] = []
+    w = L.append
     v = res["vision"]
     w("")
     w("VISION, ms            ours    PyTorch ref   ref/ours")
@@ -208,6 +216,13 @@ def table(res: dict) -> str:
     q = res["vqgan"]
     w(f"VQGAN decoder, ms: ours {med(q['ours']):.0f}, PyTorch {med(q['torch']):.0f} "
       f"({med(q['torch']) / med(q['ours']):.1f}x)")
+    return L
+
+
+def _decode_lines(res: dict) -> list[str]:
+    """Decode per context against the bandwidth limit, the peers' base decoders, the quantized rows."""
+    L: list[str] = []
+    w = L.append
     rows = res["derived"]["decode"]
     w("")
     w("DECODE, ms/token           ctx~100   ~600  ~1600  1600/100  weights GB  GEMV GB/s@600  limit@600  %limit "
@@ -235,6 +250,14 @@ def table(res: dict) -> str:
                                       if isinstance(q, dict) else q))
     if isinstance(res.get("peers", {}).get("optimum"), str) and "not" in res["peers"]["optimum"]:
         w(f"  optimum base: {res['peers']['optimum']}")
+    return L
+
+
+def _summary_lines(res: dict) -> list[str]:
+    """Prefill, H-LoRA overhead, time to first token, one generated image."""
+    L: list[str] = []
+    w = L.append
+    rows = res["derived"]["decode"]
     pre = dict(res["prefill_D1"])
     if "prefill_base_anchor" in res:
         pre["ours base"] = res["prefill_base_anchor"]["ours base"]
@@ -265,7 +288,12 @@ def table(res: dict) -> str:
         est = (med(t["ours ask"]) + 1024 * (oc.get("ms", {}).get("600") or 0)) / 1e3
         w(f"GENERATE one image: {g}; projected from TTFT + 1024 x decode@600 (COM decoder as a proxy): {est:.0f} s")
     w("")
-    L += accuracy_lines(res)
+    return L
+
+
+def table(res: dict) -> str:
+    L = _header_lines(res) + _vision_lines(res) + _decode_lines(res) + _summary_lines(res) + accuracy_lines(res)
+    w = L.append
     w("OPTIMIZATIONS (before = shipped, after = alternative; same run, interleaved)")
     for line in opt_lines(res["opt"]):
         w("  " + line)
@@ -274,6 +302,8 @@ def table(res: dict) -> str:
     for tg in res["targets"]:
         mark = {True: "met   ", False: "MISSED", None: "n/a   "}[tg["met"]]
         w(f"  [{mark}] {tg['target']}: {tg['measured']}" + (f"  ({tg['why']})" if tg["why"] else ""))
+
+
     return "\n".join(L)
 
 

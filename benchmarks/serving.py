@@ -28,6 +28,8 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from benchmarks.cpu import cpu_flags  # noqa: E402
 from benchmarks.timing import machine  # noqa: E402
 
+from runtime.core.backend import OrtBackend  # noqa: E402
+from runtime.core.bundle import Bundle  # noqa: E402
 from runtime.core.pipeline import Pipeline  # noqa: E402
 from runtime.core.sampling import Sampler  # noqa: E402
 from runtime.frontends.serving import environment, repository  # noqa: E402
@@ -83,7 +85,7 @@ def concurrently(fns) -> tuple[list[dict], float]:
     return results, time.perf_counter() - start
 
 
-def main() -> int:
+def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--clients", default="1,4")
@@ -92,50 +94,39 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", type=Path)
     p.add_argument("--port-base", type=int, default=18600, help="HTTP port; gRPC and metrics the next two")
-    a = p.parse_args()
-    counts = [int(c) for c in a.clients.split(",")]
-    image = Path(get_testdata_file("CT_small.dcm")).read_bytes()
-    most = max(counts)
-    pipes = [Pipeline.open(a.bundle, providers="cpu", prepack=False) for _ in range(most)]
-    for pipe in pipes:
-        for task in ("com", "gen"):
-            pipe.task(task)
-    env = environment.ensure()
-    repo = repository.write(a.bundle, Path(f"/tmp/healthgpt-serving-bench-{time.time_ns()}"),
-                            repository.Options(instances=most))
-    server = Server(env, repo, Ports(a.port_base, a.port_base + 1, a.port_base + 2)).start()
-    try:
-        server.wait_ready(600)
-        clients = [Client(server.grpc) for _ in range(most)]
-        rows: dict = {}
-        for rnd in range(a.warmup + a.reps):
-            for c in counts:
-                for where in ("in-process", "server"):
-                    if where == "in-process":
-                        com = [lambda p=pp: com_local(p, image, a.tokens) for pp in pipes[:c]]
-                        gen = [lambda p=pp: gen_local(p, image) for pp in pipes[:c]]
-                    else:
-                        com = [lambda k=k: com_server(k, image, a.tokens) for k in clients[:c]]
-                        gen = [lambda k=k: gen_server(k, image) for k in clients[:c]]
-                    time.sleep(0.3)  # let the other contender's spinning thread pools go idle
-                    com_res, com_wall = concurrently(com)
-                    time.sleep(0.3)
-                    gen_res, gen_wall = concurrently(gen)
-                    if rnd < a.warmup:
-                        continue
-                    r = rows.setdefault((c, where), {"ttft_s": [], "tok_s": [], "image_s": [], "agg_tok_s": [],
-                                                     "images_per_s": []})
-                    r["ttft_s"] += [x["ttft_s"] for x in com_res]
-                    r["tok_s"] += [x["tok_s"] for x in com_res]
-                    r["image_s"] += [x["image_s"] for x in gen_res]
-                    r["agg_tok_s"].append(sum(x["tokens"] for x in com_res) / com_wall)
-                    r["images_per_s"].append(c / gen_wall)
-        for k in clients:
-            k.close()
-    finally:
-        server.stop()
+    return p.parse_args()
+
+
+def _rounds(a, counts: list[int], pipes: list, clients: list, image: bytes) -> dict:
+    """Every round: for each client count, in-process then through the server, com then gen; warm-ups dropped."""
+    rows: dict = {}
+    for rnd in range(a.warmup + a.reps):
+        for c in counts:
+            for where in ("in-process", "server"):
+                if where == "in-process":
+                    com = [lambda p=pp: com_local(p, image, a.tokens) for pp in pipes[:c]]
+                    gen = [lambda p=pp: gen_local(p, image) for pp in pipes[:c]]
+                else:
+                    com = [lambda k=k: com_server(k, image, a.tokens) for k in clients[:c]]
+                    gen = [lambda k=k: gen_server(k, image) for k in clients[:c]]
+                time.sleep(0.3)  # let the other contender's spinning thread pools go idle
+                com_res, com_wall = concurrently(com)
+                time.sleep(0.3)
+                gen_res, gen_wall = concurrently(gen)
+                if rnd < a.warmup:
+                    continue
+                r = rows.setdefault((c, where), {"ttft_s": [], "tok_s": [], "image_s": [], "agg_tok_s": [],
+                                                 "images_per_s": []})
+                r["ttft_s"] += [x["ttft_s"] for x in com_res]
+                r["tok_s"] += [x["tok_s"] for x in com_res]
+                r["image_s"] += [x["image_s"] for x in gen_res]
+                r["agg_tok_s"].append(sum(x["tokens"] for x in com_res) / com_wall)
+                r["images_per_s"].append(c / gen_wall)
+    return rows
+
+
+def _print_table(a, counts: list[int], rows: dict, info: dict) -> None:
     med = {key: {m: statistics.median(v) for m, v in r.items()} for key, r in rows.items()}
-    info = machine(len(os.sched_getaffinity(0)))
     print(f"# {info['cpu']}, {info['usable_cpus']} usable CPUs, flags: {info['flags']}; bundle {a.bundle}; "
           f"{a.tokens} tokens; median of {a.reps} rounds after {a.warmup} warm-up")
     print("| clients | where | TTFT ms | tokens/s per client | tokens/s all | s per image | images/s |")
@@ -149,6 +140,31 @@ def main() -> int:
         print(f"| {c} | server / in-process | {s['ttft_s'] / i['ttft_s']:.2f}x | {s['tok_s'] / i['tok_s']:.2f}x | "
               f"{s['agg_tok_s'] / i['agg_tok_s']:.2f}x | {s['image_s'] / i['image_s']:.2f}x | "
               f"{s['images_per_s'] / i['images_per_s']:.2f}x |")
+
+
+def main() -> int:
+    a = _parse()
+    counts = [int(c) for c in a.clients.split(",")]
+    image = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    most = max(counts)
+    pipes = [Pipeline(Bundle.open(a.bundle), OrtBackend("cpu", prepack=False)) for _ in range(most)]
+    for pipe in pipes:
+        for task in ("com", "gen"):
+            pipe.task(task)
+    env = environment.ensure()
+    repo = repository.write(a.bundle, Path(f"/tmp/healthgpt-serving-bench-{time.time_ns()}"),
+                            repository.Options(instances=most))
+    server = Server(env, repo, Ports(a.port_base, a.port_base + 1, a.port_base + 2)).start()
+    try:
+        server.wait_ready(600)
+        clients = [Client(server.grpc) for _ in range(most)]
+        rows = _rounds(a, counts, pipes, clients, image)
+        for k in clients:
+            k.close()
+    finally:
+        server.stop()
+    info = machine(len(os.sched_getaffinity(0)))
+    _print_table(a, counts, rows, info)
     if a.json:
         tmp = a.json.with_name(f".{a.json.name}.tmp")
         tmp.write_text(json.dumps({"machine": {**info, "cpu_flags": cpu_flags()}, "tokens": a.tokens, "reps": a.reps,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import shutil
 import time
 from pathlib import Path
 
@@ -24,35 +23,24 @@ from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from calibration import data, qdq, quantize, report
-from export.compile.bundle import file_table
-from export.compile.lint import lint
 from export.compile.onnx_export import WeightStore
+from export.compile.writer import BundleWriter
 from export.outdir import staged
 from export.parity.verify import peak_rss_gib
 from runtime.core.backend import OrtBackend
 from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
-from runtime.contract.files import write_atomic
 from runtime.contract.healthgpt import TASKS
 from runtime.core.kvcache import KVCache
-from runtime.contract.manifest import (
-    MANIFEST,
-    CalibrationFile,
-    Manifest,
-    Quantization,
-    ReportRef,
-    TensorEntry,
-    WeightsTable,
-)
+from runtime.contract.manifest import CalibrationFile, Manifest, Quantization, ReportRef
 from runtime.core.pipeline import Pipeline
 
 BLOCK_SIZES = (128, 64, 32)  # TensorRT's INT4 blocks are 64 or 128; 32 for the tiny test widths
 # first: the default
 ALGORITHMS = {"int4": ("awq", "rtn"), "int8": ("rtn",), "w8a8": qdq.ALGORITHMS, "fp8": qdq.ALGORITHMS}
 GRAPHS = ("decoder", "vision")
-# LM head quantized by default where the accuracy report chose it (real widths, 4 layers, 2026-12-03): int4 AWQ
-# mean KL 0.081 -> 0.085 (com) and 0.089 -> 0.094 (gen), logit cosine -0.005, for a decode step that reads 0.36
-# instead of 0.79 GB (1.6-1.8x faster). The Q/DQ schemes keep it float (not measured).
+# LM head quantized by default where the accuracy report chose it (benchmarks/README.md: a small KL cost for a
+# decode step that reads half the bytes). The Q/DQ schemes keep it float (not measured).
 LM_HEAD = {"int4": True, "int8": True, "w8a8": False, "fp8": False}
 # int8 activations inside the fused MatMulNBits: the fast kernels on this CPU (anchors.md; 8-bit below level 4
 # runs ~20x slower than fp32)
@@ -175,7 +163,7 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
     importance = collect_importance(src, feeds, targets) if algorithm == "awq" else {}
 
     with staged(out, "bundle", [src.root]) as tmp:
-        store = WeightStore(tmp / "weights.bin")
+        writer = BundleWriter(tmp)
         done: dict[str, tuple[list[onnx.TensorProto], int | None]] = {}  # weight name -> its DQ initializers
         errors: dict[str, float] = {}  # weight -> relative Frobenius error of the quantized weight
         fused, entries = {}, {}
@@ -190,22 +178,16 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
                     model = _qdq_graph(model, src.root, matmuls, feeds[(task, name)], scheme, algorithm, errors)
                 else:
                     model = _weight_only_graph(model, matmuls, scheme, block_size, importance, done, errors, src.root,
-                                               store)
+                                               writer.store)
                 fused[graph_id] = len(matmuls)
                 # never mistaken for the fp32 export's graph by the export cache
                 key = hashlib.sha256(f"{key}|{scheme}|{algorithm}|{block}|{lm_head}".encode()).hexdigest()
-            problems = lint(model)
-            if problems:
-                raise RuntimeError(f"{graph_id} fails the TensorRT lint: {'; '.join(problems[:5])}")
-            initializers = tuple(store.externalize(model, source=src.root))
-            onnx.save(model, str(tmp / entry.file))
-            onnx.checker.check_model(str(tmp / entry.file), full_check=True)
+            initializers = writer.add_graph(entry.file, model, source=src.root)
             entries[graph_id] = dataclasses.replace(entry, cache_key=key, initializers=initializers)
-        store.close()
+        weights = writer.weights()
         if not errors:
             raise UserError(f"{src.root}: no MatMul weights to quantize in {', '.join(graphs)}")
-        tokenizer = src.manifest.tokenizer.file
-        shutil.copy2(src.file(tokenizer), tmp / tokenizer)
+        writer.copy(src.file(src.manifest.tokenizer.file))
         qdq_format = qdq.FORMATS.get(scheme)
         quant = Quantization(
             scheme=scheme, algorithm=algorithm, block_size=block, weights=qdq_format or scheme,
@@ -216,10 +198,9 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
             weight_rel_error={"mean": float(np.mean(list(errors.values()))), "max": float(max(errors.values()))},
             tolerances=report.TOLERANCES[scheme], session_config={
                 g: c for g, c in SESSION_CONFIG.get(scheme, {}).items() if g in graphs})
-        tensors = {n: TensorEntry(t["offset"], t["dtype"], tuple(t["shape"])) for n, t in store.tensors.items()}
         manifest = dataclasses.replace(
-            src.manifest, graphs=entries, weights=WeightsTable(store.path.name, tensors), engines={},
-            precision=dataclasses.replace(precision, quantization=quant), files=file_table(tmp))
+            src.manifest, graphs=entries, weights=weights, engines={},
+            precision=dataclasses.replace(precision, quantization=quant), files=writer.files())
         quantize_peak = peak_rss_gib()  # the bundle written; the report then holds the fp32 decoder too
         tqdm.write(f"[I] quantized {len(errors)} distinct weights ({scheme}, {algorithm}) in "
                    f"{time.perf_counter() - start:.1f}s, peak RSS {quantize_peak:.2f} GiB; "
@@ -231,7 +212,5 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
         report.write(tmp, result)
         quant = dataclasses.replace(quant, report=ReportRef(result["passed"], "quant.md"))
         manifest = dataclasses.replace(manifest, precision=dataclasses.replace(precision, quantization=quant),
-                                       files={**manifest.files, **file_table(tmp, list(report.FILES))})
-        manifest = Manifest.from_json(manifest.to_json())  # the reader's checks, before anything is swapped in
-        write_atomic(tmp / MANIFEST, manifest.to_json_text())
-    return manifest
+                                       files={**manifest.files, **writer.files(list(report.FILES))})
+        return writer.write_manifest(manifest)

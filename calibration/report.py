@@ -19,7 +19,7 @@ from export.parity.verify import psnr
 from runtime.core.backend import OrtBackend
 from runtime.core.bundle import Bundle
 from runtime.contract.files import write_atomic
-from runtime.core.generate import decode_one_token, prefill
+from runtime.core.generate import decode_one_token, forward
 from runtime.contract.healthgpt import TASKS
 from runtime.core.image import load_image, preprocess
 from runtime.contract.manifest import ReferenceBounds, Tolerances
@@ -81,7 +81,7 @@ def forced_logits(pipe: Pipeline, task: str, image, prompt: str, positions: int,
     """Logits at `positions` steps (prefill, then one per token fed): fed `tokens`, or its own argmax (the fp32
     pass, whose greedy continuation the quantized pass is then forced along)."""
     graphs, cache = pipe.task(task), pipe.cache(task)
-    logits, fed = [prefill(graphs.decoder, cache, pipe.prompt(TASKS[task], image, prompt))], []
+    logits, fed = [forward(graphs.decoder, cache, pipe.prompt(TASKS[task], image, prompt))], []
     for i in range(positions - 1):
         fed.append(int(logits[-1].argmax()) if tokens is None else tokens[i])
         logits.append(decode_one_token(graphs.decoder, graphs.embed, cache, fed[-1]))

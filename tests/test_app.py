@@ -40,6 +40,8 @@ from runtime.frontends.app.server import bind, create_app  # noqa: E402
 from runtime.core.bundle import file_digest  # noqa: E402
 from runtime.contract.errors import UserError  # noqa: E402
 from runtime.core.image import load_image, preprocess  # noqa: E402
+from runtime.core.backend import OrtBackend  # noqa: E402
+from runtime.core.bundle import Bundle  # noqa: E402
 from runtime.core.pipeline import Pipeline  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "app"
@@ -110,7 +112,7 @@ def served(m3_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(m3_bundle):
     """The expected outputs: the public Pipeline API, opened as the app opens it."""
-    return Pipeline.open(m3_bundle, backend="ort", providers="cpu", prepack=False)
+    return Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu", prepack=False))
 
 
 @pytest.fixture(scope="module")

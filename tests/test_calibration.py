@@ -110,7 +110,7 @@ def test_accuracy_report_and_verify_pass_with_the_schemes_tolerances(scheme, int
 
 
 def test_runtime_asks_and_generates_from_the_int4_bundle(int4_bundle, ct_small):
-    pipe = Pipeline.open(int4_bundle, providers="cpu")
+    pipe = Pipeline(Bundle.open(int4_bundle), OrtBackend("cpu"))
     assert len(pipe.ask(ct_small, "What does this scan show?", max_new_tokens=8)) > 0
     image = pipe.generate_image(ct_small, "Reconstruct the image.", constrain_image_tokens=True)
     assert image.shape == (256, 256, 3) and image.dtype == np.uint8

@@ -129,7 +129,7 @@ def test_accuracy_report_and_verify_pass_with_the_schemes_tolerances(scheme, qdq
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_runtime_asks_and_generates_from_the_qdq_bundle(scheme, qdq_bundles, ct_small):
-    pipe = Pipeline.open(qdq_bundles[scheme], providers="cpu")
+    pipe = Pipeline(Bundle.open(qdq_bundles[scheme]), OrtBackend("cpu"))
     assert len(pipe.ask(ct_small, "What does this scan show?", max_new_tokens=8)) > 0
     if scheme == "fp8":  # once: the accuracy report already made both bundles' GEN images through Pipeline
         image = pipe.generate_image(ct_small, "Reconstruct the image.", constrain_image_tokens=True)

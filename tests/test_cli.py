@@ -253,12 +253,14 @@ def test_a_stuck_decoder_is_bounded_and_shows_where(m3_bundle, ct_small):
 # --- what works ---------------------------------------------------------------------------------------------------
 
 def test_ask_streams_the_answer(m3_bundle, ct_small):
+    from runtime.core.backend import OrtBackend
+    from runtime.core.bundle import Bundle
     from runtime.core.pipeline import Pipeline
 
     proc = run_cli("ask", "--bundle", m3_bundle, "--image", ct_small, "--providers", "cpu", "--max-new-tokens", "16",
                    QUESTION)
     assert proc.returncode == 0, proc.stderr
-    answer = Pipeline.open(m3_bundle, providers="cpu").ask(ct_small, QUESTION, max_new_tokens=16)
+    answer = Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu")).ask(ct_small, QUESTION, max_new_tokens=16)
     assert answer and proc.stdout == answer + "\n"
     assert "time to first token" in proc.stderr and "tokens/s" in proc.stderr and "(16 tokens" in proc.stderr
 

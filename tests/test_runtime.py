@@ -14,9 +14,10 @@ import pytest
 from export.parity.verify import psnr as image_psnr
 from runtime.core.backend import OrtBackend
 from runtime.contract.errors import UserError
-from runtime.core.generate import decode_one_token, generate, prefill
+from runtime.core.generate import decode_one_token, generate, forward
 from runtime.contract.healthgpt import COM
 from runtime.core.image import load_image
+from runtime.core.bundle import Bundle
 from runtime.core.pipeline import Pipeline
 from runtime.core.prompt import vq_indices
 from runtime.core.sampling import Sampler
@@ -39,12 +40,12 @@ def scan(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def m3_pipe(m3_bundle):
-    return Pipeline.open(m3_bundle, providers="cpu")
+    return Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu"))
 
 
 @pytest.fixture(scope="module")
 def l14_pipe(l14_bundle):
-    return Pipeline.open(l14_bundle, providers="cpu")
+    return Pipeline(Bundle.open(l14_bundle), OrtBackend("cpu"))
 
 
 def tokens_of(pipe: Pipeline, image, question: str, max_new_tokens: int, **kw) -> list[int]:
@@ -86,7 +87,7 @@ def test_com_greedy_tokens_match_reference(variant, name, request):
 @pytest.fixture(scope="module")
 def switched(m3_bundle, ct_small):
     """One pipeline that answers (com), then generates (gen, constrained): the state both parity and switching use."""
-    pipe = Pipeline.open(m3_bundle, providers="cpu")
+    pipe = Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu"))
     image = load_image(ct_small)
     answer = pipe.ask(image, QUESTION, max_new_tokens=8)
     com = pipe.task("com")
@@ -168,7 +169,7 @@ def test_runtime_never_imports_torch_or_transformers(m3_bundle, ct_small):
 
 
 def test_prepack_off_shares_weights_and_answers_the_same(m3_bundle, m3_pipe, ct_small):
-    lean = Pipeline.open(m3_bundle, providers="cpu", prepack=False)
+    lean = Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu", prepack=False))
     options = lean.task("com").decoder.session.get_session_options()
     assert options.get_session_config_entry("session.disable_prepacking") == "1"
     with pytest.raises(RuntimeError, match="does not have configuration"):  # the default: ORT prepacks
@@ -192,7 +193,7 @@ def test_prefill_writes_exactly_the_prompt_rows(m3_pipe):
     cache, S = m3_pipe.cache("com"), 37
     assert cache.rows == 1  # a prefill from an empty context attends over one masked row
     embeds = _prompt_embeds(graphs, S)
-    prefill(graphs.decoder, cache, embeds)
+    forward(graphs.decoder, cache, embeds)
     assert cache.length == S and cache.rows == 64  # the next power of two
     # what the graph returns as new rows for this prompt, from a one-row cache of garbage (past_length is 0) and
     # from 1000 rows of it (masked: equal up to the summation order of a longer softmax)
@@ -224,7 +225,7 @@ def test_decode_writes_one_row_per_step_in_place(m3_pipe, monkeypatch):
 
     def run(fill) -> tuple[list[int], np.ndarray, list[int]]:
         cache.reset()
-        logits = prefill(graphs.decoder, cache, _prompt_embeds(graphs, S, seed=1))
+        logits = forward(graphs.decoder, cache, _prompt_embeds(graphs, S, seed=1))
         for buf in cache.buffers.values():
             buf[:, :, cache.length:] = fill  # stale garbage past the context (in place)
         tokens, sizes = [], [cache.rows]

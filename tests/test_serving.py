@@ -83,10 +83,12 @@ def server(serving_env, repo):
 
 @pytest.fixture(scope="module")
 def pipe(m3_bundle):
+    from runtime.core.backend import OrtBackend
+    from runtime.core.bundle import Bundle
     from runtime.core.pipeline import Pipeline
 
     # As the repository opens it: prepack off (both tasks resident), CPU provider.
-    return Pipeline.open(m3_bundle, providers="cpu", prepack=False)
+    return Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu", prepack=False))
 
 
 def expected(pipe, task="com", prompt=QUESTION, image=None, frame=None, window=None, max_new_tokens=None,

@@ -23,7 +23,7 @@ from runtime.contract.manifest import (
     Manifest,
     ModelConfig,
     Precision,
-    TaskInfo,
+    TaskEntry,
     TemplateInfo,
     TokenizerInfo,
     Tokens,
@@ -84,7 +84,7 @@ def make_manifest(spec: GraphSpec, dtype: str, files: dict[str, FileEntry]) -> M
     t = TINY
     return Manifest(
         format=FORMAT, format_version=FORMAT_VERSION, variant="m3",
-        tasks={"com": TaskInfo(rank=4, alpha=8, clip_layer=-2, experts=4, scaling=8.0, hlora_file="com.bin",
+        tasks={"com": TaskEntry(rank=4, alpha=8, clip_layer=-2, experts=4, scaling=8.0, hlora_file="com.bin",
                                fusion_file=None)},
         config=ModelConfig(hidden=t["hidden"], layers=t["layers"], heads=2, kv_heads=t["kv_heads"], head_dim=3,
                            vocab=8200, base_vocab=4, max_context=t["max_context"], sliding_window=None,

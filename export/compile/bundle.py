@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -20,10 +20,11 @@ import torch
 from tqdm import tqdm
 
 from export.compile import graphs, specs
-from export.compile.lint import fp32_islands, lint
-from export.compile.onnx_export import WeightStore, export_graph
+from export.compile.lint import fp32_islands
+from export.compile.onnx_export import export_graph
 from export.compile.stream import export_decoder
 from export.compile.tokenizer import write_runtime_tokenizer
+from export.compile.writer import BundleWriter
 from export.outdir import staged
 from export.reference.checkpoint import CheckpointPaths
 from export.reference.model import HealthGPT, load_reference
@@ -32,25 +33,21 @@ from export.reference.variants import get_task
 from export.reference.vqgan import load_vqgan
 from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
-from runtime.contract.files import file_digest, write_atomic
-from runtime.contract.healthgpt import IMAGE_TOKEN_INDEX, IMAGE_TOKENS, SHARED, TASK_GRAPHS, TASKS, VQ_CODES
+from runtime.contract.files import file_digest
+from runtime.contract.healthgpt import IMAGE_TOKEN_INDEX, IMAGE_TOKENS, SHARED, TASK_GRAPHS, TASKS, VQ_CODES, graph_id
 from runtime.contract.manifest import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST,
     PRECISIONS,
-    FileEntry,
     GraphEntry,
     KVInterface,
     Manifest,
     ModelConfig,
     Precision,
-    TaskInfo,
+    TaskEntry,
     TemplateInfo,
-    TensorEntry,
     TokenizerInfo,
     Tokens,
-    WeightsTable,
 )
 from runtime.core.prompt import TEMPLATES
 
@@ -87,21 +84,9 @@ def _task_files(paths: CheckpointPaths, task: str) -> list[Path]:
 
 
 def task_specs(ref: HealthGPT, max_context: int, dtype: str) -> dict[str, specs.GraphSpec]:
-    cfg = ref.llm.config
-    hidden, vocab = cfg.hidden_size, ref.llm.lm_head.weight.shape[0]
-    head_dim = hidden // cfg.num_attention_heads
+    hidden, vocab = ref.llm.config.hidden_size, ref.llm.lm_head.weight.shape[0]
     return {"vision": specs.vision(hidden, dtype), "embed": specs.embed(hidden, vocab, max_context, dtype),
-            "decoder": specs.decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, hidden, vocab,
-                                     max_context, dtype)}
-
-
-def export_task_graph(ref: HealthGPT, name: str, spec: specs.GraphSpec, max_context: int,
-                      store: WeightStore) -> onnx.ModelProto:
-    """One graph of a task from a streaming reference: the decoder streamed layer by layer into `store`."""
-    if name == "decoder":
-        return export_decoder(ref, spec, max_context, store)
-    module = {"vision": graphs.VisionGraph, "embed": graphs.EmbedGraph}[name](ref)
-    return export_graph(spec, module, spec.sample_inputs(np.random.default_rng(0), seq=3))
+            "decoder": specs.decoder_of(ref.llm, max_context, dtype)}
 
 
 def model_config(ref: HealthGPT, max_context: int) -> ModelConfig:
@@ -113,6 +98,50 @@ def model_config(ref: HealthGPT, max_context: int) -> ModelConfig:
         sliding_window=cfg.sliding_window, clip_blocks_total=len(ref.clip.vision_model.encoder.layers))
 
 
+@dataclass
+class Exporter:
+    """One export's settings and the streaming reference of the task in hand (one task's model in memory at a time).
+    Each graph is made by the method named after it."""
+    paths: CheckpointPaths
+    dtype: str
+    max_context: int
+    writer: BundleWriter
+    ref: HealthGPT | None = None
+    config: ModelConfig | None = None
+
+    def reference(self, task: str) -> HealthGPT:
+        if self.ref is None or self.ref.task != task:
+            self.ref = None  # the previous task's reference freed before the next is read
+            self.ref = load_reference(self.paths, task, getattr(torch, PRECISIONS[self.dtype]), stream=True)
+            self.config = model_config(self.ref, self.max_context)
+        return self.ref
+
+    def spec(self, task: str, name: str) -> specs.GraphSpec:
+        if task == SHARED:
+            return {"vqgan": specs.vqgan}[name]()
+        return task_specs(self.reference(task), self.max_context, PRECISIONS[self.dtype])[name]
+
+    def graph(self, task: str, spec: specs.GraphSpec) -> onnx.ModelProto:
+        return getattr(self, spec.name)(task, spec)
+
+    def vision(self, task: str, spec: specs.GraphSpec) -> onnx.ModelProto:
+        return export_graph(spec, graphs.VisionGraph(self.reference(task)), _sample(spec))
+
+    def embed(self, task: str, spec: specs.GraphSpec) -> onnx.ModelProto:
+        return export_graph(spec, graphs.EmbedGraph(self.reference(task)), _sample(spec))
+
+    def decoder(self, task: str, spec: specs.GraphSpec) -> onnx.ModelProto:
+        """Streamed layer by layer into the weights store; fp16 graphs keep their fp32 islands (checked)."""
+        return export_decoder(self.reference(task), spec, self.max_context, self.writer.store)
+
+    def vqgan(self, task: str, spec: specs.GraphSpec) -> onnx.ModelProto:
+        return export_graph(spec, load_vqgan(self.paths.vqgan_ckpt, self.paths.vqgan_yaml), _sample(spec))
+
+
+def _sample(spec: specs.GraphSpec) -> dict[str, np.ndarray]:
+    return spec.sample_inputs(np.random.default_rng(0), seq=3)
+
+
 def export_bundle(checkpoint: str | Path, out: str | Path, tasks: tuple[str, ...] = tuple(TASKS),
                   dtype: str = "fp32", max_context: int = 2048) -> Manifest:
     paths, out = CheckpointPaths.find(checkpoint), Path(out)
@@ -122,63 +151,50 @@ def export_bundle(checkpoint: str | Path, out: str | Path, tasks: tuple[str, ...
         raise UserError(f"--max-context {max_context} is out of range [16, 131072]")
     for task in tasks:
         get_task(paths.variant, task)
-    torch_dtype, onnx_dtype = getattr(torch, PRECISIONS[dtype]), PRECISIONS[dtype]
     with staged(out, "bundle", [paths.root]) as tmp:
         old = _reusable(out)
-        store = WeightStore(tmp / "weights.bin")
-        entries, config, ref = {}, None, None
+        exporter = Exporter(paths, dtype, max_context, BundleWriter(tmp))
         shared = sorted({g for t in tasks for g in TASKS[t].shared_graphs})
         jobs = [(t, g) for t in tasks for g in TASK_GRAPHS] + [(SHARED, g) for g in shared]
         digests = {t: checkpoint_digest(paths, _task_files(paths, t)) for t in {t for t, _ in jobs}}
-        bar = tqdm(jobs, desc="export", unit="graph")
-        for task, name in bar:
-            graph_id = f"{task}.{name}"
-            key = f"{EXPORTER_VERSION}|{digests[task]}|{graph_id}|{dtype}|{max_context}"
-            key = hashlib.sha256(key.encode()).hexdigest()
-            bar.set_postfix_str(graph_id)
-            start = time.perf_counter()
-            cached = old.graphs.get(graph_id) if old else None
-            if cached and cached.cache_key == key:
-                model, spec, how = onnx.load(str(out / cached.file)), cached.spec, "reused"
-                config = config or old.config
-            else:
-                if task == SHARED:
-                    spec = specs.vqgan()
-                    model = export_graph(spec, load_vqgan(paths.vqgan_ckpt, paths.vqgan_yaml),
-                                         spec.sample_inputs(np.random.default_rng(0), seq=3))
-                else:
-                    if ref is None or ref.task != task:
-                        ref = None  # the previous task's reference freed before the next is read
-                        ref = load_reference(paths.root, task, torch_dtype, stream=True)
-                        config = model_config(ref, max_context)
-                    spec = task_specs(ref, max_context, onnx_dtype)[name]
-                    model = export_task_graph(ref, name, spec, max_context, store)
-                how = "exported"
-            problems = lint(model) + (fp32_islands(model) if dtype == "fp16" and name == "decoder" else [])
-            if problems:
-                raise RuntimeError(f"{graph_id} fails the TensorRT lint: {'; '.join(problems[:5])}")
-            initializers = store.externalize(model)
-            onnx.save(model, str(tmp / f"{graph_id}.onnx"))
-            onnx.checker.check_model(str(tmp / f"{graph_id}.onnx"), full_check=True)
-            entries[graph_id] = GraphEntry(task, f"{graph_id}.onnx", spec, key, tuple(initializers))
-            tqdm.write(f"[I] {graph_id}: {how} in {time.perf_counter() - start:.1f}s, {len(model.graph.node)} nodes")
-        store.close()
+        entries = {}
+        for task, name in (bar := tqdm(jobs, desc="export", unit="graph")):
+            gid = graph_id(task, name)
+            bar.set_postfix_str(gid)
+            key = hashlib.sha256(f"{EXPORTER_VERSION}|{digests[task]}|{gid}|{dtype}|{max_context}".encode()).hexdigest()
+            entries[gid] = _export_one(exporter, old, task, name, key)
+        config = exporter.config or (old.manifest.config if old else None)
+        exporter.ref = None
         tokenizer = TokenizerInfo(**write_runtime_tokenizer(load_reference_tokenizer(paths.base),
                                                             tmp / "tokenizer.json"))
-        manifest = _manifest(paths, tasks, config, tokenizer, dtype, entries, store)
-        manifest = Manifest.from_json(manifest.to_json())  # the reader's checks, before anything is swapped in
-        write_atomic(tmp / MANIFEST, manifest.to_json_text())
-    return manifest
+        return exporter.writer.write_manifest(_manifest(paths, tasks, config, tokenizer, dtype, entries,
+                                                        exporter.writer))
+
+
+def _export_one(exporter: Exporter, old: Bundle | None, task: str, name: str, key: str) -> GraphEntry:
+    """A graph exported, or reused from the previous bundle when its cache key matches; written to the bundle."""
+    start, gid = time.perf_counter(), graph_id(task, name)
+    cached = old.manifest.graphs.get(gid) if old else None
+    if old and cached and cached.cache_key == key:
+        model, spec, how = onnx.load(str(old.file(cached.file))), cached.spec, "reused"
+        exporter.config = exporter.config or old.manifest.config
+    else:
+        spec = exporter.spec(task, name)
+        model, how = exporter.graph(task, spec), "exported"
+    islands = fp32_islands(model) if exporter.dtype == "fp16" and spec.kv_pairs else []  # the decoder's islands
+    initializers = exporter.writer.add_graph(f"{gid}.onnx", model, problems=tuple(islands))
+    tqdm.write(f"[I] {gid}: {how} in {time.perf_counter() - start:.1f}s, {len(model.graph.node)} nodes")
+    return GraphEntry(task, f"{gid}.onnx", spec, key, initializers)
 
 
 def _manifest(paths: CheckpointPaths, tasks, config: ModelConfig, tokenizer: TokenizerInfo, dtype: str,
-              entries: dict[str, GraphEntry], store: WeightStore) -> Manifest:
+              entries: dict[str, GraphEntry], writer: BundleWriter) -> Manifest:
     base = config.base_vocab
     variant = paths.variant
-    files = file_table(store.path.parent)
+    weights = writer.weights()
     return Manifest(
         format=FORMAT, format_version=FORMAT_VERSION, variant=variant.name,
-        tasks={t: TaskInfo(**asdict(get_task(variant, t)), scaling=get_task(variant, t).scaling) for t in tasks},
+        tasks={t: TaskEntry(**asdict(get_task(variant, t)), scaling=get_task(variant, t).scaling) for t in tasks},
         config=config,
         tokens=Tokens(image_token_index=IMAGE_TOKEN_INDEX, start_index=base, idx_0=base + 1,
                       end_index=base + 1 + VQ_CODES, vq_codes=VQ_CODES, image_tokens=IMAGE_TOKENS,
@@ -188,25 +204,18 @@ def _manifest(paths: CheckpointPaths, tasks, config: ModelConfig, tokenizer: Tok
         precision=Precision(dtype, FP32_ISLANDS),
         kv_cache=KVInterface(),
         graphs=entries,
-        weights=WeightsTable(store.path.name, {n: TensorEntry(t["offset"], t["dtype"], tuple(t["shape"]))
-                                               for n, t in store.tensors.items()}),
+        weights=weights,
         tools=tool_versions(),
-        files=files,
+        files=writer.files(),
     )
 
 
-def file_table(root: Path, names: list[str] | None = None) -> dict[str, FileEntry]:
-    """Size and sha256 of the named files of a bundle being built (default: all of them, the manifest aside)."""
-    paths = [root / n for n in names] if names is not None else sorted(root.iterdir())
-    return {p.name: FileEntry(file_digest(p), p.stat().st_size) for p in paths if p.is_file() and p.name != MANIFEST}
-
-
-def _reusable(out: Path) -> Manifest | None:
-    """The previous bundle's manifest, when its every byte checks out (else nothing is reused from it)."""
+def _reusable(out: Path) -> Bundle | None:
+    """The previous bundle, when its every byte checks out (else nothing is reused from it)."""
     if not out.is_dir():
         return None
     try:
-        return Bundle.open(out).manifest
+        return Bundle.open(out)
     except UserError as e:
         tqdm.write(f"[W] not reusing any graph of {out}: {e}")
         return None

@@ -18,9 +18,9 @@ import torch
 from onnx import numpy_helper
 
 from runtime.contract.graphspec import GraphSpec
+from runtime.contract.manifest import WEIGHTS_ALIGN, TensorEntry
 
 OPSET = 17
-ALIGN = 4096  # page-aligned offsets so the runtime can memory-map tensors in place
 INLINE_BYTES = 1024  # shape constants and other tiny tensors stay inside the graph
 PACKED = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 
@@ -50,13 +50,13 @@ class WeightStore:
         self.path = path
         self.file = open(path, "wb")
         self.offsets: dict[str, tuple[int, int]] = {}  # sha256 -> (offset, length)
-        self.tensors: dict[str, dict] = {}  # initializer name -> offset, dtype, shape (for the manifest)
+        self.tensors: dict[str, TensorEntry] = {}  # initializer name -> its entry in the manifest
         self.pointers: dict[str, onnx.TensorProto] = {}  # initializer name -> its external initializer here
 
     def add(self, raw: bytes) -> tuple[str, int, int]:
         digest = hashlib.sha256(raw).hexdigest()
         if digest not in self.offsets:
-            offset = -self.file.tell() % ALIGN + self.file.tell()
+            offset = -self.file.tell() % WEIGHTS_ALIGN + self.file.tell()
             self.file.seek(offset)
             self.file.write(raw)
             self.offsets[digest] = (offset, len(raw))
@@ -70,7 +70,7 @@ class WeightStore:
         are not ONNX's (4-bit tensors: numpy (ml_dtypes) holds one value per byte, ONNX packs two)."""
         digest, offset, length = self.add(array.tobytes() if raw is None else raw)
         name = f"w.{digest[:24]}.{array.dtype.name}.{'x'.join(map(str, array.shape))}"
-        self.tensors[name] = {"offset": offset, "dtype": array.dtype.name, "shape": list(array.shape)}
+        self.tensors[name] = TensorEntry(offset, array.dtype.name, tuple(array.shape))
         data_type = data_type or onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
         init = onnx.TensorProto(name=name, dims=array.shape, data_type=data_type,
                                 data_location=onnx.TensorProto.EXTERNAL)

@@ -53,6 +53,13 @@ def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, 
     )
 
 
+def decoder_of(llm, max_context: int, dtype: str) -> GraphSpec:
+    """The decoder spec of a loaded Phi-3 (HF config and LM head): what the exporter and the benchmarks' variants use."""
+    cfg = llm.config
+    return decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                   cfg.hidden_size, llm.lm_head.weight.shape[0], max_context, dtype)
+
+
 def vqgan() -> GraphSpec:
     """1024 VQ indices in raster order -> 256x256 RGB uint8, clamp/scale/truncate inside the graph (fp32 always)."""
     return GraphSpec(

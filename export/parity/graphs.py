@@ -18,7 +18,7 @@ from polygraphy.logger import G_LOGGER
 from transformers import DynamicCache
 
 from export.reference.model import HealthGPT
-from runtime.core.generate import decode_one_token, prefill
+from runtime.core.generate import decode_one_token, forward
 from runtime.contract.graphspec import GraphSpec, Tolerance
 from runtime.contract.healthgpt import IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
 from runtime.core.image import preprocess
@@ -113,7 +113,7 @@ def graph_parity(want: GraphExpectations, pipe: Pipeline,
 
     decoder, tol = graph["decoder"], tolerance(graph["decoder"].spec)
     cache = pipe.cache(task)
-    logits = prefill(decoder, cache, want.prompt_embeds.astype(decoder.spec.tensor("inputs_embeds").dtype))
+    logits = forward(decoder, cache, want.prompt_embeds.astype(decoder.spec.tensor("inputs_embeds").dtype))
     for step, expected in enumerate(want.logits):
         checks.append(measure(f"{task}.decoder", "prefill logits" if step == 0 else f"decode step {step} logits",
                               logits, expected, tol))

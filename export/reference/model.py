@@ -29,7 +29,7 @@ from export.reference.checkpoint import (
 from export.reference.hlora import attach_hlora
 from export.reference.tensors import ReleaseTensors
 from export.reference.tokenizer import ReferenceEncoder, load_reference_tokenizer
-from export.reference.variants import TaskConfig, Variant, get_task
+from export.reference.variants import ReleaseTask, Variant, get_task
 from export.reference.vqgan import GumbelVQDecoder, load_vqgan
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN, HEALTHGPT_TOKENS, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, TASKS, VQ_CODES
@@ -78,7 +78,7 @@ class IdxOnly(LogitsProcessor):
 class HealthGPT:
     variant: Variant
     task: str
-    cfg: TaskConfig
+    cfg: ReleaseTask
     tokenizer: object  # slow HF tokenizer with HealthGPT's tokens added
     image_processor: CLIPImageProcessor
     clip: CLIPVisionModel
@@ -193,12 +193,13 @@ class _Progress(BaseStreamer):
         self.bar.close()
 
 
-def load_reference(checkpoint: str, task: str, dtype: torch.dtype = torch.float32, stream: bool = False) -> HealthGPT:
+def load_reference(checkpoint: str | Path | CheckpointPaths, task: str, dtype: torch.dtype = torch.float32,
+                   stream: bool = False) -> HealthGPT:
     """stream=False: HF's own from_pretrained loads the base model (the parity reference).
     stream=True: the decoder layers stay on the meta device (no memory) and `ref.layer(i)` reads one layer at a
     time from the release files with our own reader - the streaming export; the rest (tables, CLIP, projector) is
     loaded as usual. The two loaders are independent on purpose: parity compares one against the other."""
-    paths = CheckpointPaths.find(checkpoint)
+    paths = checkpoint if isinstance(checkpoint, CheckpointPaths) else CheckpointPaths.find(checkpoint)
     cfg = get_task(paths.variant, task)
     tokenizer = load_reference_tokenizer(paths.base)
     tensors = ReleaseTensors([*_base_files(paths.base), *filter(None, (paths.hlora(task), paths.fusion(task)))]

@@ -13,7 +13,8 @@ from runtime.contract.errors import UserError
 
 
 @dataclass(frozen=True)
-class TaskConfig:
+class ReleaseTask:
+    """A task as its release files configure it: the H-LoRA plugin and the CLIP layer it reads (manifest: TaskEntry)."""
     rank: int  # total H-LoRA rank over all experts; each expert owns rank / experts rows of A
     alpha: int
     clip_layer: int  # index into CLIP's output_hidden_states: -2 = output of block 23 of 24, 1 = output of block 1
@@ -36,7 +37,7 @@ class Variant:
     release_dir: str  # folder of the HealthGPT release files
     base_dir: str  # folder of the base LLM (HF layout)
     template: str
-    tasks: dict[str, TaskConfig]
+    tasks: dict[str, ReleaseTask]
 
 
 CLIP_DIR = "clip-vit-large-patch14-336"
@@ -49,8 +50,8 @@ VARIANTS = {
         base_dir="Phi-3-mini-4k-instruct",
         template="phi3_instruct",
         tasks={
-            "com": TaskConfig(rank=64, alpha=128, clip_layer=-2, hlora_file="com_hlora_weights.bin", fusion_file=None),
-            "gen": TaskConfig(rank=256, alpha=512, clip_layer=1, hlora_file="gen_hlora_weights.bin",
+            "com": ReleaseTask(rank=64, alpha=128, clip_layer=-2, hlora_file="com_hlora_weights.bin", fusion_file=None),
+            "gen": ReleaseTask(rank=256, alpha=512, clip_layer=1, hlora_file="gen_hlora_weights.bin",
                               fusion_file="fusion_layer_weights.bin"),
         },
     ),
@@ -60,7 +61,7 @@ VARIANTS = {
         base_dir="phi-4",
         template="phi4_instruct",
         tasks={
-            "com": TaskConfig(rank=32, alpha=64, clip_layer=-2, hlora_file="com_hlora_weights_phi4.bin",
+            "com": ReleaseTask(rank=32, alpha=64, clip_layer=-2, hlora_file="com_hlora_weights_phi4.bin",
                               fusion_file=None),
         },
     ),
@@ -73,7 +74,7 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
-def get_task(variant: Variant, task: str) -> TaskConfig:
+def get_task(variant: Variant, task: str) -> ReleaseTask:
     healthgpt.task(task)  # a task HealthGPT has at all
     if task not in variant.tasks:
         raise UserError(f"HealthGPT-{variant.name.upper()} has no {task} checkpoint: the release supports "

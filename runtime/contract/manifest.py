@@ -24,6 +24,8 @@ from runtime.contract.records import ManifestError, Record
 FORMAT = "healthgpt-edge-bundle"
 FORMAT_VERSION = 2  # 2: typed and validated manifest, KV pairs in the decoder spec, per-tensor digests checked
 MANIFEST = "manifest.json"
+WEIGHTS_FILE = "weights.bin"
+WEIGHTS_ALIGN = 4096  # every tensor starts on a page: the runtime maps them in place
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}  # bundle precision -> its float tensors' dtype
 WEIGHT_DTYPES = frozenset({"float32", "float16", "int64", "uint8", "int8", "int32", "int4", "uint4", "float8_e4m3fn"})
 PACKED_4BIT = frozenset({"int4", "uint4"})  # stored two values a byte, as ONNX packs them
@@ -32,7 +34,7 @@ NOT_NUMPY = PACKED_4BIT | FLOAT8  # tensors the runtime cannot hand over as nump
 QUANT_SCHEMES = ("int4", "int8", "w8a8", "fp8")
 
 
-def bundle_path(name: str) -> str | None:
+def not_a_bundle_path(name: str) -> str | None:
     """Why `name` cannot be a path inside a bundle (absolute, `..`, backslashes, empty), or None when it can."""
     p = PurePosixPath(name)
     if not name or p.is_absolute() or ".." in p.parts or "\\" in name or name != p.as_posix() or name.startswith("."):
@@ -49,7 +51,7 @@ def _positive(obj, *names: str) -> Iterator[str]:
 ##### the parts #####
 
 @dataclass(frozen=True)
-class TaskInfo(Record):
+class TaskEntry(Record):
     rank: int
     alpha: int
     clip_layer: int
@@ -257,7 +259,7 @@ class TensorEntry(Record):
 class WeightsTable(Record):
     file: str
     tensors: dict[str, TensorEntry]
-    align: int = 4096  # every tensor starts on a page: the runtime maps them in place
+    align: int = WEIGHTS_ALIGN
 
     def problems(self):
         for name, t in self.tensors.items():
@@ -301,7 +303,7 @@ class Manifest(Record):
     format: str
     format_version: int
     variant: str
-    tasks: dict[str, TaskInfo]
+    tasks: dict[str, TaskEntry]
     config: ModelConfig
     tokens: Tokens
     tokenizer: TokenizerInfo
@@ -331,7 +333,7 @@ class Manifest(Record):
         if max(self.tokens.eos, default=0) >= self.config.vocab or self.tokens.end_index >= self.config.vocab:
             yield f"token ids past the vocabulary of {self.config.vocab}"
         for name in self.files:
-            if why := bundle_path(name):
+            if why := not_a_bundle_path(name):
                 yield f"files: {why}"
         opened = [self.weights.file, self.tokenizer.file, *(g.file for g in self.graphs.values()),
                   *(e.file for e in self.engines.values())]

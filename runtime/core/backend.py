@@ -67,12 +67,12 @@ class OrtBackend:
     decoder weights) are mapped once. But the CPU provider *prepacks* MatMul weights into a private copy per session
     (its kernels' layout; the Python API has no shared prepacked-weights container), so with prepack=True (default,
     fastest decode) each session holds its own copy of its weights, and a pipeline with both tasks open holds the
-    base decoder twice. prepack=False: sessions compute from the shared mapping, one copy in all (measured here at
-    4 real-width layers: +0.00 instead of +1.9 GiB per decoder session, decode 5-8% slower; benchmarks/README.md).
+    base decoder twice. prepack=False: sessions compute from the shared mapping, one copy in all, at some decode
+    speed (benchmarks/README.md has the figures).
     prepack=None (default): prepack unless three copies of the bundle's weights (the mapping and a copy per task)
     would not fit in the memory available when the bundle is first opened - the full-size fp32 model's 15 GB, say;
-    a quantized bundle always prepacks: MatMulNBits runs from its prepacked layout (full-size int4 COM decode at 600
-    tokens, measured here: 0.84 s per token prepacked, 39 s without).
+    a quantized bundle always prepacks: MatMulNBits runs from its prepacked layout (without it, decode is tens of
+    times slower: benchmarks/README.md).
     The KV cache is a host numpy buffer: CPU sessions read it in place; CUDA sessions copy it in per step.
     Sessions run from several threads at once (ONNX Runtime's `run` is thread-safe), so `concurrent` is True.
 
@@ -156,9 +156,15 @@ class OrtBackend:
 
 def open_backend(name: str, providers: str = "auto", prepack: bool | None = None, verbose: bool = False,
                  accuracy_level: int | None = None) -> Backend:
+    """The backend a front-end names (--backend and its options). An option the backend cannot honour is an error:
+    native TensorRT has no providers, prepacking, ONNX Runtime log level or MatMulNBits accuracy level."""
     if name == "ort":
         return OrtBackend(providers, prepack=prepack, verbose=verbose, accuracy_level=accuracy_level)
     if name == "trt":
+        given = {"--providers": providers != "auto", "prepack": prepack is not None, "--verbose": verbose,
+                 "--accuracy-level": accuracy_level is not None}
+        if wrong := [option for option, set_ in given.items() if set_]:
+            raise UserError(f"{', '.join(wrong)} apply to the ONNX Runtime backend only, not to --backend trt")
         from runtime.core.backend_trt import TrtBackend  # tensorrt and CUDA are imported only when asked for
 
         return TrtBackend()

@@ -12,7 +12,9 @@ from runtime.core.kvcache import KVCache
 from runtime.core.sampling import Sampler
 
 
-def prefill(decoder: Graph, cache: KVCache, embeds: np.ndarray) -> np.ndarray:
+def forward(decoder: Graph, cache: KVCache, embeds: np.ndarray) -> np.ndarray:
+    """One decoder run over S new positions (the prompt's: prefill; one token's: a decode step); their K/V rows are
+    written into `cache` in place."""
     # embeds: [1, S, hidden] -> logits of the last position: [vocab]
     cache.check_room(embeds.shape[1])
     out = decoder.run({"inputs_embeds": embeds, **cache.feeds()})
@@ -22,13 +24,13 @@ def prefill(decoder: Graph, cache: KVCache, embeds: np.ndarray) -> np.ndarray:
 
 def decode_one_token(decoder: Graph, embed: Graph, cache: KVCache, token: int) -> np.ndarray:
     x = embed.run({"input_ids": np.array([[token]], dtype=np.int64)})["inputs_embeds"]  # [1, 1, hidden]
-    return prefill(decoder, cache, x)
+    return forward(decoder, cache, x)
 
 
 def generate(decoder: Graph, embed: Graph, cache: KVCache, prompt_embeds: np.ndarray, max_new_tokens: int,
              sample: Sampler, stop_ids: frozenset[int], on_token: Callable[[int], None] | None = None) -> list[int]:
     """New tokens only, the stop token excluded (HF generate's output minus its trailing eos). `cache`: empty."""
-    logits = prefill(decoder, cache, prompt_embeds)
+    logits = forward(decoder, cache, prompt_embeds)  # prefill
     tokens: list[int] = []
     while True:
         if not np.isfinite(logits).all():  # NaN weights or a failing backend: never an empty or garbage answer

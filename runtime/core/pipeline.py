@@ -16,13 +16,12 @@ import contextlib
 import dataclasses
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from runtime.core.backend import Backend, Graph, open_backend
+from runtime.core.backend import Backend, Graph
 from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.core.generate import generate
@@ -53,17 +52,6 @@ class Pipeline:
         self._shared: dict[str, Graph] = {}
         self._loading = threading.Lock()
         self._serial = contextlib.nullcontext() if getattr(backend, "concurrent", False) else threading.Lock()
-
-    @classmethod
-    def open(cls, bundle: str | Path, backend: str = "ort", providers: str = "auto", prepack: bool | None = None,
-             verify: bool = True, verbose: bool = False, accuracy_level: int | None = None) -> Pipeline:
-        """prepack=False: one copy of the weights for every task's sessions on ONNX Runtime's CPU provider, at some
-        decode speed (see OrtBackend); worth it when both tasks stay open in one process (None: decided by the
-        bundle's size and the memory available). verify=False defers the
-        sha256 checks to `bundle.verify_files()` (the CLI refuses a bad request first, then verifies, then loads).
-        accuracy_level: overrides a quantized bundle's MatMulNBits compute type (ONNX Runtime)."""
-        return cls(Bundle.open(bundle, verify=verify),
-                   open_backend(backend, providers, prepack, verbose, accuracy_level))
 
     def task(self, name: str) -> TaskGraphs:
         if name not in self.bundle.tasks:

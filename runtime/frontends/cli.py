@@ -182,14 +182,16 @@ def _sampler(a):
 def _open(a, task, text: str):
     """The pipeline with `task`'s graphs loaded, so the timings below measure requests, not loading. The request is
     checked first (a prompt too long for the bundle is refused before any file is hashed or graph loaded)."""
+    from runtime.core.backend import open_backend
+    from runtime.core.bundle import Bundle
     from runtime.core.pipeline import Pipeline
     from runtime.core.providers import PROVIDERS, why_not_loadable
 
     start = time.perf_counter()
     try:
         with quiet_ort(a.verbose):
-            pipe = Pipeline.open(a.bundle, backend=a.backend, providers=a.providers, verify=False, verbose=a.verbose,
-                                 accuracy_level=a.accuracy_level)
+            backend = open_backend(a.backend, a.providers, verbose=a.verbose, accuracy_level=a.accuracy_level)
+            pipe = Pipeline(Bundle.open(a.bundle, verify=False), backend)
             pipe.check_request(task, a.image is not None, text)
             pipe.bundle.verify_files()
             pipe.task(task.name)
@@ -295,7 +297,7 @@ def cmd_generate(a) -> int:
 def cmd_info(a) -> int:
     from runtime.frontends.info import show  # imported when asked: it probes provider libraries
 
-    return show(a)
+    return show(a.bundle)
 
 
 def cmd_app(a) -> int:

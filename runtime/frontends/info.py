@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import re
 
 from runtime.contract.errors import UserError
@@ -84,13 +86,13 @@ def _quantization(q) -> list[str]:
             f"calibrated on {len(q.calibration_set)} images: " + ", ".join(c.file for c in q.calibration_set)]
 
 
-def show(a) -> int:
+def show(bundle_dir: Path) -> int:
     from importlib import metadata
     from importlib.util import find_spec
 
     from runtime.core.bundle import Bundle
 
-    bundle = Bundle.open(a.bundle, verify=False)  # describe first, then check the files (below)
+    bundle = Bundle.open(bundle_dir, verify=False)  # describe first, then check the files (below)
     m = bundle.manifest
     cfg, files = m.config, m.files
     print(f"bundle        {bundle.root}  (format {m.format} v{m.format_version})")

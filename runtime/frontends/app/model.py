@@ -104,10 +104,13 @@ class LocalModel:
 
     @classmethod
     def open(cls, bundle: Path, backend: str, providers: str) -> LocalModel:
+        from runtime.core.backend import open_backend
+        from runtime.core.bundle import Bundle
         from runtime.core.pipeline import Pipeline
 
-        # Both tasks stay open: one copy of the shared weights instead of one per task (see Pipeline.open).
-        return cls(Pipeline.open(bundle, backend=backend, providers=providers, prepack=False), backend)
+        # Both tasks stay open: one copy of the shared weights instead of one per task (prepack off, see OrtBackend).
+        prepack = False if backend == "ort" else None
+        return cls(Pipeline(Bundle.open(bundle), open_backend(backend, providers, prepack=prepack)), backend)
 
     def describe(self) -> dict:
         providers = self.pipe.providers()

@@ -4,8 +4,9 @@ HealthGPTModel: one runtime Pipeline per instance, both tasks resident, the task
 decoupled: a `com` request streams one response per token (`token_id` and the `text` it adds; a last text-only
 response flushes held-back characters), a `gen` request gets one response (`image_png`, `indices`); every request
 ends with a final-flag response. Triton calls `execute` of one instance from one thread, one call at a time, and
-this model finishes each request inside `execute`: so one Pipeline never sees two requests at once (it is not
-thread-safe), and concurrency comes from instance_group count. Mistakes in a request come back as that request's
+this model finishes each request inside `execute`: so each instance serves one request at a time (the Pipeline
+itself is thread-safe; an instance simply has no second request to give it), and concurrency comes from
+instance_group count. Mistakes in a request come back as that request's
 Triton error; nothing a request sends takes the instance down. A request the client cancels stops decoding within
 CANCEL_POLL_S and a token.
 
@@ -47,10 +48,13 @@ class HealthGPTModel:
         if args["model_instance_kind"] == "GPU":
             # This instance's stub process has not touched CUDA yet: show it only its GPU (untested here).
             os.environ["CUDA_VISIBLE_DEVICES"] = args["model_instance_device_id"]
+        from runtime.core.backend import open_backend
+        from runtime.core.bundle import Bundle
         from runtime.core.pipeline import Pipeline
 
-        self.pipe = Pipeline.open(params["bundle"], backend=params["backend"], providers=params["providers"],
-                                  prepack=params["prepack"] == "true")  # verifies every file's sha256
+        backend = open_backend(params["backend"], params["providers"],
+                               prepack={"true": True, "false": False}.get(params["prepack"]))  # "": not ONNX Runtime
+        self.pipe = Pipeline(Bundle.open(params["bundle"]), backend)  # verifies every file's sha256
         self.facts = bundle_facts(self.pipe.bundle)
         for task in self.facts.tasks:
             self.pipe.task(task)

@@ -53,7 +53,9 @@ def write(bundle: str | Path, out: str | Path, opts: Options = Options()) -> Pat
         raise UserError("--gpus applies to --kind gpu only")
     if opts.backend == "trt" and opts.kind != "gpu":
         raise UserError("--backend trt runs on a GPU: use --kind gpu")
-    providers = opts.providers or ("cuda" if opts.kind == "gpu" else "cpu")
+    if opts.backend == "trt" and (opts.providers or opts.prepack):
+        raise UserError("--providers and --prepack apply to --backend ort only")
+    providers = "auto" if opts.backend == "trt" else opts.providers or ("cuda" if opts.kind == "gpu" else "cpu")
     out = Path(out)
     write_atomic(out / MODEL / "config.pbtxt", _model_config(bundle, facts, opts, providers))
     write_atomic(out / MODEL / "1" / "model.py", _SHIM.format(cls="HealthGPTModel"))
@@ -69,7 +71,7 @@ def _instances(count: int, kind: str, gpus: tuple[int, ...]) -> str:
 
 def _model_config(bundle: Path, facts: BundleFacts, opts: Options, providers: str) -> str:
     params = {"bundle": str(bundle), "backend": opts.backend, "providers": providers,
-              "prepack": "true" if opts.prepack else "false"}
+              "prepack": "" if opts.backend == "trt" else "true" if opts.prepack else "false"}
     param_text = ",\n".join(f'  {{ key: "{k}" value {{ string_value: "{_escape(v)}" }} }}' for k, v in params.items())
     return _MODEL_CONFIG.format(tasks=", ".join(facts.tasks), image_tokens=facts.image_tokens,
                                 instances=_instances(opts.instances, opts.kind, opts.gpus), params=param_text)
