@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from calibration.report import TOLERANCES, judge
 
 CTX = ("100", "600", "1600")
@@ -181,82 +183,71 @@ def accuracy_lines(res: dict) -> list[str]:
                   "today's tolerances of the scheme)", ""]
 
 
-def _header_lines(res: dict) -> list[str]:
+def _header_lines(res: dict) -> Iterator[str]:
     """What was measured, on which machine, how."""
-    L: list[str] = []
-    w = L.append
     m, bw = res["meta"], res["bandwidth"]
-    w("")
-    w(f"healthgpt-edge benchmark  {m['date']}  {'QUICK' if m['quick'] else 'full'} run")
+    yield ""
+    yield f"healthgpt-edge benchmark  {m['date']}  {'QUICK' if m['quick'] else 'full'} run"
     widths = ("real widths (hidden 3072, 32 heads, inter 8192, vocab 40206, H-LoRA r=64/256, CLIP ViT-L/14-336, full "
               "VQGAN)" if m.get("size", "real") == "real" else "TINY widths (a smoke run: the figures mean nothing)")
-    w(f"model: synthetic HealthGPT-M3 at {widths}, {m['layers']} decoder layers (real: 32), fp32, max_context "
+    yield (f"model: synthetic HealthGPT-M3 at {widths}, {m['layers']} decoder layers (real: 32), fp32, max_context "
       f"{m['max_context']}")
-    w(f"machine: {m['cpu']}, {m['usable_cpus']} CPUs ({m['physical_cores']} physical cores), flags: "
+    yield (f"machine: {m['cpu']}, {m['usable_cpus']} CPUs ({m['physical_cores']} physical cores), flags: "
       f"{m.get('flags', '?')}, {m['mem_GiB']} GiB; "
       f"{m['threads_used']} threads everywhere; load avg {m['load_start']:.2f} at start, {m['load_end']:.2f} at end")
-    w(f"every figure: median of {m['reps']} runs after {m['warmup']} warm-up (contenders interleaved run by run)")
-    w(f"memory bandwidth ({bw['threads']} threads, {bw['matrix_bytes'] / 2**30:.1f} GiB): GEMV a@x "
+    yield f"every figure: median of {m['reps']} runs after {m['warmup']} warm-up (contenders interleaved run by run)"
+    yield (f"memory bandwidth ({bw['threads']} threads, {bw['matrix_bytes'] / 2**30:.1f} GiB): GEMV a@x "
       f"{bw['gemv_GBps']:.1f} GB/s | sum {bw['sum_GBps']:.1f} GB/s | copy (r+w) {bw['copy_GBps']:.1f} GB/s")
-    return L
 
 
-def _vision_lines(res: dict) -> list[str]:
+def _vision_lines(res: dict) -> Iterator[str]:
     """The vision graphs and the VQGAN against PyTorch."""
-    L: list[str] = []
-    w = L.append
     v = res["vision"]
-    w("")
-    w("VISION, ms            ours    PyTorch ref   ref/ours")
+    yield ""
+    yield "VISION, ms            ours    PyTorch ref   ref/ours"
     for t in ("com", "gen"):
         o, r = med(v[f"ours {t}"]), med(v.get(f"torch {t}")) or med(v["torch com"])
-        w(f"  {t:18s}{o:8.0f}  {r:12.0f}  {r / o:8.1f}x" + ("" if f"torch {t}" in v else "  (= torch com: the "
+        yield (f"  {t:18s}{o:8.0f}  {r:12.0f}  {r / o:8.1f}x" + ("" if f"torch {t}" in v else "  (= torch com: the "
                                                              "reference runs the whole CLIP for both; --quick)"))
-    w(f"  gen vs com (ours): gen is {res['derived']['vision_gen_vs_com']:.1f}x cheaper")
+    yield f"  gen vs com (ours): gen is {res['derived']['vision_gen_vs_com']:.1f}x cheaper"
     q = res["vqgan"]
-    w(f"VQGAN decoder, ms: ours {med(q['ours']):.0f}, PyTorch {med(q['torch']):.0f} "
+    yield (f"VQGAN decoder, ms: ours {med(q['ours']):.0f}, PyTorch {med(q['torch']):.0f} "
       f"({med(q['torch']) / med(q['ours']):.1f}x)")
-    return L
 
 
-def _decode_lines(res: dict) -> list[str]:
+def _decode_lines(res: dict) -> Iterator[str]:
     """Decode per context against the bandwidth limit, the peers' base decoders, the quantized rows."""
-    L: list[str] = []
-    w = L.append
     rows = res["derived"]["decode"]
-    w("")
-    w("DECODE, ms/token           ctx~100   ~600  ~1600  1600/100  weights GB  GEMV GB/s@600  limit@600  %limit "
+    yield ""
+    yield ("DECODE, ms/token           ctx~100   ~600  ~1600  1600/100  weights GB  GEMV GB/s@600  limit@600  %limit "
       "(100/600/1600)")
     for name, r in rows.items():
         ms, pl = r["ms"], r["pct_limit"]
-        w(f"  {name:23s}{f(ms['100'], '{:8.0f}')}{f(ms['600'], '{:7.0f}')}{f(ms['1600'], '{:7.0f}')}"
+        yield (f"  {name:23s}{f(ms['100'], '{:8.0f}')}{f(ms['600'], '{:7.0f}')}{f(ms['1600'], '{:7.0f}')}"
           f"{ms['1600'] / ms['100']:10.2f}{r['weights'] / 1e9:12.2f}{r['bw']['600'] / 1e9:15.1f}"
           f"{r['limit_ms']['600']:11.0f}  " + " / ".join(f(pl[c], "{:.0f}%") for c in CTX))
-    w(f"  (limit = (weight bytes + {res['bytes']['kv_per_token'] / 1024:.0f} KiB of KV per cached token) / the "
+    yield (f"  (limit = (weight bytes + {res['bytes']['kv_per_token'] / 1024:.0f} KiB of KV per cached token) / the "
       f"bandwidth of a {res['gemv_bytes'] / 2**30:.0f} GiB GEMV timed in the same round-robin; ours reads its whole "
       f"cache buffer, a power of two of rows >= the context: "
       + " / ".join(f"{res['bytes']['ours com'][1][c] / 1e6:.0f}" for c in CTX) + " MB/token of KV)")
     for prec in ("fp32", "int4"):
         g = res.get("genai", {}).get(prec)
         if not isinstance(g, dict):
-            w(f"  genai {prec} base: {g}")
+            yield f"  genai {prec} base: {g}"
         else:
-            w(f"  our base decoder measured around genai {prec}: before "
+            yield (f"  our base decoder measured around genai {prec}: before "
               + " / ".join(f(med(g['ours_base_before'][c])) for c in CTX) + ", after "
               + " / ".join(f(med(g['ours_base_after'][c])) for c in CTX) + " ms")
     for scheme, q in res.get("quantized", {}).items():
-        w(f"  ours com {scheme}: " + (f"session RSS +{q['rss_delta'] / 2**30:.2f} GiB, weight bytes from the "
+        yield (f"  ours com {scheme}: " + (f"session RSS +{q['rss_delta'] / 2**30:.2f} GiB, weight bytes from the "
                                       f"quantized tensors ({q['bundle']}/quant.md: its accuracy)"
                                       if isinstance(q, dict) else q))
     if isinstance(res.get("peers", {}).get("optimum"), str) and "not" in res["peers"]["optimum"]:
-        w(f"  optimum base: {res['peers']['optimum']}")
-    return L
+        yield f"  optimum base: {res['peers']['optimum']}"
 
 
-def _summary_lines(res: dict) -> list[str]:
+def _summary_lines(res: dict) -> Iterator[str]:
     """Prefill, H-LoRA overhead, time to first token, one generated image."""
-    L: list[str] = []
-    w = L.append
     rows = res["derived"]["decode"]
     pre = dict(res["prefill_D1"])
     if "prefill_base_anchor" in res:
@@ -265,34 +256,33 @@ def _summary_lines(res: dict) -> list[str]:
         g = res.get("genai", {}).get(prec)
         if isinstance(g, dict):
             pre[f"genai {prec} base"] = g["prefill"]
-    w("PREFILL 616 tokens (576 image + 40 text), ms: "
+    yield ("PREFILL 616 tokens (576 image + 40 text), ms: "
       + " | ".join(f"{k} {med(s):.0f}" for k, s in pre.items()))
     hl = res["derived"]["hlora"]
     if hl:
-        w("H-LORA overhead vs the plain base decoder (same run, group D2): "
+        yield ("H-LORA overhead vs the plain base decoder (same run, group D2): "
           + "; ".join(f"{k.split()[1]} {' / '.join(f'{hl[k][c]:.2f}x' for c in CTX)} (bytes {hl[k + ' bytes']:.2f}x)"
                       for k in ("ours com", "ours gen") if k in hl))
     t = res["ttft"]
-    w(f"TIME TO FIRST TOKEN (ask, {res.get('prompt_tokens')} prompt tokens incl. image), ms: ours "
+    yield (f"TIME TO FIRST TOKEN (ask, {res.get('prompt_tokens')} prompt tokens incl. image), ms: ours "
       f"{med(t['ours ask']):.0f}, "
       + "".join(f"ours {k.split()[-1]} {med(v):.0f}, " for k, v in t.items() if k.startswith("ours ask "))
       + f"PyTorch reference {f(med(t.get('torch answer')), none='skipped (--quick)')}")
     g = res.get("generate")
     if isinstance(g, dict):
         for name, one in g.items():
-            w(f"GENERATE one image, {name} (1024 constrained tokens, measured once): {one['seconds']:.0f} s; step "
+            yield (f"GENERATE one image, {name} (1024 constrained tokens, measured once): {one['seconds']:.0f} s; step "
               f"median {one['step_median_ms']:.0f} ms (first 100: {one['step_median_ms_first100']:.0f}, last 100: "
               f"{one['step_median_ms_last100']:.0f})")
     else:
         oc = rows.get("ours com") or {}
         est = (med(t["ours ask"]) + 1024 * (oc.get("ms", {}).get("600") or 0)) / 1e3
-        w(f"GENERATE one image: {g}; projected from TTFT + 1024 x decode@600 (COM decoder as a proxy): {est:.0f} s")
-    w("")
-    return L
+        yield f"GENERATE one image: {g}; projected from TTFT + 1024 x decode@600 (COM decoder as a proxy): {est:.0f} s"
+    yield ""
 
 
 def table(res: dict) -> str:
-    L = _header_lines(res) + _vision_lines(res) + _decode_lines(res) + _summary_lines(res) + accuracy_lines(res)
+    L = [*_header_lines(res), *_vision_lines(res), *_decode_lines(res), *_summary_lines(res), *accuracy_lines(res)]
     w = L.append
     w("OPTIMIZATIONS (before = shipped, after = alternative; same run, interleaved)")
     for line in opt_lines(res["opt"]):
