@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""healthgpt-edge build driver: synth -> export -> (calibrate) -> (engines) -> verify, plus `reference` to run the PyTorch model.
+"""healthgpt-edge build driver: synth -> export -> (calibrate) -> (engines) -> verify; `reference` runs PyTorch.
 
 Every command reads local files only (no model hub). Run `python build.py COMMAND --help` for its options.
 """
@@ -49,6 +49,7 @@ def cmd_reference(a):
     from runtime.core.prompt import check_question
 
     check_question(a.prompt)  # the input checks first: loading the reference takes torch and the whole model
+    max_new_tokens = a.max_new_tokens or TASKS[a.task].max_new_tokens  # the reference demos' defaults
     image = load_image(a.image)
     out = a.out or Path("reference.png")
     if a.task == "gen":
@@ -57,9 +58,9 @@ def cmd_reference(a):
 
     ref = load_reference(a.checkpoint, a.task)
     if a.task == "com":
-        print(ref.answer(image, a.prompt, a.max_new_tokens))
+        print(ref.answer(image, a.prompt, max_new_tokens))
     else:
-        save_png(ref.generate_image(image, a.prompt, a.max_new_tokens, a.constrain_image_tokens), out)
+        save_png(ref.generate_image(image, a.prompt, max_new_tokens, a.constrain_image_tokens), out)
         print(f"[I] image written to {out}")
 
 
@@ -72,7 +73,11 @@ def cmd_export(a):
 
 
 def cmd_verify(a):
+    from pydicom.data import get_testdata_file
+
     from export.parity.verify import failures, verify
+
+    a.image = a.image or Path(get_testdata_file("CT_small.dcm"))
 
     report = verify(a.bundle, a.checkpoint, a.backends, a.image, a.steps, a.tasks)
     for name, b in report["backends"].items():
@@ -98,10 +103,7 @@ def cmd_calibrate(a):
         raise UserError(f"{a.out}: the {q.scheme} bundle is outside its tolerances (see quant.md)")
 
 
-def main(argv=None) -> int:
-    p = Parser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-
+def add_synth(sub) -> None:
     s = sub.add_parser("synth", help="write a random checkpoint in the exact release layout")
     s.add_argument("--out", type=Path, required=True, help="directory to create (replaced if it exists)")
     s.add_argument("--variant", choices=["m3", "l14"], default="m3", help="m3 = Phi-3-mini base, l14 = phi-4 base")
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
     s.add_argument("--seed", type=non_negative_int, default=0)
     s.set_defaults(run=cmd_synth)
 
+
+def add_reference(sub) -> None:
     r = sub.add_parser("reference", help="run the PyTorch reference on one image")
     r.add_argument("--checkpoint", type=_directory, required=True, help="checkpoint directory (release layout)")
     r.add_argument("--task", choices=["com", "gen"], default="com", help="com: answer; gen: generate an image")
@@ -122,6 +126,8 @@ def main(argv=None) -> int:
     r.add_argument("prompt", help="question (com) or instruction (gen)")
     r.set_defaults(run=cmd_reference)
 
+
+def add_export(sub) -> None:
     e = sub.add_parser("export", help="checkpoint -> bundle of per-task ONNX graphs + manifest")
     e.add_argument("--checkpoint", type=_directory, required=True)
     e.add_argument("--out", type=Path, required=True, help="bundle directory (replaced atomically)")
@@ -133,6 +139,8 @@ def main(argv=None) -> int:
                    help="KV cache length (prompt + generated tokens)")
     e.set_defaults(run=cmd_export)
 
+
+def add_calibrate(sub) -> None:
     c = sub.add_parser("calibrate", help="fp32 bundle -> quantized bundle (same graph interfaces) + quant.json/md")
     c.add_argument("--bundle", type=Path, required=True, help="the fp32 bundle written by `build.py export`")
     c.add_argument("--out", type=Path, required=True, help="quantized bundle directory (replaced atomically)")
@@ -156,8 +164,8 @@ def main(argv=None) -> int:
                    help="accuracy report on one held-out image and 32 positions, no generated image (full size)")
     c.set_defaults(run=cmd_calibrate)
 
-    add_engines_command(sub)
 
+def add_verify(sub) -> None:
     v = sub.add_parser("verify", help="compare every available backend with the PyTorch reference; write "
                                       "parity.json + parity.md into the bundle (exit 2 when a check fails)")
     v.add_argument("--bundle", type=_directory, required=True)
@@ -170,13 +178,13 @@ def main(argv=None) -> int:
                    "(default all)")
     v.set_defaults(run=cmd_verify)
 
-    a = p.parse_args(argv)
-    if a.command == "verify" and a.image is None:
-        from pydicom.data import get_testdata_file
 
-        a.image = Path(get_testdata_file("CT_small.dcm"))
-    if a.command == "reference" and a.max_new_tokens is None:
-        a.max_new_tokens = TASKS[a.task].max_new_tokens  # the reference demos' defaults
+def main(argv=None) -> int:
+    p = Parser(prog="build.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (add_synth, add_reference, add_export, add_calibrate, add_engines_command, add_verify):
+        add(sub)
+    a = p.parse_args(argv)
     try:
         a.run(a)
     except UserError as err:

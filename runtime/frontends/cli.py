@@ -48,14 +48,29 @@ _top_p = number(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    bundle, run = _bundle_options(), _run_options()
+    _add_ask(sub, [bundle, run])
+    _add_generate(sub, [bundle, run])
+    _add_info(sub, [bundle])
+    _add_app(sub)
+    from runtime.frontends.serving.commands import add_commands  # triton, serve
 
+    add_commands(sub)
+    return parser
+
+
+def _bundle_options() -> argparse.ArgumentParser:
     bundle = Parser(add_help=False)
     bundle.add_argument("--bundle", type=_bundle_dir, metavar="DIR",  # required unless --server: see main()
                         help="bundle directory written by `build.py export` (manifest.json, ONNX graphs, weights)")
     bundle.add_argument("-v", "--verbose", action="store_true",
                         help="show ONNX Runtime's own log messages (hidden by default; its provider-loading failures "
                              "are reported as one line instead)")
+    return bundle
 
+
+def _run_options() -> argparse.ArgumentParser:
+    """What ask and generate share: the backend, the input image, the decoding."""
     run = Parser(add_help=False)
     run.add_argument("--backend", choices=["ort", "trt"], default="ort",
                      help="ort: ONNX Runtime on the bundle's ONNX graphs (default); trt: native TensorRT on the "
@@ -96,15 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--seed", type=non_negative_int, metavar="S",
                      help="with --temperature > 0: random seed, so the same command gives the same output "
                           "(default: a fresh seed each run)")
+    return run
 
-    a = sub.add_parser("ask", parents=[bundle, run], help="answer a question about an image (com task)",
+
+def _add_ask(sub, parents: list[argparse.ArgumentParser]) -> None:
+    a = sub.add_parser("ask", parents=parents, help="answer a question about an image (com task)",
                        description="Answer a question about an image with the bundle's comprehension (com) task. "
                                    "The answer streams to stdout as it is generated; the timing (time to first "
                                    "token, tokens/s) goes to stderr at the end.")
     a.add_argument("question", help="the question, e.g. \"What abnormality is visible in this CT scan?\"")
     a.set_defaults(run=cmd_ask)
 
-    g = sub.add_parser("generate", parents=[bundle, run], help="generate an image from an image (gen task)",
+
+def _add_generate(sub, parents: list[argparse.ArgumentParser]) -> None:
+    g = sub.add_parser("generate", parents=parents, help="generate an image from an image (gen task)",
                        description="Generate a 256x256 image with the bundle's generation (gen) task, e.g. "
                                    "reconstruct, super-resolve or translate a scan between modalities. The model "
                                    "emits 1024 image tokens (a progress bar on stderr counts them), which the "
@@ -117,13 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "'produced N image tokens')")
     g.set_defaults(run=cmd_generate)
 
-    i = sub.add_parser("info", parents=[bundle], help="show what a bundle holds and which providers can run it",
+
+def _add_info(sub, parents: list[argparse.ArgumentParser]) -> None:
+    i = sub.add_parser("info", parents=parents, help="show what a bundle holds and which providers can run it",
                        description="Show a bundle's variant, tasks, graphs (input and output names and shapes, "
                                    "from the specs in its manifest), precision, maximum context, file sizes and "
                                    "TensorRT engines; then the ONNX Runtime providers installed here and which of "
                                    "them really load; then check every file's sha256.")
     i.set_defaults(run=cmd_info)
 
+
+def _add_app(sub) -> None:
     w = sub.add_parser("app", help="the clinician's web app: DICOM viewer, questions, image generation, audit log",
                        description="Serve the workstation app on this machine: open a DICOM, PNG or JPEG, window it, "
                                    "ask questions (streamed answers) and generate images, every request written to "
@@ -142,10 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--audit-log", type=Path, metavar="FILE",
                    help="JSON-lines audit log, appended (default $XDG_STATE_HOME/healthgpt-edge/audit.jsonl)")
     w.set_defaults(run=cmd_app)
-    from runtime.frontends.serving.commands import add_commands  # triton, serve
-
-    add_commands(sub)
-    return parser
 
 
 ##### helpers #####
