@@ -62,10 +62,7 @@ class CpuCache:
 
 
 def export_ours(llm, path) -> GraphSpec:
-    cfg = llm.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    spec = specs.decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, cfg.hidden_size, cfg.vocab_size,
-                         MAX_CONTEXT, "float32")
+    spec = specs.decoder_of(llm, MAX_CONTEXT, "float32")
     feeds = spec.sample_inputs(np.random.default_rng(0), seq=5)
     feeds["past_length"] = np.array([3], dtype=np.int64)
     model = export_graph(spec, DecoderGraph(llm, MAX_CONTEXT), feeds)
@@ -93,6 +90,47 @@ def base_dir(variant: str, window: int | None, request, tmp_path):
     return copy
 
 
+def run_both(ours, theirs, spec: GraphSpec, table: np.ndarray, vocab: int) -> dict:
+    """A prefill then DECODE_STEPS greedy steps on both graphs (greedy on optimum's logits, fed to both): per step
+    the largest logit and new-KV-row differences, optimum's logit scale, both greedy tokens; the cache length."""
+    their_inputs = {i.name for i in theirs.get_inputs()}
+    their_outputs = [o.name for o in theirs.get_outputs()]
+    cache = KVCache(CpuCache(), spec)
+    assert cache.capacity == MAX_CONTEXT
+    _, kv_heads, _, head_dim = spec.tensor(cache.pairs[0][0]).shape
+    past = {name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for name, _ in cache.pairs}  # optimum's names
+    ids = np.random.default_rng(1234).integers(0, vocab, size=(1, PROMPT), dtype=np.int64)
+    out: dict = {"diffs": [], "kv": [], "scales": [], "tokens": [], "ours": []}
+    for _ in range(1 + DECODE_STEPS):
+        length, seq = cache.length, ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, length + seq), np.int64), **past}
+        if "position_ids" in their_inputs:
+            feeds["position_ids"] = np.arange(length, length + seq, dtype=np.int64)[None]
+        theirs_out = dict(zip(their_outputs, theirs.run(their_outputs, feeds)))
+        their_logits = theirs_out["logits"][:, -1]  # [1, vocab]
+
+        cache.check_room(seq)
+        ours_out = dict(zip(spec.output_names, ours.run(spec.output_names, {
+            "inputs_embeds": table[ids], **cache.feeds()})))
+        our_logits = ours_out["logits"]
+        assert our_logits.shape == their_logits.shape == (1, vocab)
+
+        out["diffs"].append(float(np.abs(our_logits - their_logits).max()))
+        out["scales"].append(float(np.abs(their_logits).max()))
+        # the new K/V rows too: ours are exactly the rows optimum's growing cache gained this step
+        out["kv"].append(max(float(np.abs(ours_out[present] - theirs_out[present][:, :, length:]).max())
+                             for _, present in cache.pairs))
+        cache.update(ours_out)
+        past = {name: theirs_out[present] for name, present in cache.pairs}
+
+        token = int(their_logits[0].argmax())  # greedy on optimum's logits, fed to both
+        out["tokens"].append(token)
+        out["ours"].append(int(our_logits[0].argmax()))
+        ids = np.array([[token]], dtype=np.int64)
+    out["length"] = cache.length
+    return out
+
+
 @pytest.mark.parametrize("variant,window", [("m3", None), ("l14", None), ("m3", 5)],
                          ids=["phi3-mha", "phi4-gqa", "phi3-window5"])
 def test_decoder_matches_optimum_export(variant, window, request, tmp_path, offline):
@@ -105,7 +143,6 @@ def test_decoder_matches_optimum_export(variant, window, request, tmp_path, offl
     cfg = llm.config
     assert not hasattr(llm.model.layers[0].self_attn.qkv_proj, "lora_A")  # the plain base: no H-LoRA anywhere
     layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
     table = llm.model.embed_tokens.weight.detach().numpy()
     assert table.shape[0] == cfg.vocab_size  # base vocabulary, not HealthGPT's extended one
 
@@ -116,42 +153,9 @@ def test_decoder_matches_optimum_export(variant, window, request, tmp_path, offl
     ours, theirs = session(tmp_path / "decoder.onnx"), session(optimum_path)
     their_inputs = {i.name for i in theirs.get_inputs()}
     assert {"input_ids", "attention_mask", "past_key_values.0.key"} <= their_inputs, their_inputs
-    their_outputs = [o.name for o in theirs.get_outputs()]
 
-    cache = KVCache(CpuCache(), spec)
-    assert cache.capacity == MAX_CONTEXT
-    past = {f"past_key_values.{i}.{kind}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
-            for i in range(layers) for kind in ("key", "value")}
-    ids = np.random.default_rng(1234).integers(0, cfg.vocab_size, size=(1, PROMPT), dtype=np.int64)
-
-    diffs, kv_diffs, scales, tokens, ours_greedy = [], [], [], [], []
-    for step in range(1 + DECODE_STEPS):
-        length, seq = cache.length, ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, length + seq), np.int64), **past}
-        if "position_ids" in their_inputs:
-            feeds["position_ids"] = np.arange(length, length + seq, dtype=np.int64)[None]
-        theirs_out = dict(zip(their_outputs, theirs.run(their_outputs, feeds)))
-        their_logits = theirs_out["logits"][:, -1]  # [1, vocab]
-
-        cache.check_room(seq)
-        ours_out = dict(zip(spec.output_names, ours.run(spec.output_names, {
-            "inputs_embeds": table[ids], **cache.feeds()})))
-        our_logits = ours_out["logits"]
-        assert our_logits.shape == their_logits.shape == (1, cfg.vocab_size)
-
-        diffs.append(float(np.abs(our_logits - their_logits).max()))
-        scales.append(float(np.abs(their_logits).max()))
-        # the new K/V rows too: ours are exactly the rows optimum's growing cache gained this step
-        kv_diffs.append(max(float(np.abs(ours_out[present] - theirs_out[present][:, :, length:]).max())
-                            for _, present in cache.pairs))
-        cache.update(ours_out)
-        past = {name: theirs_out[present] for name, present in cache.pairs}
-
-        token = int(their_logits[0].argmax())  # greedy on optimum's logits, fed to both
-        tokens.append(token)
-        ours_greedy.append(int(our_logits[0].argmax()))
-        ids = np.array([[token]], dtype=np.int64)
-
+    steps = run_both(ours, theirs, spec, table, cfg.vocab_size)
+    diffs, kv_diffs, scales, tokens, ours_greedy = (steps[k] for k in ("diffs", "kv", "scales", "tokens", "ours"))
     elapsed = time.perf_counter() - start
     variant = f"{variant}, window {cfg.sliding_window}"
     print(f"\n[{variant}] layers={layers} heads={cfg.num_attention_heads} kv_heads={kv_heads} vocab={cfg.vocab_size} "
@@ -160,7 +164,7 @@ def test_decoder_matches_optimum_export(variant, window, request, tmp_path, offl
           + " ".join(f"{d:.2e}" for d in diffs))
     print(f"[{variant}] max abs new-KV-row diff per step: " + " ".join(f"{d:.2e}" for d in kv_diffs))
     print(f"[{variant}] overall max logit diff {max(diffs):.3e}, max KV diff {max(kv_diffs):.3e}, {elapsed:.1f} s")
-    assert cache.length == PROMPT + DECODE_STEPS
+    assert steps["length"] == PROMPT + DECODE_STEPS
     assert max(diffs) <= ATOL, f"logits differ from optimum's by {max(diffs):.3e} (per step: {diffs})"
     assert max(kv_diffs) <= ATOL, f"new K/V rows differ from optimum's by {max(kv_diffs):.3e} (per step: {kv_diffs})"
     assert ours_greedy == tokens, f"greedy tokens differ: ours {ours_greedy}, optimum's {tokens}"
