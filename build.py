@@ -45,7 +45,8 @@ def cmd_synth(a):
 
 
 def cmd_reference(a):
-    from runtime.core.image import check_png_path, load_image, save_png
+    from runtime.core.image import load_image
+    from runtime.core.png import check_png_path, save_png
     from runtime.core.prompt import check_question
 
     check_question(a.prompt)  # the input checks first: loading the reference takes torch and the whole model

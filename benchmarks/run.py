@@ -94,7 +94,8 @@ class Run:
 
         from runtime.core.backend import OrtBackend
         from runtime.core.bundle import Bundle
-        from runtime.core.image import load_image, preprocess
+        from runtime.core.clip_input import preprocess
+        from runtime.core.image import load_image
         from runtime.core.pipeline import Pipeline
 
         self.a, self.arts, self.res = a, arts, res

@@ -60,7 +60,7 @@ def _com_figures(start: float, stamps: list[float]) -> dict:
 
 
 def gen_local(pipe: Pipeline, image: bytes) -> dict:
-    from runtime.core.image import png_bytes
+    from runtime.core.png import png_bytes
 
     start = time.perf_counter()
     png_bytes(pipe.generate_image(image, INSTRUCTION, constrain_image_tokens=True))  # the server encodes it too

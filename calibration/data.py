@@ -14,7 +14,8 @@ import numpy as np
 
 from runtime.core.bundle import file_digest
 from runtime.contract.errors import UserError
-from runtime.core.image import load_image, preprocess
+from runtime.core.clip_input import preprocess
+from runtime.core.image import load_image
 
 # pydicom's own test files (always installed with the runtime): MR in four transfer syntaxes' worth of files,
 # ultrasound (RGB, YBR JPEG, palette), CT and NM in JPEG 2000. Held out for the accuracy report: HELD_OUT.

@@ -21,7 +21,8 @@ from runtime.core.bundle import Bundle
 from runtime.contract.files import write_atomic
 from runtime.core.generate import decode_one_token, forward
 from runtime.contract.healthgpt import TASKS
-from runtime.core.image import load_image, preprocess
+from runtime.core.clip_input import preprocess
+from runtime.core.image import load_image
 from runtime.contract.manifest import ReferenceBounds, Tolerances
 from runtime.core.pipeline import Pipeline
 

@@ -39,7 +39,8 @@ from runtime.frontends.app.model import LocalModel  # noqa: E402
 from runtime.frontends.app.server import bind, create_app  # noqa: E402
 from runtime.core.bundle import file_digest  # noqa: E402
 from runtime.contract.errors import UserError  # noqa: E402
-from runtime.core.image import load_image, preprocess  # noqa: E402
+from runtime.core.clip_input import preprocess  # noqa: E402
+from runtime.core.image import load_image  # noqa: E402
 from runtime.core.backend import OrtBackend  # noqa: E402
 from runtime.core.bundle import Bundle  # noqa: E402
 from runtime.core.pipeline import Pipeline  # noqa: E402

@@ -18,6 +18,7 @@ from pydicom.pixels import get_decoder  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 
 from runtime.contract import files  # noqa: E402
+from runtime.core import clip_input, png  # noqa: E402
 from runtime.core import image as rimg  # noqa: E402
 from runtime.contract.errors import UserError  # noqa: E402
 
@@ -72,15 +73,15 @@ def window(values, center, width):
 # ---------------------------------------------------------------- preprocessing vs HF
 
 def test_constants():
-    assert rimg.FILL == (122, 116, 104)
-    assert list(rimg.CLIP_MEAN) == MEAN and list(rimg.CLIP_STD) == STD
-    assert rimg.IMAGE_SIZE == 336 and int(rimg.RESAMPLE) == 3
+    assert clip_input.FILL == (122, 116, 104)
+    assert list(clip_input.CLIP_MEAN) == MEAN and list(clip_input.CLIP_STD) == STD
+    assert clip_input.IMAGE_SIZE == 336 and int(clip_input.RESAMPLE) == 3
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "examples_overlay.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
 def test_preprocess_matches_hf_on_scans(name, hf_processor):
     img = rimg.load_image(dcm(name))
-    ours = rimg.preprocess(img)
+    ours = clip_input.preprocess(img)
     ref = reference_pixels(img, hf_processor)
     assert ours.dtype == np.float32 and ours.shape == (1, 3, 336, 336) == ref.shape
     assert ref.dtype == np.float32
@@ -92,7 +93,7 @@ def test_preprocess_matches_hf_on_synthetic(size, hf_processor):
     rng = np.random.default_rng(sum(size))
     arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     img = Image.fromarray(arr)
-    ours, ref = rimg.preprocess(img), reference_pixels(img, hf_processor)
+    ours, ref = clip_input.preprocess(img), reference_pixels(img, hf_processor)
     assert np.array_equal(ours, ref), f"max abs diff {np.abs(ours - ref).max()}"
 
 
@@ -100,17 +101,17 @@ def test_expand2square_matches_reference():
     rng = np.random.default_rng(0)
     for w, h in [(5, 8), (8, 5), (4, 7), (7, 4), (6, 6), (1, 2)]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        ours, ref = rimg.expand2square(img), ref_expand2square(img, (122, 116, 104))
+        ours, ref = clip_input.expand2square(img), ref_expand2square(img, (122, 116, 104))
         assert ours.size == (max(w, h),) * 2 and np.array_equal(np.asarray(ours), np.asarray(ref))
     # floor-centred: width 4 in height 7 -> offset (7-4)//2 = 1 column of fill on the left, 2 on the right
-    a = np.asarray(rimg.expand2square(Image.new("RGB", (4, 7), (0, 0, 0))))
+    a = np.asarray(clip_input.expand2square(Image.new("RGB", (4, 7), (0, 0, 0))))
     assert (a[:, 0] == (122, 116, 104)).all() and (a[:, 1:5] == 0).all() and (a[:, 5:] == (122, 116, 104)).all()
 
 
 def test_hand_computed_fill_pixel_of_real_scan():
     img = rimg.load_image(dcm("examples_overlay.dcm"))  # 484 x 300: landscape, padded above and below
     assert img.size == (484, 300)
-    x = rimg.preprocess(img)
+    x = clip_input.preprocess(img)
     fill = np.array([122, 116, 104]) / 255
     by_hand = (fill - np.array(MEAN)) / np.array(STD)  # float64 hand computation
     for corner in [(0, 0), (0, 335), (335, 0), (335, 335)]:
@@ -261,7 +262,7 @@ def test_text_file_renamed_png(tmp_path):
 
 
 def test_truncated_png(tmp_path):
-    rimg.save_png(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8), tmp_path / "a.png")
+    png.save_png(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8), tmp_path / "a.png")
     data = (tmp_path / "a.png").read_bytes()
     (tmp_path / "b.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="b.png"):
@@ -278,7 +279,7 @@ def test_missing_path_and_directory(tmp_path):
 
 
 def test_window_rejected_for_non_dicom_and_bad_width(tmp_path):
-    rimg.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "z.png")
+    png.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "z.png")
     with pytest.raises(UserError, match="DICOM"):
         rimg.load_image(tmp_path / "z.png", window=(40, 400))
     with pytest.raises(UserError, match="width"):
@@ -290,10 +291,10 @@ def test_window_rejected_for_non_dicom_and_bad_width(tmp_path):
 def test_save_png_round_trip_and_atomic(tmp_path):
     arr = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     out = tmp_path / "sub" / "dir" / "out.png"
-    rimg.save_png(arr, out)
+    png.save_png(arr, out)
     assert np.array_equal(np.asarray(Image.open(out)), arr)
     assert np.array_equal(np.asarray(rimg.load_image(out)), arr)
-    rimg.save_png(arr[::-1], out)  # overwrite in place
+    png.save_png(arr[::-1], out)  # overwrite in place
     assert np.array_equal(np.asarray(Image.open(out)), arr[::-1])
     assert os.listdir(out.parent) == ["out.png"]  # no temp file left behind
 
@@ -301,7 +302,7 @@ def test_save_png_round_trip_and_atomic(tmp_path):
 def test_save_png_failure_leaves_target_and_no_temp(tmp_path, monkeypatch):
     arr = np.zeros((8, 8, 3), np.uint8)
     out = tmp_path / "keep.png"
-    rimg.save_png(arr, out)
+    png.save_png(arr, out)
     before = out.read_bytes()
 
     def boom(*a, **k):
@@ -309,13 +310,13 @@ def test_save_png_failure_leaves_target_and_no_temp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files.os, "replace", boom)  # the one atomic writer save_png uses
     with pytest.raises(UserError, match="keep.png.*No space"):
-        rimg.save_png(arr + 1, out)
+        png.save_png(arr + 1, out)
     assert out.read_bytes() == before and os.listdir(tmp_path) == ["keep.png"]
 
 
 def test_save_png_rejects_other_suffix(tmp_path):
     with pytest.raises(UserError, match=r"\.png"):
-        rimg.save_png(np.zeros((2, 2, 3), np.uint8), tmp_path / "x.jpg")
+        png.save_png(np.zeros((2, 2, 3), np.uint8), tmp_path / "x.jpg")
     assert not (tmp_path / "x.jpg").exists()
 
 
@@ -325,11 +326,11 @@ def test_load_image_from_bytes_matches_the_file(tmp_path):
     for path, kw in ((dcm("CT_small.dcm"), {"window": (40, 400)}), (dcm("SC_rgb_rle_2frame.dcm"), {"frame": 1})):
         data = Path(path).read_bytes()
         assert np.array_equal(np.asarray(rimg.load_image(data, **kw)), np.asarray(rimg.load_image(path, **kw)))
-    rimg.save_png(np.arange(48, dtype=np.uint8).reshape(4, 4, 3), tmp_path / "a.png")
-    png = (tmp_path / "a.png").read_bytes()
-    assert np.array_equal(np.asarray(rimg.load_image(png)), np.asarray(rimg.load_image(tmp_path / "a.png")))
-    rimg.save_png(png, tmp_path / "b.png")  # PNG bytes are written as they are
-    assert (tmp_path / "b.png").read_bytes() == png
+    png.save_png(np.arange(48, dtype=np.uint8).reshape(4, 4, 3), tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    assert np.array_equal(np.asarray(rimg.load_image(data)), np.asarray(rimg.load_image(tmp_path / "a.png")))
+    png.save_png(data, tmp_path / "b.png")  # PNG bytes are written as they are
+    assert (tmp_path / "b.png").read_bytes() == data
 
 
 def test_broken_bytes_name_the_image_by_size():

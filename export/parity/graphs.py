@@ -21,7 +21,7 @@ from export.reference.model import HealthGPT
 from runtime.core.generate import decode_one_token, forward
 from runtime.contract.graphspec import GraphSpec, Tolerance
 from runtime.contract.healthgpt import IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
-from runtime.core.image import preprocess
+from runtime.core.clip_input import preprocess
 from runtime.core.pipeline import Pipeline
 
 

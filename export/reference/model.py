@@ -33,7 +33,7 @@ from export.reference.variants import ReleaseTask, Variant, get_task
 from export.reference.vqgan import GumbelVQDecoder, load_vqgan
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN, HEALTHGPT_TOKENS, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, TASKS, VQ_CODES
-from runtime.core.image import expand2square
+from runtime.core.clip_input import expand2square
 from runtime.core.prompt import TEMPLATES, split_image_tokens, vq_indices
 
 

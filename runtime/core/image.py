@@ -1,8 +1,7 @@
-"""Image input/output for the runtime: load (Pillow formats and DICOM), pad to square, CLIP preprocessing, save PNG.
+"""Image input for the runtime: read Pillow formats and DICOM (frames, windows) into the 8-bit image the model sees.
 
-Torch-free on purpose, so a host that only drives an engine needs numpy, Pillow and pydicom. `preprocess` is
-bit-identical to the reference: `expand2square`, then transformers' slow `CLIPImageProcessor` configured as
-openai/clip-vit-large-patch14-336 (reference notes §1.4; checked by tests/test_image.py).
+Torch-free on purpose, so a host that only drives an engine needs numpy, Pillow and pydicom. What the model then
+gets is `runtime.core.clip_input.preprocess` of that image; generated images are written by runtime.core.png.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import os
 import re
 import stat
 import struct
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,19 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from runtime.contract.errors import UserError
-from runtime.contract.files import atomic_write
-from runtime.contract.healthgpt import IMAGE_SIZE
 
-# openai/clip-vit-large-patch14-336 preprocessor_config.json
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-RESAMPLE = Image.Resampling.BICUBIC  # == 3
-RESCALE = 1 / 255
-# The reference pads with tuple(int(x*255) for x in image_mean): int() truncates, giving (122, 116, 104).
-FILL = tuple(int(x * 255) for x in CLIP_MEAN)
-
-_MEAN32 = np.array(CLIP_MEAN, dtype=np.float32)
-_STD32 = np.array(CLIP_STD, dtype=np.float32)
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DEEP_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # Pillow's grey modes deeper than 8 bits
@@ -323,70 +309,3 @@ def _to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
     if arr.dtype == np.uint8 and bits <= 8:
         return arr
     return np.clip(np.rint(arr.astype(np.float64) * (255.0 / (2 ** bits - 1))), 0, 255).astype(np.uint8)
-
-
-def expand2square(img: Image.Image) -> Image.Image:
-    """The reference `expand2square` with its fill colour: pad to max(W, H), original pasted floor-centred."""
-    if img.mode != "RGB":  # the reference only ever sees RGB; an RGB fill tuple needs an RGB canvas
-        img = img.convert("RGB")
-    width, height = img.size
-    if width == height:
-        return img
-    side = max(width, height)
-    result = Image.new(img.mode, (side, side), FILL)
-    result.paste(img, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
-    return result
-
-
-def preprocess(img: Image.Image) -> np.ndarray:
-    """expand2square + CLIPImageProcessor (336): float32 [1, 3, 336, 336], bit-identical to transformers."""
-    img = expand2square(img)
-    # HF resizes the shortest edge to 336 through PIL on uint8; the image is square, so that is (336, 336) and the
-    # 336 centre crop is a no-op. PIL returns an unresampled copy when the size already matches, as in HF.
-    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), resample=RESAMPLE)
-    # HF rescale: upcast to float64, multiply by the Python float 1/255, then downcast to float32.
-    x = (np.asarray(img).astype(np.float64) * RESCALE).astype(np.float32)
-    # HF normalize: float32 (x - mean) / std, channels last, then transposed to CHW.
-    x = (x - _MEAN32) / _STD32
-    return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
-
-
-def _png_name(path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UserError(f"{path}: images are saved as PNG only (lossless); use a .png file name")
-    return path
-
-
-def check_png_path(path) -> None:
-    """Refuse a path `save_png` could not write, before the work that makes the image: a .png name, not a folder,
-    whose nearest existing folder takes a new file (probed with a temp file, removed again; no folder is created)."""
-    path = _png_name(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; give the PNG file to write")
-    folder = path.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise UserError(f"{path}: cannot write into {folder}: {e.strerror or e}") from None
-
-
-def png_bytes(array) -> bytes:
-    """A uint8 HxWx3 array as PNG file contents."""
-    arr = np.asarray(array)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"png_bytes wants a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
-    out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(out, format="PNG")
-    return out.getvalue()
-
-
-def save_png(image, path) -> None:
-    """Write a uint8 HxWx3 array (or PNG bytes, e.g. from a server) as PNG atomically (runtime.contract.files.atomic_write)."""
-    path = _png_name(path)
-    data = image if isinstance(image, bytes) else png_bytes(image)
-    with atomic_write(path) as f:
-        f.write(data)

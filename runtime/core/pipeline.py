@@ -26,7 +26,8 @@ from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.core.generate import generate
 from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, Task
-from runtime.core.image import load_image, preprocess
+from runtime.core.clip_input import preprocess
+from runtime.core.image import load_image
 from runtime.core.kvcache import KVCache, check_room
 from runtime.core.prompt import Template, vq_indices
 from runtime.core.sampling import Sampler

@@ -274,7 +274,7 @@ def cmd_generate(a) -> int:
         return generate_server(a)
     from tqdm import tqdm
 
-    from runtime.core.image import check_png_path, save_png
+    from runtime.core.png import check_png_path, save_png
 
     check_png_path(a.out)  # now, not after the generation; save_png still writes atomically at the end
     check_question(a.instruction)

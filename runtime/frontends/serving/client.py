@@ -187,7 +187,7 @@ def cmd_ask(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from runtime.core.image import save_png
+    from runtime.core.png import save_png
 
     if a.image is None:
         raise UserError("generate needs an --image (the scan to reconstruct or translate)")

@@ -28,7 +28,8 @@ import triton_python_backend_utils as pb_utils
 from runtime.contract import healthgpt
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM
-from runtime.core.image import load_image, png_bytes
+from runtime.core.image import load_image
+from runtime.core.png import png_bytes
 from runtime.core.prompt import vq_indices
 from runtime.core.sampling import Sampler
 from runtime.frontends.serving.repository import bundle_facts
