@@ -232,7 +232,7 @@ def _open(a, task, text: str):
 
 def cmd_ask(a) -> int:
     if a.server:
-        from runtime.frontends.serving.client import cmd_ask as ask_server
+        from runtime.frontends.serving.remote_cli import cmd_ask as ask_server
 
         return ask_server(a)
     from runtime.core.tokenizer import StreamDecoder
@@ -269,7 +269,7 @@ def cmd_ask(a) -> int:
 
 def cmd_generate(a) -> int:
     if a.server:
-        from runtime.frontends.serving.client import cmd_generate as generate_server
+        from runtime.frontends.serving.remote_cli import cmd_generate as generate_server
 
         return generate_server(a)
     from tqdm import tqdm
