@@ -97,11 +97,11 @@ class Conversation:
         return check_turn(self.pipe, self.task, self.image is not None, self.turns, question)
 
     def ask(self, question: str, max_new_tokens: int | None = None, sampler: Sampler | None = None,
-            on_token: Callable[[int], None] | None = None, on_text: Callable[[str, int], None] | None = None,
+            on_token: Callable[[int], None] | None = None, on_text: Callable[[str, int | None], None] | None = None,
             cancel: Callable[[], bool] | None = None) -> Turn:
-        """The next turn, streamed: on_token(id) and on_text(new printable text, tokens so far) once per token (and
-        on_text once more for text held back at the end); Cancelled when `cancel()` turns true. The stop token is
-        excluded; generation also stops at max_new_tokens (default: the task's) and at the context's end."""
+        """The next turn, streamed: on_token(id) and on_text(new printable text, id) once per token (and on_text
+        once more, with id None, for text held back at the end); Cancelled when `cancel()` turns true. The stop
+        token is excluded; generation also stops at max_new_tokens (default: the task's) and at the context's end."""
         ids = self.check(question)
         sampler = dataclasses.replace(sampler) if sampler else Sampler()  # a copy: the caller's RNG is not advanced
         stream = StreamDecoder(self.pipe.tokenizer) if on_text else None
@@ -114,7 +114,7 @@ class Conversation:
             if on_token:
                 on_token(token)
             if stream:
-                on_text(stream.push(token), len(tokens))
+                on_text(stream.push(token), token)
 
         graphs = self.pipe.task(self.task.name)
         with self.pipe.serial:
@@ -125,7 +125,7 @@ class Conversation:
             finally:  # what the cache holds now, a cancelled turn's tokens included (the next turn drops them)
                 self._cached = (ids + tokens)[:self.cache.length]
         if stream and (tail := stream.flush()):
-            on_text(tail, len(tokens))
+            on_text(tail, None)
         turn = Turn(question, self.pipe.tokenizer.decode(tokens, skip_special_tokens=True), tuple(tokens))
         self.turns.append(turn)
         return turn

@@ -119,9 +119,9 @@ class Pipeline:
         return np.concatenate([embeds[:, :at], image_embeds.astype(embeds.dtype), embeds[:, at:]], axis=1)
 
     def tokens(self, task: Task, image, text: str, max_new_tokens: int | None = None, sampler: Sampler | None = None,
-               on_token: Callable[[int], None] | None = None) -> list[int]:
+               on_token: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None) -> list[int]:
         """One request's new tokens (the stop token excluded): its own cache, its own sampler state."""
-        return list(self.conversation(image, task).ask(text, max_new_tokens, sampler, on_token).tokens)
+        return list(self.conversation(image, task).ask(text, max_new_tokens, sampler, on_token, cancel=cancel).tokens)
 
     def ask(self, image, question: str, max_new_tokens: int | None = None,
             on_token: Callable[[int], None] | None = None, sampler: Sampler | None = None) -> str:
@@ -129,12 +129,12 @@ class Pipeline:
 
     def image_tokens(self, image, instruction: str, max_new_tokens: int | None = None,
                      constrain_image_tokens: bool = False, on_token: Callable[[int], None] | None = None,
-                     sampler: Sampler | None = None) -> list[int]:
+                     sampler: Sampler | None = None, cancel: Callable[[], bool] | None = None) -> list[int]:
         """The raw token stream of a GEN request. Constrained: logits masked to <idx_*>, exactly 1024 steps."""
         if constrain_image_tokens:
             sampler = dataclasses.replace(sampler or Sampler(), allowed=self.bundle.manifest.tokens.image_range)
             max_new_tokens = IMAGE_TOKENS
-        return self.tokens(GEN, image, instruction, max_new_tokens, sampler, on_token)
+        return self.tokens(GEN, image, instruction, max_new_tokens, sampler, on_token, cancel)
 
     def shared(self, name: str) -> Graph:
         """A graph the tasks share (the VQGAN), loaded on first use."""
