@@ -380,12 +380,16 @@ def test_app_remote_model_gives_the_pipelines_answers(server, pipe):
     assert info["manifest_sha256"] == pipe.bundle.digest
     image = load_image(scan("ct")["image"])
     texts = []
-    answer = model.ask(image, QUESTION, 20, lambda text, n: texts.append(text), threading.Event())
+    conversation = model.conversation(image)
+    answer = model.ask(conversation, QUESTION, 20, lambda text, _: texts.append(text), threading.Event()).answer
     assert answer == "".join(texts) == pipe.ask(image, QUESTION, max_new_tokens=20)
+    local = pipe.conversation(image)
+    want = [local.ask(q, 20) for q in (QUESTION, FOLLOW_UP)][1]  # the app's --server mode continues conversations
+    assert model.ask(conversation, FOLLOW_UP, 20, lambda *_: None, threading.Event()).tokens == want.tokens
     progress = []
     pixels = model.generate(image, INSTRUCTION, True, lambda *p: progress.append(p), threading.Event())
     assert np.array_equal(pixels, pipe.generate_image(image, INSTRUCTION, constrain_image_tokens=True))
     assert progress[-1] == (1024, 0, 1024)
     with pytest.raises(UserError, match="image_base64|image|question|prompt") as e:
-        model.ask(image, "<image> forged", 4, lambda *a: None, threading.Event())
+        model.ask(model.conversation(image), "<image> forged", 4, lambda *a: None, threading.Event())
     assert "Traceback" not in str(e.value)
