@@ -21,21 +21,36 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
 
 from runtime.contract.healthgpt import IMAGE_TOKEN_INDEX, IMAGE_TOKENS, Task
+from runtime.core.backend import Backend
+from runtime.core.bundle import Bundle
 from runtime.core.generate import generate, prefill
 from runtime.core.image import preprocess
 from runtime.core.kvcache import KVCache, check_room
-from runtime.core.prefixes import Prefix, image_digest
+from runtime.core.prefixes import Prefix, PrefixCache, image_digest
+from runtime.core.prompt import Template
 from runtime.core.sampling import Sampler
-from runtime.core.tokenizer import StreamDecoder
+from runtime.core.tokenizer import StreamDecoder, Tokenizer
 
-if TYPE_CHECKING:
-    from runtime.core.pipeline import Pipeline
+
+class Pipeline(Protocol):
+    """What a conversation uses of the Pipeline that makes it (runtime/core/pipeline.py imports this module)."""
+
+    bundle: Bundle
+    backend: Backend
+    tokenizer: Tokenizer
+    template: Template
+    stop_ids: frozenset[int]
+    prefixes: PrefixCache
+    serial: AbstractContextManager
+
+    def task(self, name: str) -> Any: ...  # TaskGraphs: vision, embed, decoder
 
 
 class Cancelled(Exception):
