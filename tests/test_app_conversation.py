@@ -49,3 +49,25 @@ def test_a_conversation_in_the_page(page, served, reference):  # noqa: F811 (fix
     assert records[0]["conversation"] == records[1]["conversation"] != records[2]["conversation"]
     assert records[1]["answer"] == want[1].answer and records[1]["tokens"] == len(want[1].tokens)
     only_own_host(page, served)
+
+
+def test_the_app_keeps_the_kv_caches_of_its_latest_conversations_only(tmp_path):
+    from runtime.frontends.app.audit import AuditLog
+    from runtime.frontends.app.server import KEEP_CACHES, App
+
+    class Session:
+        def __init__(self):
+            self.id, self.turns, self.released = str(id(self)), [], False
+
+        def release(self):
+            self.released = True
+
+    class Model:
+        def conversation(self, image):
+            return Session()
+
+    app = App(Model(), AuditLog(tmp_path / "audit.jsonl"))
+    made = [app._conversation(None, (k, 0, None), None) for k in range(KEEP_CACHES + 2)]
+    assert [c.released for c in made] == [True, True] + [False] * KEEP_CACHES
+    assert app._conversation(made[-1].id, (KEEP_CACHES + 1, 0, None), None) is made[-1]  # the page's, continued
+    assert app._conversation(made[-1].id, (KEEP_CACHES + 1, 1, None), None) not in made  # another frame: a new one

@@ -105,6 +105,18 @@ def test_a_cancelled_turn_is_dropped_and_the_next_equals_an_uncancelled_one(m3_p
     assert conv.ask(TURNS[1], 8).tokens == want[1]
 
 
+def test_a_released_conversation_goes_on_from_its_turns(m3_pipe, scans, monkeypatch):
+    alone = m3_pipe.conversation(scans[0])
+    want = [alone.ask(q, 8).tokens for q in TURNS]
+    conv = m3_pipe.conversation(scans[0])
+    conv.ask(TURNS[0], 8)
+    conv.release()
+    assert conv.cache is None
+    calls = count_runs(m3_pipe, "com", monkeypatch)
+    assert conv.ask(TURNS[1], 8).tokens == want[1]
+    assert "vision" not in [name for name, _ in calls]  # the image rows from the prefix cache, turn 1 prefilled
+
+
 # --- the image prefix cache ---------------------------------------------------------------------------------------
 
 def test_a_new_conversation_on_a_seen_image_skips_the_vision_graph_and_its_prefill(m3_bundle, scans, monkeypatch):

@@ -145,6 +145,11 @@ class Conversation:
         self.turns.append(turn)
         return turn
 
+    def release(self) -> None:
+        """Free the KV cache (a full-size one is up to ~1.6 GB); the turns stay, and the next turn prefills them
+        again, starting from the image prefix cache."""
+        self.cache, self._cached = None, []
+
     def _new_rows(self, graphs, ids: list[int]) -> np.ndarray:
         """The embeddings of `ids` past the longest prefix the cache holds (the cache cut there). At least the
         last id is new: its logits start the answer. The image rows are always in the reused prefix (the text

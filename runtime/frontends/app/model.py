@@ -28,6 +28,9 @@ class Session(Protocol):
     id: str
     turns: list[Turn]
 
+    def release(self) -> None:
+        """Free what the conversation holds between turns (its KV cache); it goes on from its turns."""
+
 
 class Model(Protocol):
     tasks: list[str]

@@ -52,6 +52,9 @@ class RemoteConversation:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     turns: list[Turn] = field(default_factory=list)
 
+    def release(self) -> None:
+        """Nothing is held here: the server's image prefix cache is its own."""
+
 
 class RemoteModel:
     def __init__(self, url: str, timeout: float = 600):

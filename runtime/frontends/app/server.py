@@ -48,6 +48,7 @@ MAX_UPLOAD = 1 << 30  # bytes; a large multi-frame study still fits, a runaway u
 MAX_JSON = 1 << 20
 KEEP_OUTPUTS = 16  # generated PNGs held for the page to fetch
 KEEP_CONVERSATIONS = 32  # the pages' conversations, least recently asked out
+KEEP_CACHES = 2  # ... of which the most recent keep their KV cache (each up to ~1.6 GB at full size)
 # A custom header makes any cross-origin POST a CORS preflight, which this app never grants: another web page open
 # in the clinician's browser cannot start requests here.
 CSRF_HEADER = "x-healthgpt-app"
@@ -130,12 +131,14 @@ class App:
             kept = self.conversations.get(wanted) if isinstance(wanted, str) else None
             if kept is not None and kept[0] == key:
                 self.conversations.move_to_end(wanted)
-                return kept[1]
-            conversation = self.model.conversation(image)
-            self.conversations[conversation.id] = (key, conversation)
+            else:
+                kept = (key, self.model.conversation(image))
+                self.conversations[kept[1].id] = kept
             while len(self.conversations) > KEEP_CONVERSATIONS:
                 self.conversations.popitem(last=False)
-            return conversation
+            for _, older in list(self.conversations.values())[:-KEEP_CACHES]:
+                older.release()
+            return kept[1]
 
     # ---- routes ----
 
