@@ -15,6 +15,7 @@ from runtime.core.backend import OrtBackend
 from runtime.core.bundle import Bundle
 from runtime.core.conversation import Cancelled, _common, expand, image_rows
 from runtime.core.image import load_image
+from runtime.core.kvcache import KVCache
 from runtime.core.pipeline import Pipeline
 from runtime.core.prefixes import Prefix, PrefixCache
 
@@ -115,6 +116,23 @@ def test_a_released_conversation_goes_on_from_its_turns(m3_pipe, scans, monkeypa
     calls = count_runs(m3_pipe, "com", monkeypatch)
     assert conv.ask(TURNS[1], 8).tokens == want[1]
     assert "vision" not in [name for name, _ in calls]  # the image rows from the prefix cache, turn 1 prefilled
+
+
+def test_a_first_turn_interrupted_after_its_image_rows_starts_over(m3_bundle, scans, monkeypatch):
+    pipe = Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu", threads=1))
+    want = pipe.conversation(scans[1]).ask(TURNS[0], 6).tokens
+    pipe.prefixes = PrefixCache(max_mb=64)  # forgotten: the image rows are computed again
+
+    def interrupted(self, length):
+        raise KeyboardInterrupt
+
+    conv = pipe.conversation(scans[1])
+    with monkeypatch.context() as m:
+        m.setattr(KVCache, "copy_rows", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            conv.ask(TURNS[0], 6)
+    assert conv.cache.length > 0  # the image rows were prefilled, never recorded
+    assert conv.ask(TURNS[0], 6).tokens == want
 
 
 # --- the image prefix cache ---------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ class Conversation:
         before them is the template's alone), so what is new is text."""
         if self.cache is None:
             self.cache = KVCache(self.pipe.backend, graphs.decoder.spec)
-        if self.image is not None and self.cache.length == 0:
+        if self.image is not None and not self._cached:
             self._image_prefix(graphs, ids)
         keep = min(_common(self._cached, ids), len(ids) - 1)
         self.cache.truncate(keep)
@@ -164,12 +164,13 @@ class Conversation:
         return graphs.embed.run({"input_ids": np.array([ids[keep:]], dtype=np.int64)})["inputs_embeds"]
 
     def _image_prefix(self, graphs, ids: list[int]) -> None:
-        """Fill the empty cache with the prompt up to the end of the image rows: from the prefix cache, or by
+        """Fill the cache with the prompt up to the end of the image rows: from the prefix cache, or by
         running the vision graph and prefilling them (then kept there for the next conversation on this image)."""
         at = ids.index(IMAGE_TOKEN_INDEX)
         end = at + ids.count(IMAGE_TOKEN_INDEX)
         prefix = self.pipe.prefixes.get(self._key)
         if prefix is None:
+            self.cache.reset()  # rows an interrupted first turn left (self._cached is what counts)
             text = graphs.embed.run({"input_ids": np.array([ids[:at]], dtype=np.int64)})["inputs_embeds"]
             image = graphs.vision.run({"pixel_values": preprocess(self.image)})["image_embeds"]
             prefill(graphs.decoder, self.cache, np.concatenate([text, image.astype(text.dtype)], axis=1))
