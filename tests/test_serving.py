@@ -288,6 +288,7 @@ def test_client_disconnects_mid_stream(serving_env, server, pipe):
     ({"prompt": "q", "top_p": 0.0, "temperature": 1.0}, "sampling"),
     ({"prompt": "q", "frame": 2}, "need an image"),
     ({"prompt": "q", "history": '[{"question": 1}]'}, "history: need a JSON list"),
+    ({"prompt": "q", "task": "gen", "history": "[]"}, "history: a gen request answers with an image"),
     ({"prompt": "q", "history": json.dumps([{"question": "q", "answer": "a " * 3000}])}, "at turn 2 of this conversation"),
     ({"task": "com"}, "prompt"),
     ({"prompt": "q", "max_new_tokens": "many"}, "Unable to parse"),  # Triton's own refusal (HTTP 500), before the model

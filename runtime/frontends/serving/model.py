@@ -109,6 +109,8 @@ class HealthGPTModel:
             conversation = self.pipe.conversation(image, task, _history(request))
             conversation.ask(prompt, max_new, sampler, on_text=on_text, cancel=cancelled)
             return
+        if _given(request, "history"):
+            raise UserError(f"history: a {task.name} request answers with an image, not as a conversation")
         tokens = self.pipe.image_tokens(image, prompt, max_new_tokens=max_new, sampler=sampler,
                                         constrain_image_tokens=_scalar(request, "constrain_image_tokens", bool, False),
                                         cancel=cancelled)
