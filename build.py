@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import json
 import signal
 import sys
 from pathlib import Path
@@ -49,7 +50,11 @@ def cmd_reference(a):
     from runtime.core.png import check_png_path, save_png
     from runtime.core.prompt import check_question
 
-    check_question(a.prompt)  # the input checks first: loading the reference takes torch and the whole model
+    questions = [a.prompt, *a.follow_up, *(_questions_file(a.follow_ups) if a.follow_ups else [])]
+    if len(questions) > 1 and a.task != "com":
+        raise UserError("--follow-up and --follow-ups are for the com task (a conversation)")
+    for question in questions:  # the input checks first: loading the reference takes torch and the whole model
+        check_question(question)
     max_new_tokens = a.max_new_tokens or TASKS[a.task].max_new_tokens  # the reference demos' defaults
     image = load_image(a.image)
     out = a.out or Path("reference.png")
@@ -58,11 +63,24 @@ def cmd_reference(a):
     from export.reference.model import load_reference
 
     ref = load_reference(a.checkpoint, a.task)
-    if a.task == "com":
+    if len(questions) > 1:
+        for question, (_, tokens) in zip(questions, ref.conversation(image, questions, max_new_tokens)):
+            print(f"Q: {question}\nA: {ref.tokenizer.decode(tokens, skip_special_tokens=True)}")
+    elif a.task == "com":
         print(ref.answer(image, a.prompt, max_new_tokens))
     else:
         save_png(ref.generate_image(image, a.prompt, max_new_tokens, a.constrain_image_tokens), out)
         print(f"[I] image written to {out}")
+
+
+def _questions_file(path: Path) -> list[str]:
+    try:
+        questions = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read a JSON list of questions: {e}") from None
+    if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+        raise UserError(f"{path}: expected a JSON list of question strings")
+    return questions
 
 
 def cmd_export(a):
@@ -124,6 +142,10 @@ def add_reference(sub) -> None:
     r.add_argument("--max-new-tokens", type=positive_int, default=None)
     r.add_argument("--constrain-image-tokens", action="store_true",
                    help="gen: only <idx_*> tokens, exactly 1024 (random weights never emit a full image otherwise)")
+    r.add_argument("--follow-up", action="append", default=[], metavar="QUESTION",
+                   help="com: a follow-up question about the same image, asked after the answer (repeatable)")
+    r.add_argument("--follow-ups", type=Path, metavar="FILE.json",
+                   help="com: follow-up questions as a JSON list of strings, asked after any --follow-up")
     r.add_argument("prompt", help="question (com) or instruction (gen)")
     r.set_defaults(run=cmd_reference)
 

@@ -2,7 +2,7 @@
 test venv's protobuf 7 rules it out there). Reads a JSON job on stdin, prints a JSON result on stdout.
 
 job: {"url": "HOST:PORT", "concurrency": N, "requests": [{...runtime.frontends.serving.client.Request fields, "image": PATH,
-      "cancel_after": K}], "rss_pid": PID, "rss_after": [counts]}  or  {"url": ..., "selftest": [ints, floats]}
+      "history": [[question, answer], ...], "cancel_after": K}], "rss_pid": PID, "rss_after": [counts]}  or  {"url": ..., "selftest": [ints, floats]}
 """
 
 import base64
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.contract.errors import UserError
+from runtime.core.conversation import Turn
 from runtime.frontends.serving.client import Client, Request
 
 
@@ -39,6 +40,7 @@ def one(client: Client, spec: dict) -> dict:
         spec["image"] = Path(spec["image"]).read_bytes()
     if spec.get("window") is not None:
         spec["window"] = tuple(spec["window"])
+    spec["history"] = tuple(Turn(q, a) for q, a in spec.get("history", ()))
     request = Request(**spec)
     start = time.perf_counter()
     try:
@@ -54,7 +56,7 @@ def one(client: Client, spec: dict) -> dict:
             return {"png": base64.b64encode(png).decode(), "indices": indices.tolist(),
                     "seconds": time.perf_counter() - start}
         stamps = []
-        text, ids = client.ask(request, on_text=lambda t: stamps.append(time.perf_counter()))
+        text, ids = client.ask(request, on_text=lambda t, _: stamps.append(time.perf_counter()))
         return {"text": text, "ids": ids, "seconds": time.perf_counter() - start,
                 "first": (stamps[0] - start) if stamps else None}
     except UserError as e:

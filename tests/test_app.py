@@ -231,6 +231,7 @@ def test_workstation_session(page, served, reference, m3_bundle):
     assert n_tokens >= 8, "the fixture model stops too early to test stopping"
 
     # Stop really stops the decode loop: no decoder step runs after it, far short of the budget.
+    served.pixel_values.clear()
     served.slow.set()
     try:
         ask(page, QUESTION, 1000, wait_for="running")
@@ -249,8 +250,8 @@ def test_workstation_session(page, served, reference, m3_bundle):
         served.slow.clear()
     screenshot(page, "04-stopped")
 
-    # Ask: the streamed answer is Pipeline.ask's on the windowed image, and the model saw exactly those pixels.
-    served.pixel_values.clear()
+    # Ask: the streamed answer is Pipeline.ask's on the windowed image, and the model saw exactly those pixels
+    # (once: the stopped turn's conversation already holds the image rows).
     status = ask(page, QUESTION, 24)
     answer = page.text_content("#answer")
     assert answer == want and answer

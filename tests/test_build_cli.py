@@ -44,6 +44,13 @@ def run_build(*args) -> subprocess.CompletedProcess:
      "PNG only"),
     (("reference", "--checkpoint", "{ckpt}", "--image", "{ct}", "--task", "gen", "--out", "/proc/h/x.png", "q"),
      "cannot write into /proc"),
+    (("reference", "--checkpoint", "{ckpt}", "--image", "{ct}", "--follow-up", "<image> q", "q"), "remove <image>"),
+    (("reference", "--checkpoint", "{ckpt}", "--image", "{ct}", "--follow-ups", "{tmp}/none.json", "q"),
+     "none.json: cannot read a JSON list of questions"),
+    (("reference", "--checkpoint", "{ckpt}", "--image", "{ct}", "--follow-ups", "{ct}", "q"),
+     "cannot read a JSON list of questions"),
+    (("reference", "--checkpoint", "{ckpt}", "--image", "{ct}", "--task", "gen", "--follow-up", "q2", "q"),
+     "--follow-up and --follow-ups are for the com task"),
 ])
 def test_mistakes_are_one_line_before_torch(tmp_path, args, fragment):
     (tmp_path / "ckpt").mkdir()  # only has to exist: every mistake is found before the checkpoint is read
@@ -59,3 +66,17 @@ def test_sigusr1_dumps_the_stacks_of_a_build(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Current thread" in proc.stderr and 'File "' in proc.stderr
     assert Path(tmp_path / "ckpt").is_dir()
+
+
+def test_reference_runs_a_conversation(m3_checkpoint, m3_com, ct_small, tmp_path):
+    from runtime.core.image import load_image
+
+    (tmp_path / "more.json").write_text('["And the edges?"]')
+    questions = ["What is this?", "Anything abnormal?", "And the edges?"]
+    proc = run_build("reference", "--checkpoint", m3_checkpoint, "--image", ct_small, "--max-new-tokens", "6",
+                     "--follow-up", questions[1], "--follow-ups", tmp_path / "more.json", questions[0])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = m3_com.conversation(load_image(ct_small), questions, 6)
+    lines = [f"{k}: {v}" for q, (_, t) in zip(questions, want)
+             for k, v in (("Q", q), ("A", m3_com.tokenizer.decode(t, skip_special_tokens=True)))]
+    assert proc.stdout.splitlines()[:6] == lines

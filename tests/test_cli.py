@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What abnormality is visible in this scan?"
 
 
-def run_cli(*args, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(*args, timeout: float = 180, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "runtime", *(a if isinstance(a, bytes) else str(a) for a in args)],
-                          cwd=ROOT, capture_output=True, text=True, errors="backslashreplace", timeout=timeout)
+                          cwd=ROOT, capture_output=True, text=True, errors="backslashreplace", timeout=timeout,
+                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -265,6 +266,24 @@ def test_ask_streams_the_answer(m3_bundle, ct_small):
     assert "time to first token" in proc.stderr and "tokens/s" in proc.stderr and "(16 tokens" in proc.stderr
 
 
+def test_chat_answers_follow_ups_from_standard_input(m3_bundle, ct_small):
+    from runtime.core.backend import OrtBackend
+    from runtime.core.bundle import Bundle
+    from runtime.core.pipeline import Pipeline
+
+    questions = [QUESTION, "Is it serious?"]
+    proc = run_cli("chat", "--bundle", m3_bundle, "--image", ct_small, "--providers", "cpu", "--max-new-tokens", "10",
+                   stdin=f"{questions[0]}\n\n{questions[1]}\n")
+    assert proc.returncode == 0, proc.stderr
+    conversation = Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu")).conversation(ct_small)
+    assert proc.stdout == "".join(conversation.ask(q, 10).answer + "\n" for q in questions)
+    assert proc.stderr.count("time to first token") == 2
+    bad = run_cli("chat", "--bundle", m3_bundle, "--image", ct_small, "--providers", "cpu", "--max-new-tokens", "2",
+                  stdin=f"{QUESTION}\n<image> again\nnever asked\n")
+    assert_user_error(bad, "remove <image> from the question")  # from a pipe, the first mistake ends the chat
+    assert bad.stderr.count("time to first token") == 1
+
+
 class Recorder:
     def __init__(self):
         self.writes, self.flushes = [], 0
@@ -331,7 +350,7 @@ def test_frame_and_window_reach_the_image_loader(ct_small):
 def test_help_explains_every_option():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict)).choices
-    assert set(subparsers) == {"ask", "generate", "info", "app", "triton", "serve"}
+    assert set(subparsers) == {"ask", "chat", "generate", "info", "app", "triton", "serve"}
     for name, sub in subparsers.items():
         for action in sub._actions:
             assert action.help and action.help != "==SUPPRESS==", f"{name} {action.option_strings or action.dest}"

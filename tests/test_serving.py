@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("serving_client.py")
 QUESTION = "What does this scan show?"
 INSTRUCTION = "Reconstruct the image."
+FOLLOW_UP = "Is it serious?"
 SCANS = {"ct": ("CT_small.dcm", None, None), "mr": ("MR_small.dcm", None, None),
          "rgb2": ("SC_rgb_rle_2frame.dcm", 1, None), "ct_window": ("CT_small.dcm", None, (40.0, 400.0))}
 
@@ -152,6 +153,20 @@ def test_http_generate_stream_is_token_for_token_pipeline_ask(server, pipe):
     assert "".join(e["text"] for e in events) == want["text"]
 
 
+def test_a_follow_up_over_grpc_and_http_equals_the_in_process_conversation(serving_env, server, pipe):
+    from runtime.core.image import load_image
+
+    conversation = pipe.conversation(load_image(scan("ct")["image"]))
+    first, second = (conversation.ask(q, 16) for q in (QUESTION, FOLLOW_UP))
+    (got,) = grpc(serving_env, server, [{"prompt": FOLLOW_UP, **scan("ct"), "max_new_tokens": 16,
+                                         "history": [[QUESTION, first.answer]]}])
+    assert got["ids"] == list(second.tokens) and got["text"] == second.answer and len(second.tokens) == 16
+    events = http_stream(server, {"prompt": FOLLOW_UP, "image_base64": b64(scan("ct")["image"]), "max_new_tokens": 16,
+                                  "history": json.dumps([{"question": QUESTION, "answer": first.answer}])})
+    assert [e["token_id"] for e in events if "token_id" in e] == list(second.tokens)
+    assert "".join(e["text"] for e in events) == second.answer
+
+
 def test_generate_returns_pipeline_indices_and_png(serving_env, server, pipe):
     case = {"task": "gen", "prompt": INSTRUCTION, **scan("ct"), "constrain_image_tokens": True}
     want = expected(pipe, **case)
@@ -181,6 +196,12 @@ def test_cli_serve_ask_generate(serving_env, m3_bundle, pipe, tmp_path):
         ask = subprocess.run([*cli, "ask", "--server", url, "--image", ct, "--max-new-tokens", "12", QUESTION],
                              capture_output=True, text=True, cwd=ROOT, env=serving_env.environ(), timeout=120)
         assert ask.returncode == 0 and ask.stdout == expected(pipe, image=ct, max_new_tokens=12)["text"] + "\n"
+        chat = subprocess.run([*cli, "chat", "--server", url, "--image", ct, "--max-new-tokens", "12"],
+                              input=f"{QUESTION}\n{FOLLOW_UP}\n", capture_output=True, text=True, cwd=ROOT,
+                              env=serving_env.environ(), timeout=120)
+        conversation = pipe.conversation(ct)
+        assert chat.returncode == 0, chat.stderr
+        assert chat.stdout == "".join(conversation.ask(q, 12).answer + "\n" for q in (QUESTION, FOLLOW_UP))
         out = tmp_path / "out.png"
         gen = subprocess.run([*cli, "generate", "--server", url, "--image", ct, "--constrain-image-tokens",
                               INSTRUCTION, "--out", out], capture_output=True, text=True, cwd=ROOT,
@@ -268,6 +289,9 @@ def test_client_disconnects_mid_stream(serving_env, server, pipe):
     ({"prompt": "q", "max_new_tokens": 0}, "at least 1"),
     ({"prompt": "q", "top_p": 0.0, "temperature": 1.0}, "sampling"),
     ({"prompt": "q", "frame": 2}, "need an image"),
+    ({"prompt": "q", "history": '[{"question": 1}]'}, "history: need a JSON list"),
+    ({"prompt": "q", "task": "gen", "history": "[]"}, "history: a gen request answers with an image"),
+    ({"prompt": "q", "history": json.dumps([{"question": "q", "answer": "a " * 3000}])}, "at turn 2 of this conversation"),
     ({"task": "com"}, "prompt"),
     ({"prompt": "q", "max_new_tokens": "many"}, "Unable to parse"),  # Triton's own refusal (HTTP 500), before the model
 ])
@@ -359,12 +383,16 @@ def test_app_remote_model_gives_the_pipelines_answers(server, pipe):
     assert info["manifest_sha256"] == pipe.bundle.digest
     image = load_image(scan("ct")["image"])
     texts = []
-    answer = model.ask(image, QUESTION, 20, lambda text, n: texts.append(text), threading.Event())
+    conversation = model.conversation(image)
+    answer = model.ask(conversation, QUESTION, 20, lambda text, _: texts.append(text), threading.Event()).answer
     assert answer == "".join(texts) == pipe.ask(image, QUESTION, max_new_tokens=20)
+    local = pipe.conversation(image)
+    want = [local.ask(q, 20) for q in (QUESTION, FOLLOW_UP)][1]  # the app's --server mode continues conversations
+    assert model.ask(conversation, FOLLOW_UP, 20, lambda *_: None, threading.Event()).tokens == want.tokens
     progress = []
     pixels = model.generate(image, INSTRUCTION, True, lambda *p: progress.append(p), threading.Event())
     assert np.array_equal(pixels, pipe.generate_image(image, INSTRUCTION, constrain_image_tokens=True))
     assert progress[-1] == (1024, 0, 1024)
     with pytest.raises(UserError, match="image_base64|image|question|prompt") as e:
-        model.ask(image, "<image> forged", 4, lambda *a: None, threading.Event())
+        model.ask(model.conversation(image), "<image> forged", 4, lambda *a: None, threading.Event())
     assert "Traceback" not in str(e.value)

@@ -36,10 +36,16 @@ def test_verify_passes_on_ort_cpu_and_reports_gpu_backends_not_run(m3_bundle, m3
     e2e = {e["check"]: e for e in cpu["e2e"]}
     assert e2e["com greedy tokens"]["ok"] and "32 of 32" in e2e["com greedy tokens"]["detail"]
     assert e2e["gen 1024 indices"]["ok"] and e2e["gen image PSNR"]["ok"]
+    conversation = {e["check"]: e for e in cpu["conversation"]}  # 2 turns, end to end, against the reference
+    assert set(conversation) == {"com conversation turn 2 tokenization", "com conversation turn 1 greedy tokens",
+                                 "com conversation turn 2 greedy tokens"}
+    assert all(e["ok"] for e in conversation.values())
+    assert "32 of 32" in conversation["com conversation turn 2 greedy tokens"]["detail"]
     for name in ("ort-cuda", "trt"):  # no GPU / TensorRT here: reported, never counted as passed
         assert report["backends"][name]["status"] == "not run" and report["backends"][name]["reason"]
     md = (bundle / "parity.md").read_text()
     assert "ort-cpu: passed" in md and "trt: not run" in md and "| com.decoder | decode step 8 logits |" in md
+    assert "| conversation (2 turns) | result | ok |" in md and "| com conversation turn 2 tokenization |" in md
 
 
 def test_verify_fails_loudly_on_a_perturbed_graph(m3_bundle, m3_checkpoint, tmp_path):

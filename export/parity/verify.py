@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from export.parity.conversation import TURNS, conversation_checks, expect_conversation, token_check
 from export.parity.graphs import expect_graphs, graph_parity
 from export.reference.model import HealthGPT, load_reference
 from runtime.core.backend import open_backend
@@ -68,11 +69,7 @@ def e2e_checks(want: E2EExpectations, pipe: Pipeline, image, steps: int, bounds:
                           "identical"})
     if want.image is None:
         got = pipe.tokens(TASKS[task], image, QUESTIONS[0], steps)
-        same = next((i for i, (a, b) in enumerate(zip(want.tokens, got)) if a != b), min(len(want.tokens), len(got)))
-        agreement = same / max(len(want.tokens), len(got), 1)
-        out.append({"check": "com greedy tokens", "ok": agreement >= bounds["token_agreement"],
-                    "detail": f"first {same} of {len(want.tokens)} tokens identical (agreement {agreement:.3f}, "
-                              f"required {bounds['token_agreement']})"})
+        out.append(token_check("com greedy tokens", want.tokens, got, bounds["token_agreement"]))
     else:
         with tqdm(total=IMAGE_TOKENS, desc=f"bundle {task}", unit="token", leave=False) as bar:
             got = pipe.image_tokens(image, QUESTIONS[0], constrain_image_tokens=True, on_token=lambda _: bar.update())
@@ -116,26 +113,29 @@ def verify(bundle_dir: str | Path, checkpoint: str | Path, backends: list[str], 
     expected = {}
     for task in tasks:
         ref = load_reference(checkpoint, task)
-        expected[task] = (expect_graphs(ref, bundle.manifest.config.vocab, pil), expect_e2e(ref, pil, steps))
+        expected[task] = (expect_graphs(ref, bundle.manifest.config.vocab, pil), expect_e2e(ref, pil, steps),
+                          expect_conversation(ref, pil, steps))
         del ref
         gc.collect()
     report = {"bundle": str(bundle.root), "checkpoint": str(checkpoint), "precision": precision,
               "image": str(image), "e2e_bounds": bounds, "backends": {},
               "peak_rss_gib": {"reference": round(peak_rss_gib(), 2)}}
     for name in backends:
-        entry: dict = {"status": "passed", "checks": [], "e2e": []}
+        entry: dict = {"status": "passed", "checks": [], "e2e": [], "conversation": []}
         try:
             backend = open_backend(*BACKENDS[name])
             pipe = Pipeline(bundle, backend)
             for task in tasks:
-                graphs, e2e = expected[task]
+                graphs, e2e, conversation = expected[task]
                 entry["checks"] += [c.to_json() for c in graph_parity(graphs, pipe, tolerance=tolerance)]
                 entry["e2e"] += e2e_checks(e2e, pipe, pil, steps, bounds)
+                if conversation is not None:
+                    entry["conversation"] += conversation_checks(conversation, pipe, pil, steps, bounds)
             entry["providers"] = pipe.providers()
         except UserError as e:  # the backend cannot run here (no GPU, no TensorRT, no engines): say why
             entry = {"status": "not run", "reason": str(e)}
         else:
-            if not all(c["ok"] for c in entry["checks"] + entry["e2e"]):
+            if not all(c["ok"] for c in entry["checks"] + entry["e2e"] + entry["conversation"]):
                 entry["status"] = "failed"
         pipe = backend = None  # this backend's sessions freed before the next backend's
         gc.collect()
@@ -164,6 +164,9 @@ def write_report(root: Path, report: dict) -> None:
                   for c in b["checks"]]
         lines += ["", "| end to end | result | ok |", "|---|---|---|"]
         lines += [f"| {e['check']} | {e['detail']} | {'yes' if e['ok'] else '**NO**'} |" for e in b["e2e"]]
+        if b.get("conversation"):
+            lines += ["", f"| conversation ({len(TURNS)} turns) | result | ok |", "|---|---|---|"]
+            lines += [f"| {e['check']} | {e['detail']} | {'yes' if e['ok'] else '**NO**'} |" for e in b["conversation"]]
         lines.append("")
     for name, text in (("parity.json", json.dumps(report, indent=1)), ("parity.md", "\n".join(lines))):
         write_atomic(root / name, text)
@@ -177,6 +180,7 @@ def failures(report: dict) -> list[str]:
             if not c["ok"]:
                 out.append(f"{name}: {c['graph']} {c['what']}: max abs {c['max_abs']:.3g} > {c['max_abs_limit']:.3g} "
                            f"or cosine {c['cosine']:.6f} < {c['min_cosine']}")
-        out += [f"{name}: {e['check']}: {e['detail']}" for e in b.get("e2e", []) if not e["ok"]]
+        out += [f"{name}: {e['check']}: {e['detail']}" for e in b.get("e2e", []) + b.get("conversation", [])
+                if not e["ok"]]
     return out
 

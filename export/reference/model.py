@@ -7,6 +7,7 @@ Everything downstream (ONNX graphs, engines, the runtime) is checked against thi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -115,9 +116,10 @@ class HealthGPT:
     def _encode(self) -> ReferenceEncoder:
         return ReferenceEncoder(self.tokenizer)
 
-    def prompt_ids(self, question: str, has_image: bool = True) -> list[int]:
-        """LLaVA's tokenizer_image_token over the template, with the question as plain text (its `<|end|>` is text)."""
-        parts = TEMPLATES[self.variant.template].parts(question, has_image, self.task)
+    def prompt_ids(self, question: str, has_image: bool = True, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """LLaVA's tokenizer_image_token over the template, with the question as plain text (its `<|end|>` is text);
+        history: the earlier (question, answer) turns, rendered again as LLaVA's conversation object does."""
+        parts = TEMPLATES[self.variant.template].parts(question, has_image, self.task, history)
         return split_image_tokens(parts, self._encode, self.tokenizer.bos_token_id)
 
     @torch.no_grad()
@@ -156,6 +158,20 @@ class HealthGPT:
 
     def drop_layer(self, i: int) -> None:
         self.llm.model.layers[i].to("meta")
+
+    def conversation(self, image, questions: Sequence[str], max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
+        """LLaVA's multi-turn loop: each turn the whole conversation rendered and tokenized again, then a fresh HF
+        generate over it (no cache kept between turns); each earlier answer enters as its decoded, stripped text.
+        -> (prompt ids, new tokens) per turn."""
+        embeds = self.encode_image(self.pixel_values(image)) if image is not None else None
+        history: list[tuple[str, str]] = []
+        turns = []
+        for question in questions:
+            ids = self.prompt_ids(question, image is not None, history)
+            tokens = self.generate(ids, embeds, max_new_tokens)
+            history.append((question, self.tokenizer.decode(tokens, skip_special_tokens=True)))
+            turns.append((ids, tokens))
+        return turns
 
     def answer(self, image, question: str, max_new_tokens: int = COM.max_new_tokens) -> str:
         ids = self.generate(self.prompt_ids(question), self.encode_image(self.pixel_values(image)), max_new_tokens)

@@ -29,6 +29,12 @@ _DEEP_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # Pillow's grey mod
 _PIP_NAMES = {"gdcm": "python-gdcm"}
 
 
+def check_image_options(has_image: bool, frame: int | None, window, prefix: str = "") -> None:
+    """The one refusal of a frame or window without an image (prefix: "--" for command-line options)."""
+    if not has_image and (frame is not None or window is not None):
+        raise UserError(f"{prefix}frame and {prefix}window need an {prefix}image")
+
+
 def load_image(path, *, frame: int | None = None, window: tuple[float, float] | None = None) -> Image.Image:
     """Read a PNG/JPEG/TIFF/BMP (or any Pillow format) or a DICOM file as an RGB image.
 

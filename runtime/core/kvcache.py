@@ -66,6 +66,23 @@ class KVCache:
             self.backend.write(self.buffers[past], outputs[present], self.length)
         self.length += seq
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` rows (a conversation's reused prefix); the rows after it are masked from now on."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} rows to {length}")
+        self.length = length
+
+    def copy_rows(self, length: int) -> dict[str, np.ndarray]:
+        """A host copy of every buffer's first `length` rows (the image prefix kept for later conversations)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"the cache holds {self.length} rows, not {length}")
+        return {past: np.array(np.asarray(buffer)[:, :, :length]) for past, buffer in self.buffers.items()}
+
+    def load_rows(self, rows: dict[str, np.ndarray]) -> None:
+        """Start over from rows that `copy_rows` took from a cache of the same decoder."""
+        self.reset()
+        self.update({present: rows[past] for past, present in self.pairs})
+
     def reset(self) -> None:
         self.length = 0
         if self.rows > 1:

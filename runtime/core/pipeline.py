@@ -8,6 +8,10 @@ weights, the tokenizer); what one request writes is its own (a KV cache made per
 Runtime runs one session from several threads at once; a backend that cannot (`concurrent = False`: native
 TensorRT, one CUDA stream and shared staging buffers) gets its requests one after another, in arrival order, and
 a waiting request simply blocks until the one before it is done.
+
+Every request is a turn of a Conversation (runtime/core/conversation.py): a single question is a one-turn
+conversation. Conversations on an image already seen start from the image prefix cache (`prefixes`), shared by
+every thread.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import contextlib
 import dataclasses
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -24,11 +28,12 @@ from PIL import Image
 from runtime.core.backend import Backend, Graph
 from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
-from runtime.core.generate import generate
 from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, Task
 from runtime.core.clip_input import preprocess
+from runtime.core.conversation import Conversation, Turn, check_turn
 from runtime.core.image import load_image
-from runtime.core.kvcache import KVCache, check_room
+from runtime.core.kvcache import KVCache
+from runtime.core.prefixes import PrefixCache
 from runtime.core.prompt import Template, vq_indices
 from runtime.core.sampling import Sampler
 from runtime.core.tokenizer import Tokenizer
@@ -42,7 +47,7 @@ class TaskGraphs:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, backend: Backend):
+    def __init__(self, bundle: Bundle, backend: Backend, prefix_cache_mb: float = 1024):
         self.bundle, self.backend = bundle, backend
         m = bundle.manifest
         self.tokenizer = Tokenizer.load(bundle.file(m.tokenizer.file), m.tokenizer.bos_id, m.tokenizer.add_bos)
@@ -52,7 +57,8 @@ class Pipeline:
         self._tasks: dict[str, TaskGraphs] = {}
         self._shared: dict[str, Graph] = {}
         self._loading = threading.Lock()
-        self._serial = contextlib.nullcontext() if getattr(backend, "concurrent", False) else threading.Lock()
+        self.serial = contextlib.nullcontext() if getattr(backend, "concurrent", False) else threading.Lock()
+        self.prefixes = PrefixCache(prefix_cache_mb)  # ~0.45 GB per image at full size (M3, fp32 KV)
 
     def task(self, name: str) -> TaskGraphs:
         if name not in self.bundle.tasks:
@@ -79,11 +85,14 @@ class Pipeline:
     def check_request(self, task: Task, has_image: bool, text: str) -> list[int]:
         """The prompt ids (with the -200 image slot), refused before any work when the context cannot hold the
         prompt and what the task must produce (one token; GEN: the 1024 image tokens)."""
-        ids = self.tokenizer.prompt_ids(self.template.parts(text, has_image, task.name))
-        prompt = len(ids) - 1 + (self.bundle.spec(task.name, "vision").shape("image_embeds")[1] if has_image else 0)
-        need, what = (IMAGE_TOKENS, f"{IMAGE_TOKENS} image tokens") if task.makes_images else (1, "an answer")
-        check_room(prompt + need, self.bundle.manifest.config.max_context, f": a {prompt}-token prompt and {what}")
-        return ids
+        check_turn(self, task, has_image, (), text)
+        return self.tokenizer.prompt_ids(self.template.parts(text, has_image, task.name))
+
+    def conversation(self, image, task: Task = COM, history: Sequence[Turn] = ()) -> Conversation:
+        """A conversation about `image` (a path, file bytes or a decoded PIL image; None: text only) on `task`'s
+        graphs, continuing `history` (earlier turns a stateless request carries as text)."""
+        pil = image if image is None or isinstance(image, Image.Image) else load_image(image)
+        return Conversation(self, task, pil, history)
 
     def prompt(self, task: Task, image, text: str) -> np.ndarray:
         """The prompt's embeddings with the image rows spliced in: [1, L, H]."""
@@ -99,28 +108,22 @@ class Pipeline:
         return np.concatenate([embeds[:, :at], image_embeds.astype(embeds.dtype), embeds[:, at:]], axis=1)
 
     def tokens(self, task: Task, image, text: str, max_new_tokens: int | None = None, sampler: Sampler | None = None,
-               on_token: Callable[[int], None] | None = None) -> list[int]:
+               on_token: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None) -> list[int]:
         """One request's new tokens (the stop token excluded): its own cache, its own sampler state."""
-        sampler = dataclasses.replace(sampler) if sampler else Sampler()  # a copy: the caller's RNG is not advanced
-        with self._serial:
-            embeds = self.prompt(task, image, text)
-            cache, graphs = self.cache(task.name), self.task(task.name)
-            budget = min(max_new_tokens or task.max_new_tokens, cache.capacity - embeds.shape[1])
-            return generate(graphs.decoder, graphs.embed, cache, embeds, budget, sampler, self.stop_ids, on_token)
+        return list(self.conversation(image, task).ask(text, max_new_tokens, sampler, on_token, cancel=cancel).tokens)
 
     def ask(self, image, question: str, max_new_tokens: int | None = None,
             on_token: Callable[[int], None] | None = None, sampler: Sampler | None = None) -> str:
-        tokens = self.tokens(COM, image, question, max_new_tokens, sampler, on_token)
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.conversation(image).ask(question, max_new_tokens, sampler, on_token).answer
 
     def image_tokens(self, image, instruction: str, max_new_tokens: int | None = None,
                      constrain_image_tokens: bool = False, on_token: Callable[[int], None] | None = None,
-                     sampler: Sampler | None = None) -> list[int]:
+                     sampler: Sampler | None = None, cancel: Callable[[], bool] | None = None) -> list[int]:
         """The raw token stream of a GEN request. Constrained: logits masked to <idx_*>, exactly 1024 steps."""
         if constrain_image_tokens:
             sampler = dataclasses.replace(sampler or Sampler(), allowed=self.bundle.manifest.tokens.image_range)
             max_new_tokens = IMAGE_TOKENS
-        return self.tokens(GEN, image, instruction, max_new_tokens, sampler, on_token)
+        return self.tokens(GEN, image, instruction, max_new_tokens, sampler, on_token, cancel)
 
     def shared(self, name: str) -> Graph:
         """A graph the tasks share (the VQGAN), loaded on first use."""
@@ -133,7 +136,7 @@ class Pipeline:
         t = self.bundle.manifest.tokens
         indices = vq_indices(tokens, t.idx_0, t.vq_codes, t.image_tokens)
         (vqgan,) = GEN.shared_graphs
-        with self._serial:
+        with self.serial:
             return self.shared(vqgan).run({"indices": np.array([indices], dtype=np.int64)})["image"][0]  # [256,256,3]
 
     def generate_image(self, image, instruction: str, **kw) -> np.ndarray:

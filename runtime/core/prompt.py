@@ -24,12 +24,21 @@ class Template:
     assistant: str
     sep: str
 
-    def parts(self, question: str, has_image: bool, task: str) -> list[Part]:
-        """The prompt as template text around the user's question: only the template may hold control tokens."""
+    def parts(self, question: str, has_image: bool, task: str, history: Sequence[tuple[str, str]] = ()) -> list[Part]:
+        """The prompt as template text around the user's questions: only the template may hold control tokens.
+
+        history: the earlier (question, answer) turns, rendered again as LLaVA's conversation does each turn (the
+        image in the first user turn only). An answer enters as the text the user saw, stripped; it is template text
+        there (the reference tokenizes it with the rest), except one holding `<image>`, kept as plain text rather
+        than read as a second image slot the reference could not fill.
+        """
         check_question(question)
-        head = f"{self.system}{self.sep}{self.user}" + (f"{IMAGE_TOKEN}\n" if has_image else "")
-        tail = f"{self.sep}{self.assistant}{TASKS[task].prompt_suffix}"
-        return [(head, False), (question, True), (tail, False)]
+        parts: list[Part] = [(f"{self.system}{self.sep}{self.user}" + (f"{IMAGE_TOKEN}\n" if has_image else ""), False)]
+        for asked, answer in history:
+            answer = answer.strip()
+            parts += [(asked, True), (f"{self.sep}{self.assistant}", False), (answer, IMAGE_TOKEN in answer),
+                      (f"{self.sep}{self.user}", False)]
+        return parts + [(question, True), (f"{self.sep}{self.assistant}{TASKS[task].prompt_suffix}", False)]
 
     def render(self, question: str, has_image: bool, task: str) -> str:
         """The prompt as the reference's one string (where the question's control tokens would count)."""

@@ -1,6 +1,7 @@
 """`python -m runtime`: answer a question about a scan, generate an image, or show what a bundle holds.
 
     python -m runtime ask --bundle B --image scan.dcm "What does this image show?"
+    python -m runtime chat --bundle B --image scan.dcm   # follow-up questions, one per line
     python -m runtime generate --bundle B --image scan.dcm "Reconstruct the image." --out out.png
     python -m runtime info --bundle B
     python -m runtime app --bundle B          # the web app on http://127.0.0.1:7860/
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     bundle, run = _bundle_options(), _run_options()
     _add_ask(sub, [bundle, run])
+    _add_chat(sub, [bundle, run])
     _add_generate(sub, [bundle, run])
     _add_info(sub, [bundle])
     _add_app(sub)
@@ -123,6 +125,16 @@ def _add_ask(sub, parents: list[argparse.ArgumentParser]) -> None:
     a.set_defaults(run=cmd_ask)
 
 
+
+def _add_chat(sub, parents: list[argparse.ArgumentParser]) -> None:
+    c = sub.add_parser("chat", parents=parents, help="a conversation about an image: follow-up questions",
+                       description="Ask about an image, then follow up: each line of standard input is a question, "
+                                   "answered (streamed to stdout) with the earlier questions and answers in mind. "
+                                   "The image is read and prefilled once; a follow-up only prefills its own words. "
+                                   "At a terminal, Ctrl-C stops the answer being written; Ctrl-D ends the chat.")
+    c.set_defaults(run=cmd_chat)
+
+
 def _add_generate(sub, parents: list[argparse.ArgumentParser]) -> None:
     g = sub.add_parser("generate", parents=parents, help="generate an image from an image (gen task)",
                        description="Generate a 256x256 image with the bundle's generation (gen) task, e.g. "
@@ -175,11 +187,10 @@ def _info(message: str) -> None:
 
 
 def _load_input(a):
-    from runtime.core.image import load_image
+    from runtime.core.image import check_image_options, load_image
 
+    check_image_options(a.image is not None, a.frame, a.window, "--")
     if a.image is None:
-        if a.frame is not None or a.window is not None:
-            raise UserError("--frame and --window need an --image")
         return None
     # A decoder stuck in native code (one hang seen in 441 runs) cannot be interrupted from Python: past the limit
     # faulthandler prints every thread's stack and ends the process (exit 1), so a hang is bounded and diagnosable.
@@ -230,33 +241,37 @@ def _open(a, task, text: str):
 
 ##### commands #####
 
-def cmd_ask(a) -> int:
+def _conversation(a, text: str):
+    """The session every turn streams through: a local Conversation, or one on `--server`."""
     if a.server:
-        from runtime.frontends.serving.remote_cli import cmd_ask as ask_server
+        from runtime.frontends.serving.remote_cli import remote_conversation
 
-        return ask_server(a)
-    from runtime.core.tokenizer import StreamDecoder
-
-    check_question(a.question)
+        return remote_conversation(a)
     image = _load_input(a)
-    sampler = _sampler(a)
-    pipe = _open(a, COM, a.question)
-    stream = StreamDecoder(pipe.tokenizer)
-    stamps: list[float] = []
-    out = sys.stdout  # the real one: quiet_ort swaps sys.stdout to swallow ONNX Runtime's fallback messages
+    return _open(a, COM, text).conversation(image)
 
-    def on_token(token: int) -> None:
-        stamps.append(time.perf_counter())
-        text = stream.push(token)
+
+def _say(conversation, question: str, a, sampler) -> None:
+    """One turn, streamed to stdout; its timing to stderr."""
+    out = sys.stdout  # the real one: quiet_ort swaps sys.stdout to swallow ONNX Runtime's fallback messages
+    stamps: list[float] = []
+
+    def on_text(text: str, token: int | None) -> None:
+        if token is not None:
+            stamps.append(time.perf_counter())
         if text:
             out.write(text)
             out.flush()
 
     start = time.perf_counter()
-    with quiet_ort(a.verbose):
-        pipe.ask(image, a.question, max_new_tokens=a.max_new_tokens, on_token=on_token, sampler=sampler)
+    try:
+        with quiet_ort(a.verbose):
+            conversation.ask(question, a.max_new_tokens, sampler, on_text=on_text)
+    except KeyboardInterrupt:
+        out.write("\n")  # the answer so far stays on its own line
+        raise
     end = time.perf_counter()
-    out.write(stream.flush() + "\n")
+    out.write("\n")
     out.flush()
     if not stamps:
         _info(f"no tokens: the model stopped at once ({end - start:.3f} s)")
@@ -264,7 +279,36 @@ def cmd_ask(a) -> int:
         n = len(stamps)
         rate = f"{(n - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s" if n > 1 else "1 token"
         _info(f"time to first token {stamps[0] - start:.3f} s, {rate} after it ({n} tokens in {end - start:.2f} s)")
+
+
+def cmd_ask(a) -> int:
+    check_question(a.question)
+    sampler = _sampler(a)
+    _say(_conversation(a, a.question), a.question, a, sampler)
     return 0
+
+
+def cmd_chat(a) -> int:
+    """Questions from standard input, one per line, each a turn of one conversation. At a terminal: a prompt, a
+    mistake or Ctrl-C during an answer ends only that turn; from a pipe, the first error ends the chat (exit 2)."""
+    sampler = _sampler(a)
+    conversation = _conversation(a, "")
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        question = line.strip()
+        if not question:
+            continue
+        try:
+            _say(conversation, question, a, sampler)
+        except (UserError, KeyboardInterrupt) as e:
+            if not interactive:
+                raise
+            print(f"error: {e}" if isinstance(e, UserError) else "[I] stopped", file=sys.stderr, flush=True)
 
 
 def cmd_generate(a) -> int:
@@ -336,7 +380,8 @@ def cmd_app(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("ask", "generate", "info") and (args.bundle is None) == (getattr(args, "server", None) is None):
+    needs = ("ask", "chat", "generate", "info")
+    if args.command in needs and (args.bundle is None) == (getattr(args, "server", None) is None):
         parser.error(f"{args.command} needs --bundle" + (" or --server (not both)" if args.command != "info" else ""))
     try:
         return args.run(args)

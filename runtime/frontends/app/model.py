@@ -1,7 +1,9 @@
-"""What the app asks of a model: describe itself, answer with streamed text, generate an image with progress.
+"""What the app asks of a model: describe itself, hold conversations about an image (streamed answers), generate an
+image with progress.
 
-`LocalModel` runs a bundle in this process through the public Pipeline API. A Triton client (`--server`) is meant
-to implement the same three methods; the app needs nothing else.
+`LocalModel` runs a bundle in this process through the public Pipeline API and its conversations
+(runtime/core/conversation.py); `RemoteModel` (remote.py) does the same on a Triton server. The app needs nothing
+else.
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ import numpy as np
 from PIL import Image
 
 from runtime.contract.manifest import Manifest
-from runtime.core.tokenizer import StreamDecoder
+from runtime.core.conversation import Cancelled, Turn
 
 
-class Stopped(Exception):
-    """The user pressed stop (or left): the decode loop ends at the next token."""
+class Session(Protocol):
+    """A conversation about one image: runtime/core/conversation.py's, or one a server continues (remote.py)."""
+
+    id: str
+    turns: list[Turn]
+
+    def release(self) -> None:
+        """Free what the conversation holds between turns (its KV cache); it goes on from its turns."""
 
 
 class Model(Protocol):
@@ -31,10 +39,12 @@ class Model(Protocol):
 
     def describe(self) -> dict: ...
 
-    def ask(self, image: Image.Image | None, question: str, max_new_tokens: int,
-            on_text: Callable[[str, int], None], stop: threading.Event) -> str:
-        """The answer; on_text(new printable text, tokens so far) once per token (and once more for text held
-        back at the end). Raises Stopped when `stop` is set."""
+    def conversation(self, image: Image.Image | None) -> Session: ...
+
+    def ask(self, conversation: Session, question: str, max_new_tokens: int,
+            on_text: Callable[[str, int | None], None], stop: threading.Event) -> Turn:
+        """The conversation's next turn; on_text(new printable text, token id) once per token (and once more, id
+        None, for text held back at the end). Cancelled when `stop` is set; the conversation then goes on."""
 
     def generate(self, image: Image.Image, instruction: str, constrain: bool,
                  on_progress: Callable[[int, int, int], None], stop: threading.Event) -> np.ndarray:
@@ -80,7 +90,8 @@ def parity_status(root: Path, backend: str, provider: str) -> dict:
     if entry.get("status") == "passed":
         return {"status": "passed", "backend": key, "detail": f"{key} passed ({summary})"}
     if entry.get("status") == "failed":
-        failed = [c for c in entry.get("checks", []) + entry.get("e2e", []) if not c.get("ok")]
+        failed = [c for c in entry.get("checks", []) + entry.get("e2e", []) + entry.get("conversation", [])
+                  if not c.get("ok")]
         return {"status": "failed", "backend": key,
                 "detail": f"{key} FAILED {len(failed)} check(s): see parity.md in the bundle ({summary})"}
     return {"status": "not verified", "backend": key,
@@ -126,40 +137,28 @@ class LocalModel:
         """Wait for the model, giving up when the user stops while waiting."""
         while not self._lock.acquire(timeout=0.1):
             if stop.is_set():
-                raise Stopped
+                raise Cancelled(0)
         try:
             yield
         finally:
             self._lock.release()
 
-    def ask(self, image, question, max_new_tokens, on_text, stop) -> str:
-        stream = StreamDecoder(self.pipe.tokenizer)
-        count = 0
+    def conversation(self, image):
+        return self.pipe.conversation(image)
 
-        def on_token(token: int) -> None:
-            nonlocal count
-            if stop.is_set():
-                raise Stopped
-            count += 1
-            on_text(stream.push(token), count)
-
+    def ask(self, conversation, question, max_new_tokens, on_text, stop) -> Turn:
         with self._turn(stop):
-            answer = self.pipe.ask(image, question, max_new_tokens=max_new_tokens, on_token=on_token)
-        tail = stream.flush()
-        if tail:
-            on_text(tail, count)
-        return answer
+            return conversation.ask(question, max_new_tokens, on_text=on_text, cancel=stop.is_set)
 
     def generate(self, image, instruction, constrain, on_progress, stop) -> np.ndarray:
         ids, need = self.facts.image_token_ids, self.facts.image_tokens
         counts = [0, 0]  # image tokens, other tokens
 
         def on_token(token: int) -> None:
-            if stop.is_set():
-                raise Stopped
             counts[token not in ids] += 1
             on_progress(counts[0], counts[1], need)
 
         with self._turn(stop):
-            tokens = self.pipe.image_tokens(image, instruction, constrain_image_tokens=constrain, on_token=on_token)
+            tokens = self.pipe.image_tokens(image, instruction, constrain_image_tokens=constrain, on_token=on_token,
+                                            cancel=stop.is_set)
             return self.pipe.decode_image(tokens)  # a UserError saying what came out unless exactly 1024 image tokens

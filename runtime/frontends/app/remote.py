@@ -1,8 +1,9 @@
-"""The app's model on a Triton server (`python -m runtime app --server URL`): the same three methods as LocalModel,
-over Triton's HTTP generate endpoints (standard library only: the app's venv cannot hold tritonclient).
+"""The app's model on a Triton server (`python -m runtime app --server URL`): the same methods as LocalModel, over
+Triton's HTTP generate endpoints (standard library only: the app's venv cannot hold tritonclient).
 
-Questions stream from `/generate_stream` (server-sent events, one per token); a stop closes the connection, which
-cancels the request's decode loop on the server. Images come whole from `/generate`: the server sends no progress
+Questions stream from `/generate_stream` (server-sent events, one per token), each carrying the conversation's
+earlier turns (the server is stateless); a stop closes the connection, which cancels the request's decode loop on
+the server. Images come whole from `/generate`: the server sends no progress
 for them, so the progress bar jumps from 0 to done. The bundle's facts are read from the bundle the server's
 model configuration names, when this machine can open it (the same workstation); otherwise they show as unknown.
 """
@@ -14,14 +15,17 @@ import io
 import json
 import threading
 import urllib.error
+import uuid
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from runtime.frontends.app.model import BundleFacts, Stopped, parity_status
+from runtime.core.conversation import Cancelled, Turn
+from runtime.frontends.app.model import BundleFacts, parity_status
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKENS
 
@@ -38,6 +42,18 @@ def _error_message(body: bytes, code: int) -> str:
         if message:
             return message
     return f"the server answered HTTP {code}"
+
+
+@dataclass
+class RemoteConversation:
+    """The server keeps nothing between requests: each turn sends the image and the earlier turns again."""
+
+    image: Image.Image | None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    turns: list[Turn] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Nothing is held here: the server's image prefix cache is its own."""
 
 
 class RemoteModel:
@@ -96,24 +112,30 @@ class RemoteModel:
         image.save(out, format="PNG")  # lossless: the server gets exactly the pixels shown
         return {"image_base64": base64.b64encode(out.getvalue()).decode()}
 
-    def ask(self, image, question: str, max_new_tokens: int, on_text: Callable[[str, int], None],
-            stop: threading.Event) -> str:
-        body = {"task": COM.name, "prompt": question, "max_new_tokens": max_new_tokens, **self._image(image)}
-        text, count = [], 0
+    def conversation(self, image) -> RemoteConversation:
+        return RemoteConversation(image)
+
+    def ask(self, conversation: RemoteConversation, question: str, max_new_tokens: int,
+            on_text: Callable[[str, int | None], None], stop: threading.Event) -> Turn:
+        history = json.dumps([{"question": t.question, "answer": t.answer} for t in conversation.turns])
+        body = {"task": COM.name, "prompt": question, "max_new_tokens": max_new_tokens, "history": history,
+                **self._image(conversation.image)}
+        text, ids = [], []
         with self._post(f"/v2/models/{MODEL}/generate_stream", body) as response:
             for line in response:
                 if stop.is_set():
-                    raise Stopped  # leaving the `with` hangs up: the server cancels the request
+                    raise Cancelled(len(ids))  # leaving the `with` hangs up: the server cancels the request
                 if not line.startswith(b"data: "):
                     continue
                 event = json.loads(line[6:])
                 if "error" in event:
                     raise UserError(event["error"])
-                count += "token_id" in event
+                ids += [event["token_id"]] if "token_id" in event else []
                 if event.get("text") or "token_id" in event:
                     text.append(event.get("text", ""))
-                    on_text(event.get("text", ""), count)
-        return "".join(text)
+                    on_text(text[-1], event.get("token_id"))
+        conversation.turns.append(Turn(question, "".join(text), tuple(ids)))
+        return conversation.turns[-1]
 
     def generate(self, image, instruction: str, constrain: bool, on_progress: Callable[[int, int, int], None],
                  stop: threading.Event) -> np.ndarray:
@@ -122,6 +144,6 @@ class RemoteModel:
         with self._post(f"/v2/models/{MODEL}/generate", body) as response:
             reply = json.loads(response.read())
         if stop.is_set():
-            raise Stopped
+            raise Cancelled(0)
         on_progress(IMAGE_TOKENS, 0, IMAGE_TOKENS)
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["image_png_base64"]))).convert("RGB"))

@@ -2,7 +2,8 @@
 
 Every model request runs in a worker thread; its events (tokens, progress, the end) reach the page through an
 asyncio queue as `data: {json}` lines. Stop sets the request's event, which the model checks at every token; a page
-that goes away stops its request the same way.
+that goes away stops its request the same way. Questions are turns of a conversation the app keeps per page (the
+page sends its id back; another image, frame or window starts a new one); a stopped turn is left out of it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from runtime.frontends.app.audit import AuditLog
-from runtime.frontends.app.model import Model, Stopped
+from runtime.core.conversation import Cancelled
+from runtime.frontends.app.model import Model, Session
 from runtime.frontends.app.scans import Scan, Scans
+from runtime.frontends.app.security import SecurityHeaders
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN
 
@@ -44,9 +47,8 @@ STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 1 << 30  # bytes; a large multi-frame study still fits, a runaway upload does not
 MAX_JSON = 1 << 20
 KEEP_OUTPUTS = 16  # generated PNGs held for the page to fetch
-# Everything from this origin, nothing from any other; images also from the blob: URLs the page makes.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+KEEP_CONVERSATIONS = 32  # the pages' conversations, least recently asked out
+KEEP_CACHES = 2  # ... of which the most recent keep their KV cache (each up to ~1.6 GB at full size)
 # A custom header makes any cross-origin POST a CORS preflight, which this app never grants: another web page open
 # in the clinician's browser cannot start requests here.
 CSRF_HEADER = "x-healthgpt-app"
@@ -77,6 +79,8 @@ class App:
         self.jobs: dict[str, _Job] = {}
         self.outputs: OrderedDict[str, bytes] = OrderedDict()
         self._outputs_lock = threading.Lock()
+        self.conversations: OrderedDict[str, tuple[tuple, Session]] = OrderedDict()
+        self._conversations_lock = threading.Lock()
 
     # ---- request helpers ----
 
@@ -120,6 +124,21 @@ class App:
             raise UserError(f"frame {frame!r}: need an integer")
         image, window = scan.render(frame, self._window(data.get("window")))
         return scan, frame, window, image
+
+    def _conversation(self, wanted, key: tuple, image) -> Session:
+        """The page's conversation when it is about this image (scan, frame and window); else a new one."""
+        with self._conversations_lock:
+            kept = self.conversations.get(wanted) if isinstance(wanted, str) else None
+            if kept is not None and kept[0] == key:
+                self.conversations.move_to_end(wanted)
+            else:
+                kept = (key, self.model.conversation(image))
+                self.conversations[kept[1].id] = kept
+            while len(self.conversations) > KEEP_CONVERSATIONS:
+                self.conversations.popitem(last=False)
+            for _, older in list(self.conversations.values())[:-KEEP_CACHES]:
+                older.release()
+            return kept[1]
 
     # ---- routes ----
 
@@ -185,25 +204,27 @@ class App:
         if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= limit:
             raise UserError(f"max new tokens {max_new!r}: need an integer from 1 to {limit} (the bundle's context)")
         scan, frame, window, image = await asyncio.to_thread(self._image, data)
-        record = self._record(COM.name, scan, frame, window, question)
+        conversation = self._conversation(data.get("conversation"), (scan and scan.sha256, frame, window), image)
+        turn = {"conversation": conversation.id, "turn": len(conversation.turns) + 1}
+        record = self._record(COM.name, scan, frame, window, question, **turn)
         texts: list[str] = []
 
         def work(job: _Job, emit, started: float) -> dict:
             stamps: list[float] = []
 
-            def on_text(piece: str, tokens: int) -> None:
-                if len(stamps) < tokens:
+            def on_text(piece: str, token: int | None) -> None:
+                if token is not None:
                     stamps.append(time.perf_counter())
                 texts.append(piece)
-                emit({"type": "text", "text": piece, "tokens": tokens, **_rates(started, stamps)})
+                emit({"type": "text", "text": piece, "tokens": len(stamps), **_rates(started, stamps)})
 
             try:
-                self.model.ask(image, question, max_new, on_text, job.stop)
+                self.model.ask(conversation, question, max_new, on_text, job.stop)
             finally:
                 record.update(answer="".join(texts), tokens=len(stamps))
             return {"tokens": len(stamps), **_rates(started, stamps)}
 
-        return self._stream(record, work)
+        return self._stream(record, work, turn)
 
     async def generate(self, request: Request) -> Response:
         self._guard(request)
@@ -243,8 +264,9 @@ class App:
                 "frame": frame, "window": list(window) if window else None, "prompt": prompt, **extra,
                 "bundle_manifest_sha256": self.model.manifest_sha256}
 
-    def _stream(self, record: dict, work) -> StreamingResponse:
-        """Run work(job, emit, started) in a thread and stream its events; one audit line per request."""
+    def _stream(self, record: dict, work, start: dict | None = None) -> StreamingResponse:
+        """Run work(job, emit, started) in a thread and stream its events (`start` in the first); one audit line per
+        request."""
         job = _Job()
         self.jobs[job.id] = job
         loop = asyncio.get_running_loop()
@@ -258,7 +280,7 @@ class App:
             try:
                 end = {"type": "done", **work(job, emit, started)}
                 record["status"] = "done"
-            except Stopped:
+            except Cancelled:
                 end = {"type": "stopped"}
                 record["status"] = "stopped"
             except UserError as e:
@@ -280,7 +302,7 @@ class App:
 
         async def events():
             try:
-                yield _sse({"type": "start", "job": job.id})
+                yield _sse({"type": "start", "job": job.id, **(start or {})})
                 loop.run_in_executor(None, run)
                 while (event := await queue.get()) is not None:
                     yield _sse(event)
@@ -306,24 +328,6 @@ def _rates(started: float, stamps: list[float]) -> dict:
     return out
 
 
-class _SecurityHeaders:
-    """Adds the CSP and friends to every response (pure ASGI, so streamed responses pass through untouched)."""
-
-    HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-               (b"referrer-policy", b"no-referrer")]
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *self.HEADERS]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
-
-
 async def _user_error(request: Request, exc: UserError) -> Response:
     return _error(str(exc))
 
@@ -345,7 +349,7 @@ def create_app(model: Model, audit: AuditLog, allowed_hosts: list[str]) -> Starl
               Mount("/static", StaticFiles(directory=STATIC))]
     starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers={UserError: _user_error},
                           middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts),
-                                      Middleware(_SecurityHeaders)])
+                                      Middleware(SecurityHeaders)])
     starlette.state.app = app
     return starlette
 

@@ -1,4 +1,4 @@
-"""Streaming client for the served model, over gRPC with tritonclient: `python -m runtime ask/generate --server`.
+"""Streaming client for the served model, over gRPC with tritonclient: `python -m runtime ask/chat/generate --server`.
 
     with Client("127.0.0.1:8001") as c:
         for out in c.stream(Request("What does this scan show?", image=Path("scan.dcm").read_bytes())):
@@ -10,15 +10,20 @@ tritonclient 2.73 runs on numpy 1.26 and 2.x; it is in the serving venv, or `pip
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import queue
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM
+from runtime.core.conversation import Cancelled, Turn
+from runtime.core.image import check_image_options
+from runtime.core.sampling import Sampler
 from runtime.frontends.serving.repository import MODEL
 
 
@@ -35,6 +40,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     constrain_image_tokens: bool = False
+    history: Sequence[Turn] = ()  # the conversation's earlier turns: the server keeps nothing between requests
 
 
 def grpc_address(url: str) -> str:
@@ -101,16 +107,19 @@ class Client:
             # Left before the final response (a break, an error): tell the server, so it stops decoding.
             self._client.stop_stream(cancel_requests=not done)
 
-    def ask(self, request: Request, on_text=None) -> tuple[str, list[int]]:
-        """The answer and its token ids; `on_text(delta)` as text arrives."""
+    def ask(self, request: Request, on_text: Callable[[str, int | None], None] | None = None,
+            cancel: Callable[[], bool] | None = None) -> tuple[str, list[int]]:
+        """The answer and its token ids; on_text(text, id) per response, as the session's (runtime/core/
+        conversation.py); Cancelled when `cancel()` turns true (leaving the stream cancels the request)."""
         parts, ids = [], []
         for out in self.stream(request):
-            if "token_id" in out:
-                ids.append(int(out["token_id"][0]))
-            text = out["text"][0].decode("utf-8") if "text" in out else ""
-            parts.append(text)
-            if on_text and text:
-                on_text(text)
+            if cancel is not None and cancel():
+                raise Cancelled(len(ids))
+            token = int(out["token_id"][0]) if "token_id" in out else None
+            ids += [token] if token is not None else []
+            parts.append(out["text"][0].decode("utf-8") if "text" in out else "")
+            if on_text:
+                on_text(parts[-1], token)
         return "".join(parts), ids
 
     def generate(self, request: Request) -> tuple[bytes, np.ndarray]:
@@ -124,7 +133,7 @@ class Client:
         values = {"prompt": r.prompt.encode(), "task": r.task.encode(), "image": r.image, "frame": r.frame,
                   "window": r.window, "max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
                   "top_k": r.top_k, "top_p": r.top_p, "seed": r.seed,
-                  "constrain_image_tokens": r.constrain_image_tokens}
+                  "constrain_image_tokens": r.constrain_image_tokens, "history": history_json(r.history)}
         inputs = []
         for name, value in values.items():
             if value is None:
@@ -139,7 +148,39 @@ class Client:
 _DTYPES = {"prompt": ("BYTES", np.object_), "task": ("BYTES", np.object_), "image": ("BYTES", np.object_),
            "frame": ("INT32", np.int32), "window": ("FP32", np.float32), "max_new_tokens": ("INT32", np.int32),
            "temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32), "top_p": ("FP32", np.float32),
-           "seed": ("INT64", np.int64), "constrain_image_tokens": ("BOOL", np.bool_)}
+           "seed": ("INT64", np.int64), "constrain_image_tokens": ("BOOL", np.bool_), "history": ("BYTES", np.object_)}
+
+
+def history_json(turns: Sequence[Turn]) -> bytes | None:
+    """A request's earlier turns as the server reads them (serving/model.py): [{"question", "answer"}, ...]."""
+    return json.dumps([{"question": t.question, "answer": t.answer} for t in turns]).encode() if turns else None
+
+
+class RemoteConversation:
+    """The session API (runtime/core/conversation.py) over a server: each turn carries the earlier ones."""
+
+    def __init__(self, url: str, image: bytes | None, frame: int | None = None, window=None, task: str = COM.name):
+        check_image_options(image is not None, frame, window)
+        self.client, self.request = Client(url), Request("", task, image, frame, window)
+        self.turns: list[Turn] = []
+
+    def ask(self, question: str, max_new_tokens: int | None = None, sampler: Sampler | None = None,
+            on_token: Callable[[int], None] | None = None, on_text: Callable[[str, int | None], None] | None = None,
+            cancel: Callable[[], bool] | None = None) -> Turn:
+        s = sampler or Sampler()
+        request = dataclasses.replace(self.request, prompt=question, max_new_tokens=max_new_tokens,
+                                      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                                      history=tuple(self.turns))
+
+        def each(text: str, token: int | None) -> None:
+            if on_token and token is not None:
+                on_token(token)
+            if on_text:
+                on_text(text, token)
+
+        answer, ids = self.client.ask(request, each, cancel)
+        self.turns.append(Turn(question, answer, tuple(ids)))
+        return self.turns[-1]
 
 
 def _message(error) -> str:

@@ -3,12 +3,13 @@
 HealthGPTModel: one runtime Pipeline per instance, both tasks resident, the task chosen per request. The model is
 decoupled: a `com` request streams one response per token (`token_id` and the `text` it adds; a last text-only
 response flushes held-back characters), a `gen` request gets one response (`image_png`, `indices`); every request
-ends with a final-flag response. Triton calls `execute` of one instance from one thread, one call at a time, and
+ends with a final-flag response. A `com` request may carry the conversation's earlier turns (`history`): each request
+stands alone, so any instance can serve any turn, and the instance's image prefix cache spares a follow-up the
+vision graph and the image's prefill. Triton calls `execute` of one instance from one thread, one call at a time, and
 this model finishes each request inside `execute`: so each instance serves one request at a time (the Pipeline
 itself is thread-safe; an instance simply has no second request to give it), and concurrency comes from
-instance_group count. Mistakes in a request come back as that request's
-Triton error; nothing a request sends takes the instance down. A request the client cancels stops decoding within
-CANCEL_POLL_S and a token.
+instance_group count. Mistakes in a request come back as that request's Triton error; nothing a request sends takes
+the instance down. A request the client cancels stops decoding within CANCEL_POLL_S and a token.
 
 Imported only inside Triton's stub (triton_python_backend_utils exists only there).
 """
@@ -28,19 +29,15 @@ import triton_python_backend_utils as pb_utils
 from runtime.contract import healthgpt
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM
-from runtime.core.image import load_image
+from runtime.core.conversation import Cancelled, Turn
+from runtime.core.image import check_image_options, load_image
 from runtime.core.png import png_bytes
 from runtime.core.prompt import vq_indices
 from runtime.core.sampling import Sampler
 from runtime.frontends.serving.repository import bundle_facts
-from runtime.core.tokenizer import StreamDecoder
 
 CANCEL_POLL_S = 0.02
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-class Cancelled(Exception):
-    pass
 
 
 class HealthGPTModel:
@@ -69,7 +66,8 @@ class HealthGPTModel:
             try:
                 self._serve(request, sender)
             except Cancelled as e:
-                _log("info", f"request {request.request_id() or '(no id)'} cancelled by the client after {e} tokens")
+                _log("info", f"request {request.request_id() or '(no id)'} cancelled by the client after {e.tokens} "
+                             "tokens")
             except UserError as e:
                 last = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
             except Exception as e:  # a bug, not the request's fault: report it, keep the instance serving
@@ -94,34 +92,32 @@ class HealthGPTModel:
                               seed=_scalar(request, "seed", int, None))
         except ValueError as e:
             raise UserError(f"sampling: {e}") from None
-        count, next_poll = 0, 0.0
+        next_poll = 0.0
 
-        def check_cancelled() -> None:
+        def cancelled() -> bool:
             # is_cancelled() is a round trip to the server (~0.8 ms here, as much as a tiny model's token):
             # asked at most every CANCEL_POLL_S, so a cancelled request stops within that much and one token.
-            nonlocal count, next_poll
+            nonlocal next_poll
             now = time.monotonic()
-            if now >= next_poll:
-                next_poll = now + CANCEL_POLL_S
-                if request.is_cancelled():
-                    raise Cancelled(count)
-            count += 1
+            if now < next_poll:
+                return False
+            next_poll = now + CANCEL_POLL_S
+            return request.is_cancelled()
 
         if not task.makes_images:
-            stream = StreamDecoder(self.pipe.tokenizer)
+            def on_text(text: str, token: int | None) -> None:
+                token_id = {} if token is None else {"token_id": np.array([token], np.int32)}
+                if text or token_id:
+                    sender.send(_response(text=text, **token_id))
 
-            def on_token(token: int) -> None:
-                check_cancelled()
-                sender.send(_response(text=stream.push(token), token_id=np.array([token], np.int32)))
-
-            self.pipe.ask(image, prompt, max_new_tokens=max_new, on_token=on_token, sampler=sampler)
-            tail = stream.flush()
-            if tail:
-                sender.send(_response(text=tail))
+            conversation = self.pipe.conversation(image, task, _history(request))
+            conversation.ask(prompt, max_new, sampler, on_text=on_text, cancel=cancelled)
             return
+        if _given(request, "history"):
+            raise UserError(f"history: a {task.name} request answers with an image, not as a conversation")
         tokens = self.pipe.image_tokens(image, prompt, max_new_tokens=max_new, sampler=sampler,
                                         constrain_image_tokens=_scalar(request, "constrain_image_tokens", bool, False),
-                                        on_token=lambda token: check_cancelled())
+                                        cancel=cancelled)
         pixels = self.pipe.decode_image(tokens)
         f = self.facts
         png = png_bytes(pixels)
@@ -197,11 +193,26 @@ def _image(request):
         except binascii.Error as e:
             raise UserError(f"image_base64 is not valid base64: {e}") from None
     frame, window = _scalar(request, "frame", int, None), pb_utils.get_input_tensor_by_name(request, "window")
+    check_image_options(raw is not None, frame, window)
     if raw is None:
-        if frame is not None or window is not None:
-            raise UserError("frame and window need an image")
         return None
     if frame is not None and frame < 0:
         raise UserError(f"frame must be 0 or more, got {frame}")
     window = tuple(float(v) for v in window.as_numpy().reshape(-1)) if window is not None else None
     return load_image(bytes(raw), frame=frame, window=window)
+
+
+def _history(request) -> list[Turn]:
+    """The conversation's earlier turns the request carries (JSON [{"question", "answer"}, ...]; none: a first turn)."""
+    text = _text(request, "history")
+    if text is None:
+        return []
+    try:
+        turns = json.loads(text)
+    except ValueError:
+        turns = None
+    if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("question"), str) and isinstance(t.get("answer"), str)
+            for t in turns):
+        raise UserError('history: need a JSON list of {"question": text, "answer": text} turns')
+    return [Turn(t["question"], t["answer"]) for t in turns]

@@ -106,7 +106,8 @@ input [
   {{ name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   {{ name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
   {{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
-  {{ name: "constrain_image_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
+  {{ name: "constrain_image_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "history" data_type: TYPE_STRING dims: [ 1 ] optional: true }}
 ]
 output [
   {{ name: "text" data_type: TYPE_STRING dims: [ 1 ] }},

@@ -5,7 +5,8 @@
 const $ = (id) => document.getElementById(id);
 const HEADERS = { "X-HealthGPT-App": "1" };  // the server refuses POSTs without it (no cross-site requests)
 
-const view = { scan: null, frame: 0, window: null, shown: null, renderSeq: 0, busy: false, job: null };
+const view = { scan: null, frame: 0, window: null, shown: null, renderSeq: 0, busy: false, job: null,
+               conversation: null };
 
 function showError(message) {
   $("error-text").textContent = message;
@@ -203,10 +204,11 @@ function updateButtons() {
   $("ask").disabled = view.busy;
   $("generate").disabled = view.busy || !view.scan || !$("generate").dataset.available;
   $("ask-stop").disabled = !(view.busy === "ask" && view.job);
+  $("new-conversation").disabled = view.busy || !view.conversation;
   $("generate-stop").disabled = !(view.busy === "generate" && view.job);
 }
 
-async function run(kind, url, body, onEvent, statusEl) {
+async function run(kind, url, body, onEvent, statusEl, onStart = () => {}) {
   clearError();
   view.busy = kind;
   view.job = null;
@@ -215,7 +217,12 @@ async function run(kind, url, body, onEvent, statusEl) {
   let end = null;
   try {
     await stream(url, body, (event) => {
-      if (event.type === "start") { view.job = event.job; updateButtons(); statusEl.textContent = "running…"; }
+      if (event.type === "start") {
+        view.job = event.job;
+        onStart(event);
+        updateButtons();
+        statusEl.textContent = "running…";
+      }
       else if (["done", "stopped", "error"].includes(event.type)) end = event;
       else onEvent(event);
     });
@@ -242,17 +249,53 @@ function describeInput(req) {
   return `about ${view.scan.name}, frame ${req.frame + 1}, ${w}`;
 }
 
+// The conversation pane: one question and answer per turn; the newest answer is #answer. The server keeps the
+// conversation (by id) and starts a new one when the image, frame or window on screen changed.
+function newTurn(question) {
+  $("answer")?.removeAttribute("id");
+  const turn = document.createElement("div");
+  turn.className = "turn";
+  const q = document.createElement("div");
+  q.className = "turn-q";
+  q.textContent = question;
+  const a = document.createElement("div");
+  a.className = "turn-a";
+  a.id = "answer";
+  turn.append(q, a);
+  $("conversation").append(turn);
+  return turn;
+}
+
+$("new-conversation").onclick = () => {
+  view.conversation = null;
+  $("conversation").textContent = "";
+  updateButtons();
+};
+
 $("ask").onclick = async () => {
-  const req = { ...imageRequest(), question: $("question").value, max_new_tokens: Number($("max-tokens").value) };
-  const answer = $("answer");
-  answer.textContent = "";
+  const req = { ...imageRequest(), question: $("question").value, max_new_tokens: Number($("max-tokens").value),
+                conversation: view.conversation };
+  const turn = newTurn(req.question);
+  const answer = turn.lastChild;
   for (const id of ["ttft", "rate", "tokens"]) $(id).textContent = "";
-  $("about").textContent = describeInput(req);
   const end = await run("ask", "/api/ask", req, (event) => {
     answer.append(event.text);
+    answer.parentElement.parentElement.scrollTop = 1e9;
     showRates(event);
-  }, $("ask-status"));
-  if (end.type === "done") showRates(end);
+  }, $("ask-status"), (start) => {
+    if (start.conversation !== view.conversation) {  // a new conversation: this turn alone in the pane
+      for (const old of [...$("conversation").children]) if (old !== turn) old.remove();
+      $("about").textContent = describeInput(req);
+    }
+    view.conversation = start.conversation;
+    turn.firstChild.dataset.turn = start.turn;
+  });
+  if (end.type === "done") {
+    showRates(end);
+    $("question").value = "";
+    $("question").placeholder = "Ask a follow-up question about this image…";
+  } else if (end.type === "stopped") turn.classList.add("stopped");
+  else turn.remove();
 };
 
 function showRates(event) {
