@@ -143,7 +143,8 @@ def test_decoder_matches_optimum_export(variant, window, request, tmp_path, offl
         diffs.append(float(np.abs(our_logits - their_logits).max()))
         scales.append(float(np.abs(their_logits).max()))
         # the new K/V rows too: ours are exactly the rows optimum's growing cache gained this step
-        kv_diffs.append(max(float(np.abs(ours_out[present] - theirs_out[present][0, :, length:].transpose(1, 0, 2)).max())
+        kv_diffs.append(max(float(np.abs(ours_out[present]
+                                         - theirs_out[present][0, :, length:].transpose(1, 0, 2)).max())
                             for _, present in cache.pairs))
         cache.update(ours_out)
         past = {name: theirs_out[present] for name, present in cache.pairs}
