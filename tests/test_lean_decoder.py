@@ -14,12 +14,12 @@ from runtime.core.bundle import Bundle
 from runtime.core.generate import decode_one_token, prefill
 from runtime.core.pipeline import Pipeline
 
-# Issue 25 asks for <= 30. Measured with standard ONNX ops (tiny M3 / L14, ORT_ENABLE_ALL): 55 / 58, from ~160. What
+# Issue 25 asks for <= 30. Measured with standard ONNX ops (tiny M3 / L14, ORT_ENABLE_ALL): 54 / 57, from ~160. What
 # is left is what the model computes: per H-LoRA linear (4 a layer) the base MatMul, the [A; R] MatMul, its Split,
 # the routing Softmax, the gate's spread MatMul, the gate Mul, the B MatMul and the Add (8 x 4 = 32), then 2 norms,
-# RoPE (one MatMul), 12 attention and 5 MLP/residual nodes. Fewer needs fused ops (GroupQueryAttention,
-# RotaryEmbedding, a fused H-LoRA): not standard ONNX. This bound keeps what was reached.
-MAX_NODES_PER_LAYER = 58
+# RoPE with its head splits (4), attention (12; 14 with GQA's reshapes) and 4 MLP/residual nodes. Fewer needs fused
+# ops (GroupQueryAttention, RotaryEmbedding, a fused H-LoRA): not standard ONNX. This bound keeps what was reached.
+MAX_NODES_PER_LAYER = 57
 
 
 def optimized_nodes(bundle_dir, out) -> Counter:
@@ -42,7 +42,7 @@ def test_decoder_layer_node_count(variant, request, tmp_path):
     single = optimized_nodes(tmp_path / "one", tmp_path / "one.opt")
     per_layer = sum(two.values()) - sum(single.values())
     assert per_layer <= MAX_NODES_PER_LAYER, f"{per_layer} nodes per layer: {dict((two - single).most_common())}"
-    assert not {"Shape", "Gather", "Unsqueeze", "Range"} & set(two - single)  # shape arithmetic: once per step
+    assert not {"Shape", "Gather", "Unsqueeze", "Range", "Slice"} & set(two - single)  # shape arithmetic: once a step
 
 
 def test_decode_binds_only_the_cached_rows(m3_bundle, monkeypatch):

@@ -47,6 +47,19 @@ def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * h.to(x.dtype)
 
 
+class SplitLast(torch.autograd.Function):
+    """x [..., A + B] -> x[..., :A], x[..., A:] as one ONNX Split whose sizes [A, B] are a tensor made once per step
+    (the tracer would write two Slices, with their bounds, per layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.clone() for t in x.split(sizes.tolist(), dim=-1))
+
+    @staticmethod
+    def symbolic(g, x, sizes):
+        return g.op("Split", x, sizes, axis_i=-1, outputs=2)
+
+
 class Block(nn.Module):
     """One Phi-3 layer's weights, shared with the reference (not copied); H-LoRA linears folded for export."""
 
@@ -126,7 +139,7 @@ class DecoderGraph(nn.Module):
             q = q.reshape(kv_heads, -1, d)
         scale = d ** -0.5
         scores = torch.cat([q @ k_cache.permute(1, 2, 0) * scale, q @ k.permute(1, 2, 0) * scale], dim=-1)
-        p_cache, p_new = torch.softmax(scores.float() + mask, dim=-1).to(x.dtype).split(split, dim=-1)
+        p_cache, p_new = SplitLast.apply(torch.softmax(scores.float() + mask, dim=-1).to(x.dtype), split)
         out = p_cache @ v_cache.transpose(0, 1) + p_new @ v.transpose(0, 1)  # [kvh, g*S, d]
         if heads != kv_heads:
             out = out.reshape(heads, -1, d)
@@ -135,12 +148,14 @@ class DecoderGraph(nn.Module):
     def body(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, cache) -> tuple[torch.Tensor, list]:
         """All layers: final hidden states [S, H] and the new K/V rows of every layer."""
         seq, rows = inputs_embeds.shape[1], cache[0].shape[0]
+        # [C, S] as a tensor traced from the inputs' shapes (a Python list would be baked in as constants)
+        split = torch.cat([torch._shape_as_tensor(cache[0])[:1], torch._shape_as_tensor(inputs_embeds)[1:2]])
         rot = self.rotation(past_length + torch.arange(seq))
         mask = self.mask(past_length, seq, rows)
         h, new_rows = inputs_embeds[0], []
         for i, block in enumerate(self.blocks):
             a, k, v = self.attention(block, rms_norm(block.input_norm, h), rot, cache[2 * i], cache[2 * i + 1],
-                                     mask, [rows, seq])
+                                     mask, split)
             h = h + a
             gate, up = block.gate_up(rms_norm(block.post_norm, h)).split(self.intermediate, dim=-1)
             h = h + block.down(up * nn.functional.silu(gate))
