@@ -34,4 +34,4 @@ class AllPositionsDecoder(DecoderGraph):
 
     def forward(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, *cache: torch.Tensor):
         h, new_rows = self.body(inputs_embeds, past_length, cache)
-        return (self.logits(h)[None], *new_rows)
+        return (self.logits(h), *new_rows)

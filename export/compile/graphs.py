@@ -78,9 +78,9 @@ class DecoderGraph(nn.Module):
     """inputs_embeds [1,S,H], past_length [1], cache [C,kvh,d] x 2L -> logits [1,V], new rows [S,kvh,d] x 2L.
     The cache rows are outermost, so the runtime binds the first max(past_length, 1) rows of its buffer as one
     contiguous view; C (<= max_context) is dynamic; positions up to max_context have RoPE tables.
-    Written for a lean trace: tokens as rows of 2-D [S, H] activations (no batch axis), head counts and head_dim as
-    constants (no Shape arithmetic per layer), and the rotation, the mask and the split sizes built once per step
-    from past_length, S and C and shared by every layer (ONNX Runtime's CSE merges what the tracer repeats).
+    Written for a lean trace: head counts and head_dim as constants (no Shape arithmetic per layer), attention on
+    [S, heads, d] and [heads, S, d] views, and the rotation, the mask and the split sizes built once per step from
+    past_length, S and C and shared by every layer (ONNX Runtime's CSE merges what the tracer repeats).
     fold: what each H-LoRA linear becomes in the graph (FoldedHLora: W kept apart, shareable; benchmarks try others)."""
 
     def __init__(self, llm: nn.Module, max_context: int, fold: type[nn.Module] = FoldedHLora):
@@ -129,7 +129,7 @@ class DecoderGraph(nn.Module):
         return mask.repeat(groups, 1) if groups > 1 else mask
 
     def attention(self, block, x, rot, k_cache, v_cache, mask, split):
-        """x [S, H] -> output [S, H] and the new rows [S, kvh, d]; GQA folds each KV head's query group into the
+        """x [1, S, H] -> output [1, S, H] and the new rows [S, kvh, d]; GQA folds each KV head's query group into the
         row axis and reads the cache [C, kvh, d] as transposed operands (ONNX Runtime: strides, no copy)."""
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         qk, v = block.qkv(x).view(-1, heads + 2 * kv_heads, d).split([heads + kv_heads, kv_heads], dim=1)
@@ -143,16 +143,18 @@ class DecoderGraph(nn.Module):
         out = p_cache @ v_cache.transpose(0, 1) + p_new @ v.transpose(0, 1)  # [kvh, g*S, d]
         if heads != kv_heads:
             out = out.reshape(heads, -1, d)
-        return block.o(out.transpose(0, 1).reshape(-1, heads * d)), k, v
+        return block.o(out.transpose(0, 1).reshape(1, -1, heads * d)), k, v
 
     def body(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, cache) -> tuple[torch.Tensor, list]:
-        """All layers: final hidden states [S, H] and the new K/V rows of every layer."""
+        """All layers: final hidden states [1, S, H] and the new K/V rows of every layer. (Activations keep their
+        batch axis: traced 2-D against the streaming export's placeholder weights, the export held ~10 MB more per
+        layer; tests/test_streaming.py.)"""
         seq, rows = inputs_embeds.shape[1], cache[0].shape[0]
         # [C, S] as a tensor traced from the inputs' shapes (a Python list would be baked in as constants)
         split = torch.cat([torch._shape_as_tensor(cache[0])[:1], torch._shape_as_tensor(inputs_embeds)[1:2]])
         rot = self.rotation(past_length + torch.arange(seq))
         mask = self.mask(past_length, seq, rows)
-        h, new_rows = inputs_embeds[0], []
+        h, new_rows = inputs_embeds, []
         for i, block in enumerate(self.blocks):
             a, k, v = self.attention(block, rms_norm(block.input_norm, h), rot, cache[2 * i], cache[2 * i + 1],
                                      mask, split)
@@ -167,4 +169,4 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, *cache: torch.Tensor):
         h, new_rows = self.body(inputs_embeds, past_length, cache)
-        return (self.logits(h[-1:]), *new_rows)  # last position only: [1, V]
+        return (self.logits(h[:, -1]), *new_rows)  # last position only: [1, V]
