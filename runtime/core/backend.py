@@ -2,8 +2,9 @@
 
 A backend provides `load(bundle, task, name) -> Graph`, and the three things the in-place KV cache needs:
 `buffer(shape, dtype)` (a persistent tensor, cache rows outermost), `head(buffer, n)` (its first n rows as a tensor
-bound as a graph input in place, no copy) and `write(buffer, rows, at)` (put new rows at row offset `at`). `Graph.run(feeds) -> {name: array}`: outputs are host arrays, or device
-tensors the same backend's `write` accepts, valid until the same graph runs again (consume or copy them first).
+bound as a graph input in place, no copy) and `write(buffer, rows, at)` (put new rows at row offset `at`).
+`Graph.run(feeds) -> {name: array}`: outputs are host arrays, or device tensors the same backend's `write` accepts,
+valid until the same graph runs again (consume or copy them first).
 """
 
 from __future__ import annotations
