@@ -33,15 +33,11 @@ class OurDecoder:
     def at(self, context: int) -> None:
         """The cache as the runtime has it after `context` tokens (rows >= length are masked: contents do not
         matter): shipped, the power of two above; full_cache, capacity rows."""
-        want = self.rows_read(context)
+        want = self.cache.capacity if self.full_cache else self.cache.rows_for(context)
         if self.cache.rows != want:
             self.cache.reset()
             self.cache.reserve(want)
         self.cache.length = context
-
-    def rows_read(self, context: int) -> int:
-        """Cache rows the graph reads for one step at `context` (KVCache.reserve's rule, or all of them)."""
-        return self.cache.capacity if self.full_cache else self.cache.rows_for(context)
 
     def decode_case(self, context: int, concat_copy: bool = False) -> Case:
         if not concat_copy:
@@ -51,7 +47,7 @@ class OurDecoder:
             x = self.embed.run({"input_ids": np.array([[TOKEN]], dtype=np.int64)})["inputs_embeds"]
             out = self.graph.run({"inputs_embeds": x, **self.cache.feeds()})
             for past, present in self.cache.pairs:
-                np.concatenate([self.cache.buffers[past][:, :, :context], out[present]], axis=2)
+                np.concatenate([self.cache.buffers[past][:context], out[present]], axis=0)
             self.cache.update(out)
             return out["logits"]
 
@@ -61,9 +57,9 @@ class OurDecoder:
         return Case(lambda: forward(self.graph, self.cache, embeds), lambda: self.at(0))
 
     def kv_bytes_read(self, context: int) -> int:
-        """The graph reads the whole buffer every step: a power of two of rows >= context (or all of them)."""
-        per_row = sum(b.nbytes // b.shape[2] for b in self.cache.buffers.values())
-        return per_row * self.rows_read(context)
+        """Only the cached rows are bound (one masked row for an empty context), whatever the buffer's size."""
+        per_row = sum(b.nbytes // b.shape[0] for b in self.cache.buffers.values())
+        return per_row * max(context, 1)
 
 
 def graph_weight_bytes(bundle: Bundle, task: str, name: str) -> int:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from export.compile.graphs import DecoderGraph
-from export.reference.hlora import HLoraLinear, experts_out
+from export.reference.hlora import HLoraLinear, experts_out, spread
 
 
 class FusedHLora(nn.Module):
@@ -21,11 +21,12 @@ class FusedHLora(nn.Module):
         w = torch.cat([layer.weight, a, layer.lora_route.weight]).detach()
         self.w_a_route = nn.Parameter(w, requires_grad=False)
         self.lora_b_t = nn.Parameter(layer.lora_B.weight.detach().t(), requires_grad=False)
+        self.register_buffer("spread", spread(self.rank, self.experts, layer.weight.dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.w_a_route.t()
         base, a, route = y.split([self.out, self.rank, self.experts], dim=-1)
-        return base + experts_out(a, route, self.lora_b_t, self.experts)
+        return base + experts_out(a, route, self.lora_b_t, self.spread)
 
 
 class AllPositionsDecoder(DecoderGraph):

@@ -65,9 +65,9 @@ def test_fixture_graph_on_onnxruntime(bundle_dir):
     xs = steps(np.random.default_rng(0))
     out, _, cache = run_steps(OrtBackend("cpu"), Bundle.open(bundle_dir), xs)
     assert cache.length == 7
-    written = np.concatenate(xs, axis=1).reshape(1, 7, 2, 3).transpose(0, 2, 1, 3)  # [1, kv_heads, 7, head_dim]
-    np.testing.assert_allclose(out[-1][1][:, :, :7], written, rtol=1e-6)
-    assert not out[-1][1][:, :, 7:].any()
+    written = np.concatenate(xs, axis=1).reshape(7, 2, 3)  # [7, kv_heads, head_dim]
+    np.testing.assert_allclose(out[-1][1][:7], written, rtol=1e-6)
+    assert not out[-1][1][7:].any()
     past, total = 0, 0.0
     for x, (logits, _, _) in zip(xs, out):
         np.testing.assert_allclose(logits, x.sum(axis=1) + past * 3 * total, rtol=1e-5, atol=1e-5)
@@ -237,19 +237,19 @@ def test_trt_backend_logic_emulated(bundle_dir, emulated_trt):
     for (r_logits, r_cache, _), (g_logits, g_cache, _) in zip(ref, got):
         np.testing.assert_allclose(g_logits, r_logits, rtol=1e-6)
         np.testing.assert_array_equal(g_cache, r_cache)
-    assert [g[1].shape[2] for g in got] == [4, 4, 8, 8]  # grown to powers of two: 3, 4, 5 and 7 rows used
+    assert [g[1].shape[0] for g in got] == [4, 4, 8, 8]  # grown to powers of two: 3, 4, 5 and 7 rows used
     for run, (_, _, fed) in zip(decoder.context.runs, got):  # the cache is bound where it lives: no copy, every step
         for name, buf in fed.items():
             assert isinstance(buf, emulated_trt.DeviceTensor) and run[name] == buf.ptr
     assert decoder.context.memory == (backend.scratch.ptr, backend.scratch.allocated_nbytes)
     out = decoder.run({"inputs_embeds": xs[1], **cache.feeds()})
     assert isinstance(out["logits"], np.ndarray) and isinstance(out["present.0.value"], emulated_trt.DeviceTensor)
-    rows = xs[1].reshape(1, 1, 2, 3).transpose(0, 2, 1, 3)  # [1, kv_heads, 1, head_dim]
+    rows = xs[1].reshape(1, 2, 3)  # [1, kv_heads, head_dim]
     np.testing.assert_array_equal(np.asarray(out["present.0.value"]), 2 * rows)
-    backend.write(cache.buffers["past_key_values.0.value"], np.full((1, 2, 2, 3), 7, np.float32), 6)  # host rows
-    assert (np.asarray(cache.buffers["past_key_values.0.value"])[:, :, 6:] == 7).all()
+    backend.write(cache.buffers["past_key_values.0.value"], np.full((2, 2, 3), 7, np.float32), 6)  # host rows
+    assert (np.asarray(cache.buffers["past_key_values.0.value"])[6:] == 7).all()
     with pytest.raises(ValueError, match="cannot write rows"):
-        backend.write(cache.buffers["past_key_values.0.value"], np.zeros((1, 2, 3, 3), np.float32), 6)
+        backend.write(cache.buffers["past_key_values.0.value"], np.zeros((3, 2, 3), np.float32), 6)
     with pytest.raises(TypeError, match="inputs_embeds is float16"):
         decoder.run({"inputs_embeds": xs[1].astype(np.float16), **cache.feeds()})
     with pytest.raises(UserError, match="fit none of the engine's optimization profiles"):
@@ -295,8 +295,8 @@ def test_trt_engine_matches_onnxruntime(bundle_dir):
         np.testing.assert_array_equal(g_cache, r_cache)  # in-place writes, exactly the ONNX Runtime rows
     o = decoder.run({"inputs_embeds": xs[1], **cache.feeds()})  # one token: the decode profile
     assert decoder.profile == 1 and isinstance(o["present.0.key"], DeviceTensor)
-    backend.write(cache.buffers["past_key_values.0.key"], np.ones((1, 2, 1, 3), np.float32), 7)  # host rows too
-    assert (np.asarray(cache.buffers["past_key_values.0.key"])[:, :, 7] == 1).all()
+    backend.write(cache.buffers["past_key_values.0.key"], np.ones((1, 2, 3), np.float32), 7)  # host rows too
+    assert (np.asarray(cache.buffers["past_key_values.0.key"])[7] == 1).all()
     assert eb.build_engines(bundle_dir)["com.decoder"]["built_at"] == engines["com.decoder"]["built_at"]  # cached
     assert (bundle_dir / "engines" / "timing.cache").stat().st_size > 0
 

@@ -33,3 +33,25 @@ def test_benchmark_smoke_run(tmp_path):
     assert set(report["tasks"]) == {"com", "gen"} and report["tasks"]["com"]["positions"] >= 256
     assert 0 < report["bundle_bytes"] < res["accuracy"]["fp32"]["bundle_bytes"]
     assert any(t["target"].startswith("int4: its accuracy within") for t in res["targets"])
+
+
+def test_profile_smoke_run(m3_bundle, tmp_path):
+    """benchmarks/op_profile.py at tiny size: every class of the decoder's nodes found, bytes accounted for."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "benchmarks/op_profile.py", "--bundle", str(m3_bundle), "--context", "40",
+                           "--prefill", "10", "--reps", "1", "--threads", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    layers = 2
+    for kind in ("decode", "prefill"):
+        table = res[kind]
+        assert table["base linears"]["nodes"] == 4 * layers and table["LM head"]["nodes"] == 1
+        assert table["norms"]["nodes"] == 2 * layers + 1
+        assert table["H-LoRA (A/R, routing, gate, B, add)"]["weight_bytes"] > 0
+        assert abs(sum(r["share"] for r in table.values()) - 1) < 1e-6 and all(r["ms"] >= 0 for r in table.values())
+        weights = sum(r["weight_bytes"] for r in table.values())  # every weight of the bundle read once per step
+        assert res["weight_bytes"] <= weights <= 1.1 * res["weight_bytes"], (weights, res["weight_bytes"])
+    # the cached rows (40 of a 64-row buffer) are what attention reads
+    assert res["decode"]["attention (scores, softmax, values, RoPE)"]["activation_bytes"] >= res["kv_bytes"]
+    assert "decode step at 40 cached tokens" in proc.stdout

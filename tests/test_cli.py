@@ -326,7 +326,7 @@ def test_info_describes_the_bundle(m3_bundle):
     for needle in ("variant       m3", "com (H-LoRA rank 64", "gen (H-LoRA rank 256", "precision     fp32",
                    "max context   2048", "com.decoder", "gen.decoder", "gen.vision", "shared.vqgan",
                    "pixel_values float32 [1, 3, 336, 336]", "inputs_embeds float32 [1, seq=1..2048, 64]",
-                   "past_key_values.{0..1}.{key,value} float32 [1, 4, cache=1..2048, 16] (4 tensors)",
+                   "past_key_values.{0..1}.{key,value} float32 [cache=1..2048, 4, 16] (4 tensors)",
                    "image uint8 [1, 256, 256, 3]", "weights.bin", "TensorRT engines: none",
                    "CPUExecutionProvider       loadable", "integrity     all"):
         assert needle in text, needle

@@ -58,6 +58,7 @@ class CpuCache:
     """What KVCache needs from a backend (host numpy buffers, rows written in place): OrtBackend's own methods."""
 
     buffer = OrtBackend.buffer
+    head = OrtBackend.head
     write = OrtBackend.write
 
 
@@ -97,7 +98,7 @@ def run_both(ours, theirs, spec: GraphSpec, table: np.ndarray, vocab: int) -> di
     their_outputs = [o.name for o in theirs.get_outputs()]
     cache = KVCache(CpuCache(), spec)
     assert cache.capacity == MAX_CONTEXT
-    _, kv_heads, _, head_dim = spec.tensor(cache.pairs[0][0]).shape
+    _, kv_heads, head_dim = spec.tensor(cache.pairs[0][0]).shape  # ours: [cache, kv_heads, head_dim]
     past = {name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for name, _ in cache.pairs}  # optimum's names
     ids = np.random.default_rng(1234).integers(0, vocab, size=(1, PROMPT), dtype=np.int64)
     out: dict = {"diffs": [], "kv": [], "scales": [], "tokens": [], "ours": []}
@@ -118,7 +119,8 @@ def run_both(ours, theirs, spec: GraphSpec, table: np.ndarray, vocab: int) -> di
         out["diffs"].append(float(np.abs(our_logits - their_logits).max()))
         out["scales"].append(float(np.abs(their_logits).max()))
         # the new K/V rows too: ours are exactly the rows optimum's growing cache gained this step
-        out["kv"].append(max(float(np.abs(ours_out[present] - theirs_out[present][:, :, length:]).max())
+        out["kv"].append(max(float(np.abs(ours_out[present]
+                                       - theirs_out[present][0, :, length:].transpose(1, 0, 2)).max())
                              for _, present in cache.pairs))
         cache.update(ours_out)
         past = {name: theirs_out[present] for name, present in cache.pairs}

@@ -199,16 +199,16 @@ def test_prefill_writes_exactly_the_prompt_rows(m3_pipe):
     # from 1000 rows of it (masked: equal up to the summation order of a longer softmax)
     def fresh(rows: int) -> dict:
         return graphs.decoder.run({"inputs_embeds": embeds, "past_length": np.array([0], dtype=np.int64),
-                                   **{k: np.full((1, v.shape[1], rows, v.shape[3]), SENTINEL, v.dtype)
+                                   **{k: np.full((rows, *v.shape[1:]), SENTINEL, v.dtype)
                                       for k, v in cache.buffers.items()}})
 
     one, many = fresh(1), fresh(1000)
     for past, present in cache.pairs:
         buf = cache.buffers[past]
-        assert one[present].shape[2] == S
-        np.testing.assert_array_equal(buf[:, :, :S], one[present])
+        assert one[present].shape[0] == S
+        np.testing.assert_array_equal(buf[:S], one[present])
         np.testing.assert_allclose(many[present], one[present], rtol=0, atol=1e-6)
-        assert np.all(buf[:, :, S:] == 0), f"{past}: rows past the prompt were written"
+        assert np.all(buf[S:] == 0), f"{past}: rows past the prompt were written"
 
 
 def test_decode_writes_one_row_per_step_in_place(m3_pipe, monkeypatch):
@@ -218,7 +218,7 @@ def test_decode_writes_one_row_per_step_in_place(m3_pipe, monkeypatch):
     real_write = cache.backend.write
 
     def spy(buffer, rows, at):
-        writes.append((rows.shape[2], at))
+        writes.append((rows.shape[0], at))
         real_write(buffer, rows, at)
 
     monkeypatch.setattr(cache.backend, "write", spy)
@@ -227,7 +227,7 @@ def test_decode_writes_one_row_per_step_in_place(m3_pipe, monkeypatch):
         cache.reset()
         logits = forward(graphs.decoder, cache, _prompt_embeds(graphs, S, seed=1))
         for buf in cache.buffers.values():
-            buf[:, :, cache.length:] = fill  # stale garbage past the context (in place)
+            buf[cache.length:] = fill  # stale garbage past the context (in place)
         tokens, sizes = [], [cache.rows]
         for _ in range(steps):
             length, rows = cache.length, cache.rows
@@ -246,10 +246,10 @@ def test_decode_writes_one_row_per_step_in_place(m3_pipe, monkeypatch):
             for k, buf in cache.buffers.items():
                 same = buf is objects[k] and buf.__array_interface__["data"][0] == pointers[k]
                 assert same != grew, "the cache moved without growing (or grew in place)"
-                np.testing.assert_array_equal(buf[:, :, :length], before[k][:, :, :length])  # earlier rows kept
-                assert not np.any(buf[:, :, length] == fill)  # the new row was written
-                past_end = np.zeros_like(buf[:, :, length + 1:]) if grew else before[k][:, :, length + 1:]
-                np.testing.assert_array_equal(buf[:, :, length + 1:], past_end)  # untouched (or fresh zeros)
+                np.testing.assert_array_equal(buf[:length], before[k][:length])  # earlier rows kept
+                assert not np.any(buf[length] == fill)  # the new row was written
+                past_end = np.zeros_like(buf[length + 1:]) if grew else before[k][length + 1:]
+                np.testing.assert_array_equal(buf[length + 1:], past_end)  # untouched (or fresh zeros)
             sizes.append(cache.rows)
         assert cache.length == S + steps
         return tokens, logits, sizes

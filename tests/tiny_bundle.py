@@ -48,7 +48,7 @@ TRT_REASON = _trt_reason()  # None where TensorRT and a GPU are usable
 
 def tiny_decoder_onnx(spec: GraphSpec) -> onnx.ModelProto:
     """Decoder interface of `spec` (names and shapes from the spec, none typed here) with trivial arithmetic:
-    new key rows = inputs_embeds viewed as [1, kv_heads, S, head_dim], value rows = 2 * key rows,
+    new key rows = inputs_embeds viewed as [S, kv_heads, head_dim], value rows = 2 * key rows,
     logits = sum over S of inputs_embeds + past_length * (sum of every cache input). The last term reads the
     whole cache, so a wrong in-place write shows up in the next step's logits."""
     onnx_type = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
@@ -56,15 +56,14 @@ def tiny_decoder_onnx(spec: GraphSpec) -> onnx.ModelProto:
     def info(t):
         return helper.make_tensor_value_info(t.name, onnx_type[t.dtype], list(t.shape))
 
-    kv_heads, head_dim = spec.shape(spec.inputs[2].name)[1], spec.shape(spec.inputs[2].name)[3]
+    kv_heads, head_dim = spec.shape(spec.inputs[2].name)[1:]
     embeds, past_length = spec.inputs[0].name, spec.inputs[1].name
     pasts = [t.name for t in spec.inputs[2:]]
     logits, presents = spec.outputs[0].name, [t.name for t in spec.outputs[1:]]
-    consts = [helper.make_tensor("view", TensorProto.INT64, [4], [1, -1, kv_heads, head_dim]),
+    consts = [helper.make_tensor("view", TensorProto.INT64, [3], [-1, kv_heads, head_dim]),
               helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
               helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])]
-    nodes = [helper.make_node("Reshape", [embeds, "view"], ["rows"]),
-             helper.make_node("Transpose", ["rows"], [presents[0]], perm=[0, 2, 1, 3]),
+    nodes = [helper.make_node("Reshape", [embeds, "view"], [presents[0]]),
              helper.make_node("Mul", [presents[0], "two"], [presents[1]]),
              helper.make_node("ReduceSum", [embeds, "axis1"], ["x_sum"], keepdims=0),
              *(helper.make_node("ReduceSum", [p], [f"sum{i}"], keepdims=0) for i, p in enumerate(pasts)),

@@ -51,7 +51,7 @@ from runtime.contract.manifest import (
 )
 from runtime.core.prompt import TEMPLATES
 
-EXPORTER_VERSION = 3  # 3: typed manifest (format 2), KV pairs in the decoder spec
+EXPORTER_VERSION = 4  # 3: typed manifest (format 2), KV pairs in the decoder spec; 4: lean decoder, rows-outermost KV
 FP32_ISLANDS = ("rmsnorm statistics", "attention softmax", "lm_head")
 TOOLS = ("torch", "transformers", "onnx", "onnxruntime-gpu", "onnxruntime", "tensorrt", "polygraphy", "numpy")
 

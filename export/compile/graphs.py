@@ -47,9 +47,17 @@ def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * h.to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+class SplitLast(torch.autograd.Function):
+    """x [..., A + B] -> x[..., :A], x[..., A:] as one ONNX Split whose sizes [A, B] are a tensor made once per step
+    (the tracer would write two Slices, with their bounds, per layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.clone() for t in x.split(sizes.tolist(), dim=-1))
+
+    @staticmethod
+    def symbolic(g, x, sizes):
+        return g.op("Split", x, sizes, axis_i=-1, outputs=2)
 
 
 class Block(nn.Module):
@@ -67,8 +75,12 @@ class Block(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """inputs_embeds [1,S,H], past_length [1], cache [1,kvh,C,d] x 2L -> logits [1,V], new rows [1,kvh,S,d] x 2L.
-    C (the cache buffer's rows, <= max_context) is dynamic; positions up to max_context have RoPE tables.
+    """inputs_embeds [1,S,H], past_length [1], cache [C,kvh,d] x 2L -> logits [1,V], new rows [S,kvh,d] x 2L.
+    The cache rows are outermost, so the runtime binds the first max(past_length, 1) rows of its buffer as one
+    contiguous view; C (<= max_context) is dynamic; positions up to max_context have RoPE tables.
+    Written for a lean trace: head counts and head_dim as constants (no Shape arithmetic per layer), attention on
+    [S, heads, d] and [heads, S, d] views, and the rotation, the mask and the split sizes built once per step from
+    past_length, S and C and shared by every layer (ONNX Runtime's CSE merges what the tracer repeats).
     fold: what each H-LoRA linear becomes in the graph (FoldedHLora: W kept apart, shareable; benchmarks try others)."""
 
     def __init__(self, llm: nn.Module, max_context: int, fold: type[nn.Module] = FoldedHLora):
@@ -82,64 +94,72 @@ class DecoderGraph(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.window = cfg.sliding_window  # HF 4.57: key j is seen by query i iff i - window < j <= i
         self.max_context = max_context
+        self.intermediate = cfg.intermediate_size  # a constant split (chunk would compute it per layer)
         self.blocks = nn.ModuleList(Block(layer, fold) for layer in llm.model.layers)
         self.norm = llm.model.norm
         # the LM head as its MatMul operand [H, V] in fp32 (an fp32 island), a parameter for the streaming export
         self.lm_head_t = nn.Parameter(llm.lm_head.weight.detach().float().t(), requires_grad=False)
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float()
-                                             / self.head_dim))
+        d = self.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         freqs = torch.arange(max_context).float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         dtype = self.norm.weight.dtype
+        # rotate_half(x) = x[(i + d/2) mod d] * (-1 for i < d/2): the sign goes into the sin table, the permutation
+        # into a 0/1 matrix, so RoPE is x @ (diag(cos) + P diag(sin)): one MatMul per layer, exact up to rounding
+        sign = torch.cat([-torch.ones(d // 2), torch.ones(d // 2)])
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * sign).to(dtype), persistent=False)
+        self.register_buffer("eye", torch.eye(d, dtype=dtype), persistent=False)
+        self.register_buffer("half_turn", torch.eye(d, dtype=dtype).roll(d // 2, dims=0), persistent=False)
 
-    def masks(self, past_length: torch.Tensor, seq: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Additive fp32 masks: [S, C] over the cache (rows >= past_length are stale), [S, S] over the new keys."""
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """[S, d, d]: per position the matrix that applies HF's rotate_half RoPE to a row vector of one head."""
+        return self.eye * self.cos[positions][:, None, :] + self.half_turn * self.sin[positions][:, None, :]
+
+    def mask(self, past_length: torch.Tensor, seq: int, rows: int) -> torch.Tensor:
+        """Additive fp32 mask [g*S, C+S] over the cache rows (rows >= past_length are stale) then the new keys;
+        query rows ordered (group member, position) as attention() lays them out."""
         q = past_length + torch.arange(seq)  # absolute positions of the new tokens
         k_cache = torch.arange(rows)
-        k_new = q
-        ok_cache = k_cache[None, :] < past_length
-        ok_new = k_new[None, :] <= q[:, None]
+        ok = torch.cat([(k_cache[None, :] < past_length).expand(seq, rows), q[None, :] <= q[:, None]], dim=-1)
         if self.window is not None:
-            ok_cache = ok_cache & (k_cache[None, :] > q[:, None] - self.window)
-            ok_new = ok_new & (k_new[None, :] > q[:, None] - self.window)
-        neg = torch.tensor(float("-inf"))
-        return torch.where(ok_cache, 0.0, neg), torch.where(ok_new, 0.0, neg)
+            ok = ok & (torch.cat([k_cache, q])[None, :] > q[:, None] - self.window)
+        mask = torch.where(ok, 0.0, torch.tensor(float("-inf")))
+        groups = self.heads // self.kv_heads
+        return mask.repeat(groups, 1) if groups > 1 else mask
 
-    def attention(self, block, x, cos, sin, k_cache, v_cache, mask_cache, mask_new):
-        seq, d, g = x.shape[1], self.head_dim, self.heads // self.kv_heads
-        qkv = block.qkv(x)
-        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = q.view(1, seq, self.heads, d).transpose(1, 2)
-        k = k.view(1, seq, self.kv_heads, d).transpose(1, 2)
-        v = v.view(1, seq, self.kv_heads, d).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        # GQA without repeating the cache: fold each KV head's query group into the row axis.
-        qg = q.reshape(1, self.kv_heads, g * seq, d)
+    def attention(self, block, x, rot, k_cache, v_cache, mask, split):
+        """x [1, S, H] -> output [1, S, H] and the new rows [S, kvh, d]; GQA folds each KV head's query group into the
+        row axis and reads the cache [C, kvh, d] as transposed operands (ONNX Runtime: strides, no copy)."""
+        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        qk, v = block.qkv(x).view(-1, heads + 2 * kv_heads, d).split([heads + kv_heads, kv_heads], dim=1)
+        q, k = (qk @ rot).split([heads, kv_heads], dim=1)
+        q = q.transpose(0, 1)  # [heads, S, d]
+        if heads != kv_heads:
+            q = q.reshape(kv_heads, -1, d)
         scale = d ** -0.5
-        s_cache = (qg @ k_cache.transpose(2, 3) * scale).view(1, self.heads, seq, -1) + mask_cache
-        s_new = (qg @ k.transpose(2, 3) * scale).view(1, self.heads, seq, seq) + mask_new
-        p = torch.softmax(torch.cat([s_cache, s_new], dim=-1).float(), dim=-1).to(x.dtype)
-        rows = k_cache.shape[2]
-        p_cache, p_new = p[..., :rows], p[..., rows:]
-        out = (p_cache.reshape(1, self.kv_heads, g * seq, -1) @ v_cache
-               + p_new.reshape(1, self.kv_heads, g * seq, seq) @ v)
-        out = out.view(1, self.heads, seq, d).transpose(1, 2).reshape(1, seq, self.heads * d)
-        return block.o(out), k, v
+        scores = torch.cat([q @ k_cache.permute(1, 2, 0) * scale, q @ k.permute(1, 2, 0) * scale], dim=-1)
+        p_cache, p_new = SplitLast.apply(torch.softmax(scores.float() + mask, dim=-1).to(x.dtype), split)
+        out = p_cache @ v_cache.transpose(0, 1) + p_new @ v.transpose(0, 1)  # [kvh, g*S, d]
+        if heads != kv_heads:
+            out = out.reshape(heads, -1, d)
+        return block.o(out.transpose(0, 1).reshape(1, -1, heads * d)), k, v
 
     def body(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, cache) -> tuple[torch.Tensor, list]:
-        """All layers: final hidden states [1, S, H] and the new K/V rows of every layer."""
-        seq = inputs_embeds.shape[1]
-        positions = past_length + torch.arange(seq)
-        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
-        mask_cache, mask_new = self.masks(past_length, seq, cache[0].shape[2])
+        """All layers: final hidden states [1, S, H] and the new K/V rows of every layer. (Activations keep their
+        batch axis: traced 2-D against the streaming export's placeholder weights, the export held ~10 MB more per
+        layer; tests/test_streaming.py.)"""
+        seq, rows = inputs_embeds.shape[1], cache[0].shape[0]
+        # [C, S] as a tensor traced from the inputs' shapes (a Python list would be baked in as constants)
+        split = torch.cat([torch._shape_as_tensor(cache[0])[:1], torch._shape_as_tensor(inputs_embeds)[1:2]])
+        rot = self.rotation(past_length + torch.arange(seq))
+        mask = self.mask(past_length, seq, rows)
         h, new_rows = inputs_embeds, []
         for i, block in enumerate(self.blocks):
-            a, k, v = self.attention(block, rms_norm(block.input_norm, h), cos, sin,
-                                     cache[2 * i], cache[2 * i + 1], mask_cache, mask_new)
+            a, k, v = self.attention(block, rms_norm(block.input_norm, h), rot, cache[2 * i], cache[2 * i + 1],
+                                     mask, split)
             h = h + a
-            gate, up = block.gate_up(rms_norm(block.post_norm, h)).chunk(2, dim=-1)
+            gate, up = block.gate_up(rms_norm(block.post_norm, h)).split(self.intermediate, dim=-1)
             h = h + block.down(up * nn.functional.silu(gate))
             new_rows += [k, v]
         return h, new_rows
@@ -149,4 +169,4 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, *cache: torch.Tensor):
         h, new_rows = self.body(inputs_embeds, past_length, cache)
-        return (self.logits(h[:, -1]), *new_rows)  # last position only
+        return (self.logits(h[:, -1]), *new_rows)  # last position only: [1, V]

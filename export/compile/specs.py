@@ -31,19 +31,19 @@ def embed(hidden: int, vocab: int, max_context: int, dtype: str) -> GraphSpec:
 
 def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, max_context: int,
             dtype: str) -> GraphSpec:
-    """One step over `seq` new positions. Reads the runtime's KV buffers ([1, kv_heads, cache, head_dim], rows
-    >= past_length masked) and returns last-position logits and only the new K/V rows, which the runtime writes at
-    [past_length, past_length + seq): the graph never copies the cache. `cache` is the buffer's row count, which the
-    runtime grows in steps as the context grows (runtime/core/kvcache.py): a prefill from an empty context attends over
-    one masked row, not over max_context of them."""
-    cache, pairs = (1, kv_heads, "cache", head_dim), KVInterface().pairs(layers)
+    """One step over `seq` new positions. Reads the runtime's KV rows ([cache, kv_heads, head_dim], rows outermost;
+    rows >= past_length masked) and returns last-position logits and only the new K/V rows [seq, kv_heads, head_dim],
+    which the runtime writes at [past_length, past_length + seq): the graph never copies the cache. `cache` is the
+    number of rows bound: the context's past_length (runtime/core/kvcache.py binds that many rows of its buffer, one
+    contiguous view), one masked row for a prefill from an empty context."""
+    cache, pairs = ("cache", kv_heads, head_dim), KVInterface().pairs(layers)
     return GraphSpec(
         name="decoder",
         inputs=(TensorSpec("inputs_embeds", dtype, (1, "seq", hidden)),
                 TensorSpec("past_length", "int64", (1,), values=(0, 1)),
                 *(TensorSpec(past, dtype, cache) for past, _ in pairs)),
         outputs=(TensorSpec("logits", "float32", (1, vocab)),
-                 *(TensorSpec(present, dtype, (1, kv_heads, "seq", head_dim)) for _, present in pairs)),
+                 *(TensorSpec(present, dtype, ("seq", kv_heads, head_dim)) for _, present in pairs)),
         dims={"seq": Dim(1, min(64, max_context), max_context), "cache": Dim(1, max_context, max_context)},
         # TensorRT: prefill (from an empty, one-row cache) and single-token decode want different kernels (anchors.md).
         profiles=({"seq": Dim(1, min(640, max_context), max_context), "cache": Dim(1, 1, max_context)},

@@ -57,20 +57,26 @@ class FoldedHLora(nn.Module):
         a = layer.lora_A.weight * layer.scaling
         self.a_route_t = _operand(torch.cat([a, layer.lora_route.weight]))
         self.lora_b_t = _operand(layer.lora_B.weight)
+        self.register_buffer("spread", spread(self.rank, self.experts, layer.weight.dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ar = x @ self.a_route_t  # [.., r + experts]
-        return x @ self.weight_t + experts_out(ar[..., : self.rank], ar[..., self.rank:], self.lora_b_t, self.experts)
+        a, route = (x @ self.a_route_t).split([self.rank, self.experts], dim=-1)  # [.., r], [.., experts]
+        return x @ self.weight_t + experts_out(a, route, self.lora_b_t, self.spread)
 
 
 def _operand(w: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(w.detach().t(), requires_grad=False)
 
 
-def experts_out(a: torch.Tensor, route: torch.Tensor, lora_b_t: torch.Tensor, experts: int) -> torch.Tensor:
-    """(x A^T s) [.., r] gated per expert by softmax(x R^T) [.., experts], then B (given as B^T [r, out]): the
-    H-LoRA term of the output."""
+def spread(rank: int, experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """[experts, rank] 0/1: gate @ spread is repeat_interleave(gate, rank // experts) as one MatMul (exact), a
+    constant of the graph rather than shape arithmetic."""
+    return torch.eye(experts, dtype=dtype).repeat_interleave(rank // experts, dim=1)
+
+
+def experts_out(a: torch.Tensor, route: torch.Tensor, lora_b_t: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """(x A^T s) [.., r] gated per expert by softmax(x R^T) [.., experts] (spread over each expert's r/experts
+    columns by `spread`), then B (given as B^T [r, out]): the H-LoRA term of the output."""
     # fp32 island in fp16 graphs (softmax); never lower than the input's own precision
     gate = torch.softmax(route.to(torch.promote_types(a.dtype, torch.float32)), dim=-1).to(a.dtype)
-    gated = (a.unflatten(-1, (experts, a.shape[-1] // experts)) * gate.unsqueeze(-1)).flatten(-2)
-    return gated @ lora_b_t
+    return (a * (gate @ spread)) @ lora_b_t

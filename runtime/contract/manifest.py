@@ -22,7 +22,8 @@ from runtime.contract.healthgpt import IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
 from runtime.contract.records import ManifestError, Record
 
 FORMAT = "healthgpt-edge-bundle"
-FORMAT_VERSION = 2  # 2: typed and validated manifest, KV pairs in the decoder spec, per-tensor digests checked
+FORMAT_VERSION = 3  # 2: typed and validated manifest, KV pairs in the decoder spec, per-tensor digests checked;
+# 3: KV cache rows outermost ([cache, kv_heads, head_dim]), only the cached rows bound
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 WEIGHTS_ALIGN = 4096  # every tensor starts on a page: the runtime maps them in place
@@ -212,13 +213,14 @@ class Precision(Record):
 @dataclass(frozen=True)
 class KVInterface(Record):
     """How the decoder's KV cache is bound; name templates as ORT GenAI's genai_config writes them."""
-    past: str = "past_key_values.{layer}.{kind}"  # input: the runtime's whole buffer, read-only
-    present: str = "present.{layer}.{kind}"  # output: only the new rows [1, kv_heads, seq, head_dim]
+    past: str = "past_key_values.{layer}.{kind}"  # input: the cached rows of the runtime's buffer, read-only
+    present: str = "present.{layer}.{kind}"  # output: only the new rows [seq, kv_heads, head_dim]
     kinds: tuple[str, ...] = ("key", "value")
     position_input: str = "past_length"
-    layout: str = "per layer and kind: [batch=1, kv_heads, cache, head_dim], past_length <= cache <= max_context"
+    layout: str = ("per layer and kind: [cache, kv_heads, head_dim], rows outermost; the runtime binds the first "
+                   "cache = max(past_length, 1) rows of its buffer, one contiguous view")
     update: str = ("the runtime writes the new rows at [past_length, past_length + seq) in place, first moving to a "
-                   "buffer of the next power-of-two rows when they do not fit; rows >= past_length are masked")
+                   "buffer of the next power-of-two rows when they do not fit; bound rows >= past_length are masked")
 
     def pairs(self, layers: int) -> tuple[tuple[str, str], ...]:
         """(cache input, new-rows output) per layer and kind, in graph order."""

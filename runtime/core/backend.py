@@ -1,9 +1,10 @@
 """Backends run graphs; they know nothing about HealthGPT. The decode loop (runtime/core/generate.py) is the same for all.
 
-A backend provides `load(bundle, task, name) -> Graph`, and the two things the in-place KV cache needs:
-`buffer(shape, dtype)` (a persistent tensor bound as a graph input in place) and `write(buffer, rows, at)`
-(put new rows at sequence offset `at`). `Graph.run(feeds) -> {name: array}`: outputs are host arrays, or device
-tensors the same backend's `write` accepts, valid until the same graph runs again (consume or copy them first).
+A backend provides `load(bundle, task, name) -> Graph`, and the three things the in-place KV cache needs:
+`buffer(shape, dtype)` (a persistent tensor, cache rows outermost), `head(buffer, n)` (its first n rows as a tensor
+bound as a graph input in place, no copy) and `write(buffer, rows, at)` (put new rows at row offset `at`).
+`Graph.run(feeds) -> {name: array}`: outputs are host arrays, or device tensors the same backend's `write` accepts,
+valid until the same graph runs again (consume or copy them first).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Backend(Protocol):
     def load(self, bundle: Bundle, task: str, name: str) -> Graph: ...
 
     def buffer(self, shape: tuple[int, ...], dtype: str): ...
+
+    def head(self, buffer, n: int): ...
 
     def write(self, buffer, rows, at: int) -> None: ...
 
@@ -150,8 +153,11 @@ class OrtBackend:
     def buffer(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         return np.zeros(shape, np.dtype(dtype))
 
+    def head(self, buffer: np.ndarray, n: int) -> np.ndarray:
+        return buffer[:n]  # rows outermost: a contiguous view, which ONNX Runtime reads in place
+
     def write(self, buffer: np.ndarray, rows: np.ndarray, at: int) -> None:
-        buffer[:, :, at: at + rows.shape[2]] = rows
+        buffer[at: at + rows.shape[0]] = rows
 
 
 def open_backend(name: str, providers: str = "auto", prepack: bool | None = None, verbose: bool = False,

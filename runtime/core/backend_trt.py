@@ -195,11 +195,14 @@ class TrtBackend:
                                                 ctypes.c_void_p(self.stream.ptr)), "cudaMemsetAsync")
         return t
 
+    def head(self, buffer: DeviceTensor, n: int) -> DeviceTensor:
+        return DeviceTensor(buffer.ptr, (n, *buffer.shape[1:]), buffer.dtype, buffer.owner)  # rows outermost: a view
+
     def write(self, buffer: DeviceTensor, rows, at: int) -> None:
-        # buffer: [B, kv_heads, max_context, head_dim] on the GPU; rows: [B, kv_heads, S, head_dim], device or host
-        b, h, cap, d = buffer.shape
-        s = rows.shape[2]
-        if tuple(rows.shape) != (b, h, s, d) or not 0 <= at <= cap - s:
+        # buffer: [rows, kv_heads, head_dim] on the GPU; rows: [S, kv_heads, head_dim], device or host
+        cap, per_row = buffer.shape[0], buffer.shape[1:]
+        s = rows.shape[0]
+        if tuple(rows.shape) != (s, *per_row) or not 0 <= at <= cap - s:
             raise ValueError(f"cannot write rows {tuple(rows.shape)} at {at} into a cache of shape {buffer.shape}")
         if s == 0:
             return
@@ -210,9 +213,8 @@ class TrtBackend:
         else:
             rows = np.ascontiguousarray(rows, dtype=buffer.dtype)
             src, kind = rows.ctypes.data, H2D
-        # One strided copy: B*kv_heads blocks of S*head_dim values, packed in `rows`, each to rows [at, at + S) of
-        # its head in the cache (pitch max_context*head_dim). Same stream as the graphs: ordered after the step.
-        row, c = d * buffer.dtype.itemsize, ctypes  # bytes per cache row
-        _check(_cudart().handle.cudaMemcpy2DAsync(
-            c.c_void_p(buffer.ptr + at * row), c.c_size_t(cap * row), c.c_void_p(src), c.c_size_t(s * row),
-            c.c_size_t(s * row), c.c_size_t(b * h), c.c_int(kind), c.c_void_p(self.stream.ptr)), "cudaMemcpy2DAsync")
+        # Rows outermost: the S new rows are one contiguous block at row `at`. Same stream as the graphs: ordered
+        # after the step.
+        row, c = int(np.prod(per_row)) * buffer.dtype.itemsize, ctypes  # bytes per cache row
+        _check(_cudart().handle.cudaMemcpyAsync(c.c_void_p(buffer.ptr + at * row), c.c_void_p(src), c.c_size_t(s * row),
+                                                c.c_int(kind), c.c_void_p(self.stream.ptr)), "cudaMemcpyAsync")

@@ -1,10 +1,10 @@
 """The KV cache: one buffer per layer for keys and values, bound to the decoder in place.
 
-Each step the decoder reads the whole buffer (rows >= length are masked inside the graph) and returns only the
-new rows; `update` writes them at `length`. The buffers start at one row, so a prefill from an empty context does
-not attend over max_context masked rows, and grow to the next power of two when new rows do not fit: a handful
-of copies over a whole conversation (1 -> 1024 -> 2048 for a 616-token prompt), between which nothing moves.
-The decoder's cost per token then follows the context, not the largest context the bundle allows.
+Each buffer holds its rows outermost ([rows, kv_heads, head_dim]), so the first `length` rows are one contiguous
+view: each step binds exactly those (one masked row for an empty context) and the decoder reads only the context,
+not the buffer's spare rows; it returns only the new rows, which `update` writes at `length`. The buffers start at
+one row and grow to the next power of two when new rows do not fit: a handful of copies over a whole conversation
+(1 -> 1024 -> 2048 for a 616-token prompt), between which nothing moves.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class KVCache:
 
     @property
     def rows(self) -> int:
-        return next(iter(self.buffers.values())).shape[2]
+        return next(iter(self.buffers.values())).shape[0]
 
     def _allocate(self, rows: int) -> dict:
         # Zeroed by the backend: masked rows must hold finite values (0 * NaN from stale garbage is still NaN).
@@ -41,7 +41,10 @@ class KVCache:
                 for past, _ in self.pairs}
 
     def feeds(self) -> dict:
-        return {"past_length": np.array([self.length], dtype=np.int64), **self.buffers}
+        """past_length and the first max(length, 1) rows of every buffer, bound in place (views, no copy)."""
+        bound = max(self.length, 1)
+        return {"past_length": np.array([self.length], dtype=np.int64),
+                **{past: self.backend.head(buffer, bound) for past, buffer in self.buffers.items()}}
 
     def check_room(self, new: int) -> None:
         check_room(self.length + new, self.capacity)
@@ -60,7 +63,7 @@ class KVCache:
 
     def update(self, outputs: dict) -> None:
         """Write the step's new rows at [length, length + seq) of every buffer (grown first if they do not fit)."""
-        seq = outputs[self.pairs[0][1]].shape[2]
+        seq = outputs[self.pairs[0][1]].shape[0]
         self.reserve(self.length + seq)
         for past, present in self.pairs:
             self.backend.write(self.buffers[past], outputs[present], self.length)
@@ -76,7 +79,7 @@ class KVCache:
         """A host copy of every buffer's first `length` rows (the image prefix kept for later conversations)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"the cache holds {self.length} rows, not {length}")
-        return {past: np.array(np.asarray(buffer)[:, :, :length]) for past, buffer in self.buffers.items()}
+        return {past: np.array(np.asarray(buffer)[:length]) for past, buffer in self.buffers.items()}
 
     def load_rows(self, rows: dict[str, np.ndarray]) -> None:
         """Start over from rows that `copy_rows` took from a cache of the same decoder."""
