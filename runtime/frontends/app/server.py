@@ -37,19 +37,15 @@ from starlette.staticfiles import StaticFiles
 from runtime.frontends.app.audit import AuditLog
 from runtime.frontends.app.model import Model, Stopped
 from runtime.frontends.app.scans import Scan, Scans
+from runtime.frontends.app.security import SecurityHeaders, guard
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN
+from runtime.core.prompt import check_question
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 1 << 30  # bytes; a large multi-frame study still fits, a runaway upload does not
 MAX_JSON = 1 << 20
 KEEP_OUTPUTS = 16  # generated PNGs held for the page to fetch
-# Everything from this origin, nothing from any other; images also from the blob: URLs the page makes.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-# A custom header makes any cross-origin POST a CORS preflight, which this app never grants: another web page open
-# in the clinician's browser cannot start requests here.
-CSRF_HEADER = "x-healthgpt-app"
 
 
 def _error(message: str, status: int = 400) -> JSONResponse:
@@ -57,7 +53,7 @@ def _error(message: str, status: int = 400) -> JSONResponse:
 
 
 def _sse(event: dict) -> str:
-    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(event)}\n\n"  # ASCII: an unpaired surrogate cannot break the stream
 
 
 def _now() -> str:
@@ -81,18 +77,13 @@ class App:
     # ---- request helpers ----
 
     @staticmethod
-    def _guard(request: Request) -> None:
-        if request.headers.get(CSRF_HEADER) != "1":
-            raise UserError(f"refused: requests to this app come from its own page (missing {CSRF_HEADER} header)")
-
-    @staticmethod
     async def _json(request: Request) -> dict:
         body = await request.body()
         if len(body) > MAX_JSON:
             raise UserError(f"request too large ({len(body)} bytes; the limit is {MAX_JSON})")
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise UserError("request body is not JSON") from None
         if not isinstance(data, dict):
             raise UserError("request body must be a JSON object")
@@ -130,7 +121,7 @@ class App:
         return JSONResponse({**self.model.describe(), "audit_log": str(self.audit.path)})
 
     async def upload(self, request: Request) -> Response:
-        self._guard(request)
+        guard(request)
         name = unquote(request.headers.get("x-filename", "")) or "upload"
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -151,6 +142,8 @@ class App:
             frame = int(q.get("frame", "0"))
         except ValueError:
             raise UserError(f"frame {q.get('frame')!r}: need an integer") from None
+        if ("center" in q) != ("width" in q):
+            raise UserError("a display window needs both center and width")
         window = self._window((q["center"], q["width"])) if "center" in q else None
         image, window = await asyncio.to_thread(scan.render, frame, window)
         png = io.BytesIO()
@@ -168,18 +161,50 @@ class App:
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     async def stop(self, request: Request) -> Response:
-        self._guard(request)
+        guard(request)
         job = self.jobs.get(request.path_params["job"])
         if job is not None:
             job.stop.set()
         return Response(status_code=204)  # already finished: nothing to stop
 
     async def ask(self, request: Request) -> Response:
-        self._guard(request)
-        data = await self._json(request)
+        return await self._audited(COM.name, request, self._ask)
+
+    async def generate(self, request: Request) -> Response:
+        return await self._audited(GEN.name, request, self._generate)
+
+    async def _audited(self, task: str, request: Request, prepare) -> Response:
+        """Check the request (prepare(data) -> (audit record, work)) and stream its work. A request refused before
+        it starts (not from the page, not JSON, a bad question, frame, window or budget, an unknown scan) gets its
+        400 and one audit line too, status "refused"."""
+        data: dict = {}
+        try:
+            guard(request)
+            data = await self._json(request)
+            record, work = await prepare(data)
+        except UserError as e:
+            prompt = data.get("question" if task == COM.name else "instruction")
+            frame = data.get("frame")
+            record = self._record(task, None, frame if isinstance(frame, int) else None, None,
+                                  prompt if isinstance(prompt, str) else None, status="refused", error=str(e))
+            self._write_audit(record)
+            raise
+        return self._stream(record, work)
+
+    def _write_audit(self, record: dict) -> str | None:
+        """Write one audit line; the reason when it could not be (also printed to the server log)."""
+        try:
+            self.audit.write(record)
+        except OSError as e:
+            print(f"error: audit log {self.audit.path}: {e}", file=sys.stderr, flush=True)
+            return str(e)
+        return None
+
+    async def _ask(self, data: dict):
         question = data.get("question")
         if not isinstance(question, str) or not question.strip():
             raise UserError("type a question first")
+        check_question(question)
         limit = self.model.max_context or math.inf  # unknown for a server's bundle: the server checks it
         max_new = data.get("max_new_tokens", COM.max_new_tokens)
         if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= limit:
@@ -203,16 +228,15 @@ class App:
                 record.update(answer="".join(texts), tokens=len(stamps))
             return {"tokens": len(stamps), **_rates(started, stamps)}
 
-        return self._stream(record, work)
+        return record, work
 
-    async def generate(self, request: Request) -> Response:
-        self._guard(request)
+    async def _generate(self, data: dict):
         if GEN.name not in self.model.tasks:
             raise UserError("this bundle has no image generation (gen) task")
-        data = await self._json(request)
         instruction = data.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise UserError("type an instruction first, e.g. \"Reconstruct the image.\"")
+        check_question(instruction)
         if data.get("scan") is None:
             raise UserError("open an image first: generation starts from the image on screen")
         scan, frame, window, image = await asyncio.to_thread(self._image, data)
@@ -234,7 +258,7 @@ class App:
             record["output_sha256"] = sha
             return {"url": f"/api/outputs/{sha}.png", "sha256": sha}
 
-        return self._stream(record, work)
+        return record, work
 
     # ---- streaming and the audit record ----
 
@@ -269,11 +293,8 @@ class App:
                 end = {"type": "error", "error": "internal error: the server log has the details"}
                 record.update(status="error", error="internal error")
             record["duration_s"] = round(time.perf_counter() - started, 4)
-            try:
-                self.audit.write(record)
-            except OSError as e:
-                print(f"error: audit log {self.audit.path}: {e}", file=sys.stderr, flush=True)
-                end = {"type": "error", "error": f"the audit log could not be written ({e}); this request is "
+            if failed := self._write_audit(record):
+                end = {"type": "error", "error": f"the audit log could not be written ({failed}); this request is "
                                                  "not recorded, tell your administrator"}
             emit({**end, "duration": record["duration_s"]})
             emit(None)
@@ -306,24 +327,6 @@ def _rates(started: float, stamps: list[float]) -> dict:
     return out
 
 
-class _SecurityHeaders:
-    """Adds the CSP and friends to every response (pure ASGI, so streamed responses pass through untouched)."""
-
-    HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-               (b"referrer-policy", b"no-referrer")]
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *self.HEADERS]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
-
-
 async def _user_error(request: Request, exc: UserError) -> Response:
     return _error(str(exc))
 
@@ -345,7 +348,7 @@ def create_app(model: Model, audit: AuditLog, allowed_hosts: list[str]) -> Starl
               Mount("/static", StaticFiles(directory=STATIC))]
     starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers={UserError: _user_error},
                           middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts),
-                                      Middleware(_SecurityHeaders)])
+                                      Middleware(SecurityHeaders)])
     starlette.state.app = app
     return starlette
 
