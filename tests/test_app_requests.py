@@ -17,9 +17,9 @@ import pytest
 
 uvicorn = pytest.importorskip("uvicorn", reason="the app extra is not installed (scripts/setup.sh does it)")
 
-from runtime.frontends.app.audit import AuditLog  # noqa: E402
-from runtime.frontends.app.model import LocalModel  # noqa: E402
-from runtime.frontends.app.server import bind, create_app  # noqa: E402
+from runtime.frontends.app.audit import AuditLog
+from runtime.frontends.app.model import LocalModel
+from runtime.frontends.app.server import bind, create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = {"x-healthgpt-app": "1"}
