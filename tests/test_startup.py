@@ -170,8 +170,9 @@ def test_a_broken_record_is_an_empty_one(copy, tmp_path, make):
     record.parent.mkdir(parents=True)
     make(record)
     kind = stat.S_IFMT(record.lstat().st_mode)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "runtime", "info", "--bundle", str(copy)], capture_output=True,
-                          text=True, timeout=120, check=False, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+                          text=True, timeout=120, check=False, env=env)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert stat.S_IFMT(record.lstat().st_mode) == kind  # a FIFO or a link is left as it was, never written through
     if stat.S_ISREG(kind):  # a broken file of ours is replaced by a good record
