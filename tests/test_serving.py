@@ -263,7 +263,9 @@ def test_client_disconnects_mid_stream(serving_env, server, pipe):
     ({"prompt": "q", "image_base64": "not base64!"}, "not valid base64"),
     ({"prompt": "q", "image_base64": base64.b64encode(b"hello").decode()}, "not an image file"),
     ({"prompt": "q" * 5000, "max_new_tokens": 2}, "holds at most 2048"),
-    ({"prompt": "q", "max_new_tokens": 0}, "at least 1"),
+    ({"prompt": "q", "max_new_tokens": 0}, "from 1 to 2147483647, got 0"),
+    ({"prompt": "q", "max_new_tokens": 2**32 + 3}, "from 1 to 2147483647, got 4294967299"),  # not wrapped to 3
+    ({"prompt": "q", "max_new_tokens": -5}, "got -5"),
     ({"prompt": "q", "top_p": 0.0, "temperature": 1.0}, "sampling"),
     ({"prompt": "q", "frame": 2}, "need an image"),
     ({"task": "com"}, "prompt"),

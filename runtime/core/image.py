@@ -89,15 +89,19 @@ def _read_regular(path: Path) -> bytes:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
-                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "not a regular file")
-        raise UserError(f"{path}: is {kind}: only regular image files are read; give the image file itself")
+        raise UserError(f"{path}: is {file_kind(mode)}: only regular image files are read; give the image file itself")
     with os.fdopen(fd, "rb") as f:
         try:
             return f.read()
         except OSError as e:
             raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for an error message."""
+    return ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
 
 
 @dataclass(frozen=True)
