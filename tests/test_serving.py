@@ -200,6 +200,24 @@ def test_cli_serve_ask_generate(serving_env, m3_bundle, pipe, tmp_path):
         os.killpg(pid, 0)  # the server and its stubs are gone
 
 
+def test_serve_without_out_removes_its_temporary_repository(serving_env, m3_bundle, tmp_path):
+    ports, tmp = free_ports(), tmp_path / "tmp"
+    tmp.mkdir()
+    serve = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--bundle", str(m3_bundle), "--http-port",
+                              str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+                              "--timeout", "120"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp)})
+    try:
+        line = serve.stdout.readline()
+        assert line.startswith("[I] ready: gRPC"), (line, serve.stderr.read() if serve.poll() is not None else "")
+        assert len(list(tmp.glob("healthgpt-triton-*/healthgpt/config.pbtxt"))) == 1
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        code = serve.wait(120)
+    # ours is gone (tritonserver leaves a `.ses` of its own in TMPDIR)
+    assert code == 0 and list(tmp.glob("healthgpt-triton-*")) == [], serve.stderr.read()
+
+
 # ---------------------------------------------------------------- load
 
 def test_load_8_clients_25_requests_each(serving_env, server, pipe):
