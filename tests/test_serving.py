@@ -295,6 +295,16 @@ def test_malformed_request_gets_error_and_instance_lives(server, body, message):
     assert server.model_ready()
 
 
+def test_infer_on_the_decoupled_model_is_501_as_the_readme_says(server):
+    from urllib import error, request
+
+    body = json.dumps({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["q"]}]}).encode()
+    with pytest.raises(error.HTTPError) as e:
+        request.urlopen(request.Request(f"{server.http}/v2/models/healthgpt/infer", body), timeout=60)
+    assert e.value.code == 501 and "decoupled" in e.value.read().decode()
+    assert "`/v2/models/healthgpt/infer` with HTTP 501" in (ROOT / "README.md").read_text()
+
+
 def test_malformed_images_and_the_next_request(serving_env, server, pipe):
     cases = [{"prompt": "q", "image": get_testdata_file("MR_truncated.dcm")},
              {"prompt": "q", "image": get_testdata_file("CT_small.dcm"), "frame": 5},
