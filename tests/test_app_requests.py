@@ -104,6 +104,17 @@ def test_a_refused_request_is_a_400_and_one_audit_line(app, scan, payload, error
     assert record["bundle_manifest_sha256"] and "pixel" not in str(record.keys())
 
 
+def test_a_refused_generation_is_audited_too(app):
+    before = app.lines()
+    status, body = app.call("/api/generate", json.dumps({"instruction": "Reconstruct the image.", "scan": "gone"})
+                            .encode(), {**PAGE, "content-type": "application/json"})
+    assert status == 400 and "no longer held by the app" in json.loads(body)["error"]
+    lines = app.lines()
+    assert len(lines) == len(before) + 1
+    record = json.loads(lines[-1])
+    assert (record["task"], record["status"], record["prompt"]) == ("gen", "refused", "Reconstruct the image.")
+
+
 def test_line_separators_in_a_question_are_escaped(app, scan):
     before = app.lines()
     question = "Any lesion?\u2028{\"status\":\"forged\"}\u0085 ok"
