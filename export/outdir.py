@@ -80,8 +80,9 @@ def check(out: str | Path, kind: str, inputs: list[Path]) -> None:
             if how:
                 what = f"--out {out}" if path == out else f"--out {out} would use {path}, which"
                 raise UserError(f"{what} {PHRASES[how]} {given}: choose another output directory")
-    if tmp.is_symlink() or (tmp.exists() and not (tmp.is_dir() and ((tmp / PARTIAL_MARKER).is_file()
-                                                                     or is_ours(tmp, kind) or not any(tmp.iterdir())))):
+    # only our own leftover (marked while it was built) or an empty folder: a real bundle named OUT.partial is kept
+    leftover = tmp.is_dir() and ((tmp / PARTIAL_MARKER).is_file() or not any(tmp.iterdir()))
+    if tmp.is_symlink() or (tmp.exists() and not leftover):
         raise UserError(f"refusing to delete {tmp}: it is not a leftover of an earlier run; choose another --out "
                         "or remove it yourself")
     if old.is_symlink() or (old.exists() and not (old.is_dir() and is_ours(old, kind))):

@@ -79,6 +79,8 @@ def test_foreign_work_folders_are_refused_and_leftovers_cleared(tmp_path):
     refused(tmp_path / "C", [], r"refusing to use .*C\.old: it is not a healthgpt-edge bundle")
     (tmp_path / "D.partial").symlink_to(tmp_path / "B.partial")
     refused(tmp_path / "D", [], r"refusing to delete .*D\.partial")
+    fake_bundle(tmp_path / "F.partial", "a complete bundle someone named so")
+    refused(tmp_path / "F", [], r"refusing to delete .*F\.partial: it is not a leftover")
     leftover = tmp_path / "E.partial"  # what a run killed by SIGKILL leaves
     leftover.mkdir()
     (leftover / PARTIAL_MARKER).touch()
