@@ -54,18 +54,20 @@ def _private(st: os.stat_result) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _mapped_writable(st: os.stat_result) -> bool:
-    """Whether a process this user can see maps the file shared and writable (True when /proc cannot tell)."""
+def _writable_mappings() -> set | None:
+    """(device, inode) and path of every file a process this user can see maps shared and writable (the path too:
+    on overlayfs a mapping shows the lower file's inode); None when /proc cannot tell (then nothing is recorded)."""
     if not Path("/proc/self/maps").is_file():
-        return True
-    dev, ino = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino)
+        return None
+    found = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             for line in maps.read_text().splitlines():
-                f = line.split(maxsplit=5)  # address perms offset dev inode path
-                if len(f) >= 5 and f[4] == ino and f[3] == dev and f[1][1] == "w" and f[1][3] == "s":
-                    return True
-    return False
+                f = line.split(maxsplit=5)  # address perms offset major:minor inode path
+                if len(f) >= 5 and f[1][1] == "w" and f[1][3] == "s" and f[4] != "0":
+                    major, minor = (int(x, 16) for x in f[3].split(":"))
+                    found |= {(os.makedev(major, minor), int(f[4])), f[5] if len(f) > 5 else None}
+    return found
 
 
 def _read(path: Path) -> tuple[dict, bool]:
@@ -102,7 +104,7 @@ class Record:
     """The record, read once per bundle check and written once at its end (`save`), not once per file."""
 
     def __init__(self):
-        self.data, self.changed, self.writable = {}, False, False
+        self.data, self.new, self.writable = {}, [], False
         if enabled():
             self.data, self.writable = _read(record_path())
 
@@ -114,19 +116,23 @@ class Record:
 
     def remember(self, path: Path, sha256: str, context: str, before: list) -> None:
         """A file just hashed and checked, `before` its stamp() taken before hashing: recorded only as the top
-        says (unchanged while hashed, not changed within RACY_NS, private, not mapped writable)."""
+        says (unchanged while hashed, not changed within RACY_NS, private; save() drops those mapped writable)."""
         st = path.stat()
         if (not self.writable or stamp(path) != before or time.time_ns() - st.st_ctime_ns < RACY_NS
-                or not _private(st) or _mapped_writable(st)):
+                or not _private(st)):
             return
         self.data.pop(str(path.resolve()), None)
         self.data[str(path.resolve())] = [*before, context, sha256]
-        self.changed = True
+        self.new.append(str(path.resolve()))
 
     def save(self) -> None:
         """Concurrent writers may drop each other's entries: that costs one hash at the next start."""
-        if not self.changed:
+        if not self.new:
             return
+        mapped = _writable_mappings()  # one scan of /proc, after every file's stamp was taken
+        for key in dict.fromkeys(self.new):
+            if mapped is None or tuple(self.data[key][:2]) in mapped or key in mapped:
+                del self.data[key]
         with contextlib.suppress(Exception):  # a read-only home or a full disk: the next start hashes again
             target = record_path()
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
