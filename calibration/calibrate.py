@@ -27,8 +27,8 @@ from calibration import data, qdq, quantize, report
 from export.compile.bundle import file_table
 from export.compile.lint import lint
 from export.compile.onnx_export import WeightStore
-from export.outdir import check as check_out
 from export.outdir import staged
+from export.outdir import check as check_out
 from export.parity.verify import peak_rss_gib
 from runtime.core.backend import OrtBackend
 from runtime.core.bundle import Bundle
@@ -168,7 +168,7 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
                         f"{precision.quantization and precision.quantization.scheme}); calibrate the fp32 export")
     calib = data.load_set(images, samples)
     inputs = [src.root, *(s.path for s in calib)]
-    check_out(out, "bundle", inputs)  # before the work: nothing is deleted or moved if --out is refused
+    check_out(out, "bundle", inputs)  # before the work (staged() checks again): nothing deleted or moved if refused
     block = block_size if scheme == "int4" else None
 
     start = time.perf_counter()
@@ -177,7 +177,7 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
     feeds = calibration_feeds(src, calib, targets) if algorithm == "awq" or scheme in qdq.FORMATS else {}
     importance = collect_importance(src, feeds, targets) if algorithm == "awq" else {}
 
-    with staged(out, "bundle", inputs) as tmp:
+    with staged(out, "bundle", [src.root]) as tmp:
         store = WeightStore(tmp / "weights.bin")
         done: dict[str, tuple[list[onnx.TensorProto], int | None]] = {}  # weight name -> its DQ initializers
         errors: dict[str, float] = {}  # weight -> relative Frobenius error of the quantized weight

@@ -22,7 +22,7 @@ from runtime.contract.errors import UserError
 from runtime.contract.manifest import FORMAT, MANIFEST
 
 SYNTHETIC_MARKER = ".healthgpt-edge-synthetic"  # written into every synthetic checkpoint
-PARTIAL_MARKER = ".healthgpt-edge-partial"  # in OUT.partial while it is built: a leftover we may delete
+PARTIAL_MARKER = ".healthgpt-edge-partial"  # a folder in OUT.partial while it is built (no file listing sees it)
 PHRASES = {"is": "is the input", "holds": "is a folder holding the input", "is inside": "is inside the input"}
 KINDS = {"bundle": "a healthgpt-edge bundle", "checkpoint": "a synthetic checkpoint written by `build.py synth`"}
 
@@ -81,7 +81,7 @@ def check(out: str | Path, kind: str, inputs: list[Path]) -> None:
                 what = f"--out {out}" if path == out else f"--out {out} would use {path}, which"
                 raise UserError(f"{what} {PHRASES[how]} {given}: choose another output directory")
     # only our own leftover (marked while it was built) or an empty folder: a real bundle named OUT.partial is kept
-    leftover = tmp.is_dir() and ((tmp / PARTIAL_MARKER).is_file() or not any(tmp.iterdir()))
+    leftover = tmp.is_dir() and ((tmp / PARTIAL_MARKER).is_dir() or not any(tmp.iterdir()))
     if tmp.is_symlink() or (tmp.exists() and not leftover):
         raise UserError(f"refusing to delete {tmp}: it is not a leftover of an earlier run; choose another --out "
                         "or remove it yourself")
@@ -120,9 +120,9 @@ def staged(out: str | Path, kind: str, inputs: list[Path]):
     try:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed too hard to clean up (check() made sure)
         tmp.mkdir(parents=True)
-        (tmp / PARTIAL_MARKER).touch()
+        (tmp / PARTIAL_MARKER).mkdir()
         yield tmp
-        (tmp / PARTIAL_MARKER).unlink()
+        (tmp / PARTIAL_MARKER).rmdir()
         if not out.exists():
             tmp.rename(out)
         elif _exchange(tmp, out):

@@ -83,7 +83,7 @@ def test_foreign_work_folders_are_refused_and_leftovers_cleared(tmp_path):
     refused(tmp_path / "F", [], r"refusing to delete .*F\.partial: it is not a leftover")
     leftover = tmp_path / "E.partial"  # what a run killed by SIGKILL leaves
     leftover.mkdir()
-    (leftover / PARTIAL_MARKER).touch()
+    (leftover / PARTIAL_MARKER).mkdir()
     (leftover / "weights.bin").write_bytes(b"half")
     with staged(tmp_path / "E", "bundle", []) as tmp:
         assert tmp == leftover and sorted(p.name for p in tmp.iterdir()) == [PARTIAL_MARKER]

@@ -24,12 +24,13 @@ from export.compile.lint import fp32_islands, lint
 from export.compile.onnx_export import WeightStore, export_graph
 from export.compile.stream import export_decoder
 from export.compile.tokenizer import write_runtime_tokenizer
-from export.outdir import PARTIAL_MARKER, staged
+from export.outdir import staged
 from export.reference.checkpoint import CheckpointPaths
 from export.reference.model import HealthGPT, load_reference
 from export.reference.tokenizer import load_reference_tokenizer
 from export.reference.variants import get_task
 from export.reference.vqgan import load_vqgan
+from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.files import file_digest, write_atomic
 from runtime.contract.healthgpt import IMAGE_TOKEN_INDEX, IMAGE_TOKENS, SHARED, TASK_GRAPHS, TASKS, VQ_CODES
@@ -51,7 +52,6 @@ from runtime.contract.manifest import (
     Tokens,
     WeightsTable,
 )
-from runtime.core.bundle import Bundle
 from runtime.core.prompt import TEMPLATES
 
 EXPORTER_VERSION = 3  # 3: typed manifest (format 2), KV pairs in the decoder spec
@@ -198,8 +198,7 @@ def _manifest(paths: CheckpointPaths, tasks, config: ModelConfig, tokenizer: Tok
 def file_table(root: Path, names: list[str] | None = None) -> dict[str, FileEntry]:
     """Size and sha256 of the named files of a bundle being built (default: all of them, the manifest aside)."""
     paths = [root / n for n in names] if names is not None else sorted(root.iterdir())
-    return {p.name: FileEntry(file_digest(p), p.stat().st_size) for p in paths
-            if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARKER)}
+    return {p.name: FileEntry(file_digest(p), p.stat().st_size) for p in paths if p.is_file() and p.name != MANIFEST}
 
 
 def _reusable(out: Path) -> Manifest | None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import stat
 import struct
 import tempfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,6 @@ from PIL import Image, UnidentifiedImageError
 from runtime.contract.errors import UserError
 from runtime.contract.files import atomic_write
 from runtime.contract.healthgpt import IMAGE_SIZE
-from runtime.core.dicom import check_declared_size, first, functional_group, install_hint
 
 # openai/clip-vit-large-patch14-336 preprocessor_config.json
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -38,6 +39,8 @@ _STD32 = np.array(CLIP_STD, dtype=np.float32)
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DEEP_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # Pillow's grey modes deeper than 8 bits
+# pip names for the dependencies pydicom reports as missing, where they differ from the import name.
+_PIP_NAMES = {"gdcm": "python-gdcm"}
 
 
 def load_image(path, *, frame: int | None = None, window: tuple[float, float] | None = None) -> Image.Image:
@@ -198,6 +201,32 @@ def _full_range(name: str, values: np.ndarray) -> tuple[float, float]:
     return (lo + hi) / 2, hi - lo
 
 
+def _install_hint(decoder) -> str:
+    """Turn pydicom's 'gdcm - requires gdcm>=3.0.10' lines into pip commands."""
+    cmds = []
+    for line in decoder.missing_dependencies:
+        needs = line.split("requires", 1)[-1].split(" and ")
+        names = [re.match(r"\s*([A-Za-z0-9_.\-]+)", n).group(1) for n in needs if n.strip()]
+        names = [_PIP_NAMES.get(n, n) for n in names if n != "numpy"]
+        if names:
+            cmds.append("`pip install " + " ".join(names) + "`")
+    return ("to decode it, install one of: " + " or ".join(cmds)) if cmds else \
+        "convert it to an uncompressed transfer syntax first (e.g. `gdcmconv --raw` or `dcmdjpeg`)"
+
+
+def _first(value) -> float:
+    return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+
+
+def _functional_group(ds, index: int, sequence: str):
+    """Enhanced multi-frame files keep rescale and window per frame (or shared) in functional groups."""
+    for groups, i in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups)
+        if items and i < len(items) and items[i].get(sequence):
+            return items[i].get(sequence)[0]
+    return None
+
+
 class DicomFile:
     """A DICOM file read and checked (pixel data present, a decoder for its transfer syntax); `ds` keeps its tags."""
 
@@ -210,6 +239,8 @@ class DicomFile:
         import pydicom
         from pydicom.errors import InvalidDicomError
         from pydicom.pixels import get_decoder
+
+        from runtime.core.dicom import check_declared_size
 
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=force)
@@ -225,7 +256,7 @@ class DicomFile:
             n_frames = int(ds.get("NumberOfFrames") or 1)
         except (TypeError, ValueError):
             raise UserError(f"{name}: invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
-        check_declared_size(ds, name, n_frames)
+        check_declared_size(ds, name, n_frames)  # a decoding bomb, refused before any pixel is decoded
 
         meta = ds.file_meta
         if "TransferSyntaxUID" not in meta and ds.original_encoding[0] is not None:
@@ -243,7 +274,7 @@ class DicomFile:
             raise UserError(f"{name}: pydicom cannot decode {syntax}; convert the file to an uncompressed "
                             "transfer syntax first (e.g. `gdcmconv --raw`)") from None
         if not decoder.is_available:
-            raise UserError(f"{name}: no installed decoder handles {syntax}; {install_hint(decoder)}")
+            raise UserError(f"{name}: no installed decoder handles {syntax}; {_install_hint(decoder)}")
         return cls(ds, name, n_frames, syntax, decoder)
 
     def frame(self, index: int | None = None) -> Frame:
@@ -255,7 +286,7 @@ class DicomFile:
             arr = pixel_array(ds, index=index if self.n_frames > 1 else None)
         except RuntimeError as e:  # every installed plugin failed on this data (e.g. Pillow on 12-bit JPEG)
             detail = " ".join(str(e).split())
-            raise UserError(f"{name}: cannot decode {self._syntax}: {detail}; {install_hint(self._decoder)}") from None
+            raise UserError(f"{name}: cannot decode {self._syntax}: {detail}; {_install_hint(self._decoder)}") from None
         except (ValueError, AttributeError, NotImplementedError, KeyError) as e:  # truncated or inconsistent
             raise UserError(f"{name}: corrupt or truncated DICOM pixel data: {' '.join(str(e).split())}") from None
 
@@ -273,17 +304,17 @@ class DicomFile:
             return Frame(name, np.ascontiguousarray(rgb), None, photometric)
 
         rescale = ds if ("RescaleSlope" in ds or "ModalityLUTSequence" in ds) else \
-            functional_group(ds, index, "PixelValueTransformationSequence")
+            _functional_group(ds, index, "PixelValueTransformationSequence")
         slope = rescale.get("RescaleSlope") if rescale is not None else None
-        if slope is not None and not (np.isfinite(first(slope)) and first(slope) != 0):
+        if slope is not None and not (np.isfinite(_first(slope)) and _first(slope) != 0):
             raise UserError(f"{name}: invalid RescaleSlope {slope!r}: it must be a finite number other than 0 (with 0 "
                             "every pixel maps to the intercept)")
         values = np.asarray(apply_modality_lut(arr, rescale) if rescale is not None else arr, dtype=np.float64)
         _check_finite(name, values)
-        voi = ds if "WindowCenter" in ds else functional_group(ds, index, "FrameVOILUTSequence")
+        voi = ds if "WindowCenter" in ds else _functional_group(ds, index, "FrameVOILUTSequence")
         center = width = None
         if voi is not None and voi.get("WindowCenter") is not None and voi.get("WindowWidth") is not None:
-            center, width = first(voi.WindowCenter), first(voi.WindowWidth)
+            center, width = _first(voi.WindowCenter), _first(voi.WindowWidth)
         if width is None or not (width > 0 and np.isfinite(width) and np.isfinite(center)):  # none usable in the file
             center, width = _full_range(name, values)
         return Frame(name, values, (center, width), photometric, photometric == "MONOCHROME1")

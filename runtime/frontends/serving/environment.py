@@ -29,7 +29,7 @@ BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 
 def checkout() -> Path:
     """The source checkout this runtime runs from (the serving venv installs the runtime from it)."""
-    root = Path(__file__).resolve().parents[3]  # runtime/frontends/serving/ -> the checkout
+    root = Path(__file__).resolve().parents[3]
     if not (root / "pyproject.toml").is_file():
         raise UserError(f"the runtime at {root / 'runtime'} is not in a source checkout (no pyproject.toml); "
                         "serving installs the runtime from a checkout of healthgpt-edge")
