@@ -25,7 +25,7 @@ from PIL import Image
 from runtime.core.backend import Backend, Graph, open_backend
 from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
-from runtime.core.generate import generate
+from runtime.core.generate import check_budget, generate
 from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, Task
 from runtime.core.image import load_image, preprocess
 from runtime.core.kvcache import KVCache, check_room
@@ -111,12 +111,8 @@ class Pipeline:
 
     def tokens(self, task: Task, image, text: str, max_new_tokens: int | None = None, sampler: Sampler | None = None,
                on_token: Callable[[int], None] | None = None) -> list[int]:
-        """One request's new tokens (the stop token excluded): its own cache, its own sampler state.
-        max_new_tokens: a positive int, or None for the task's default (0 or less is refused, as by the CLI)."""
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
-                                           or not isinstance(max_new_tokens, (int, np.integer))
-                                           or max_new_tokens < 1):
-            raise UserError(f"max_new_tokens {max_new_tokens!r}: need a positive integer (None: the task's default)")
+        """One request's new tokens (the stop token excluded): its own cache, its own sampler state."""
+        check_budget(max_new_tokens)
         sampler = dataclasses.replace(sampler) if sampler else Sampler()  # a copy: the caller's RNG is not advanced
         with self._serial:
             embeds = self.prompt(task, image, text)

@@ -37,7 +37,7 @@ from starlette.staticfiles import StaticFiles
 from runtime.frontends.app.audit import AuditLog
 from runtime.frontends.app.model import Model, Stopped
 from runtime.frontends.app.scans import Scan, Scans
-from runtime.frontends.app.security import SecurityHeaders, guard
+from runtime.frontends.app.security import SecurityHeaders
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN
 from runtime.core.prompt import check_question
@@ -46,6 +46,9 @@ STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 1 << 30  # bytes; a large multi-frame study still fits, a runaway upload does not
 MAX_JSON = 1 << 20
 KEEP_OUTPUTS = 16  # generated PNGs held for the page to fetch
+# A custom header makes any cross-origin POST a CORS preflight, which this app never grants: another web page open
+# in the clinician's browser cannot start requests here.
+CSRF_HEADER = "x-healthgpt-app"
 
 
 def _error(message: str, status: int = 400) -> JSONResponse:
@@ -75,6 +78,11 @@ class App:
         self._outputs_lock = threading.Lock()
 
     # ---- request helpers ----
+
+    @staticmethod
+    def _guard(request: Request) -> None:
+        if request.headers.get(CSRF_HEADER) != "1":
+            raise UserError(f"refused: requests to this app come from its own page (missing {CSRF_HEADER} header)")
 
     @staticmethod
     async def _json(request: Request) -> dict:
@@ -121,7 +129,7 @@ class App:
         return JSONResponse({**self.model.describe(), "audit_log": str(self.audit.path)})
 
     async def upload(self, request: Request) -> Response:
-        guard(request)
+        self._guard(request)
         name = unquote(request.headers.get("x-filename", "")) or "upload"
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -161,7 +169,7 @@ class App:
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     async def stop(self, request: Request) -> Response:
-        guard(request)
+        self._guard(request)
         job = self.jobs.get(request.path_params["job"])
         if job is not None:
             job.stop.set()
@@ -179,9 +187,9 @@ class App:
         400 and one audit line too, status "refused"."""
         data: dict = {}
         try:
-            guard(request)
+            self._guard(request)
             data = await self._json(request)
-            record, work = await prepare(data)
+            record, work, *start = await prepare(data)  # (record, work[, the stream's first event])
         except UserError as e:
             prompt = data.get("question" if task == COM.name else "instruction")
             frame = data.get("frame")
@@ -189,7 +197,7 @@ class App:
                                   prompt if isinstance(prompt, str) else None, status="refused", error=str(e))
             self._write_audit(record)
             raise
-        return self._stream(record, work)
+        return self._stream(record, work, *start)
 
     def _write_audit(self, record: dict) -> str | None:
         """Write one audit line; the reason when it could not be (also printed to the server log)."""
