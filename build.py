@@ -213,12 +213,22 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outputs are staged and swapped in whole: nothing half-written is left behind
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # outputs are staged and swapped in whole: nothing half-written is left behind
+        terminated = isinstance(e, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a container stop), unwound as Ctrl-C is, so the staged OUT.partial is removed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack, goes on
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

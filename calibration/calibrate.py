@@ -26,6 +26,7 @@ from calibration import data, qdq, quantize, report
 from export.compile.onnx_export import WeightStore
 from export.compile.writer import BundleWriter
 from export.outdir import staged
+from export.outdir import check as check_out
 from export.parity.verify import peak_rss_gib
 from runtime.core.backend import OrtBackend
 from runtime.core.bundle import Bundle
@@ -154,6 +155,8 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
         raise UserError(f"{src.root} is not an fp32 bundle (precision {precision.dtype}, quantization "
                         f"{precision.quantization and precision.quantization.scheme}); calibrate the fp32 export")
     calib = data.load_set(images, samples)
+    inputs = [src.root, *(s.path for s in calib)]
+    check_out(out, "bundle", inputs)  # before the work (staged() checks again): nothing deleted or moved if refused
     block = block_size if scheme == "int4" else None
 
     start = time.perf_counter()

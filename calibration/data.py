@@ -5,6 +5,7 @@ inside installed packages.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.core.bundle import file_digest
+from runtime.core.image import file_kind
 from runtime.contract.errors import UserError
 from runtime.core.clip_input import preprocess
 from runtime.core.image import load_image
@@ -88,6 +90,8 @@ def _expand(sources) -> list[Path]:
             files += found
         elif src.is_file():
             files.append(src)
+        elif src.exists():  # a FIFO would block the reader: named, not mistaken for a missing file
+            raise UserError(f"calibration image {src}: is {file_kind(src.stat().st_mode)}, not an image file or folder")
         else:
             raise UserError(f"calibration image {src}: no such file or folder")
     return files
@@ -104,17 +108,23 @@ def load_set(sources=None, samples: int | None = None) -> list[Sample]:
     if len(files) < MIN_IMAGES:
         raise UserError(f"calibration needs at least {MIN_IMAGES} images, got {len(files)}"
                         + (f" ({files[0]})" if files else "") + "; add images or folders with --images")
-    held = {p.resolve() for p in held_out_images()}
+    held = {d for p in held_out_images() for d in _fingerprints(p, preprocess(load_image(p)))}
     out = []
     for i, path in enumerate(files):
-        if path.resolve() in held:
-            raise UserError(f"{path} is held out for the accuracy report and `verify`; calibrate on other images")
         try:
             pixels = preprocess(load_image(path))
         except UserError as e:
             raise UserError(f"calibration image unreadable: {e}") from None
+        if _fingerprints(path, pixels) & held:
+            raise UserError(f"{path} is (a copy of) an image held out for the accuracy report and `verify`; "
+                            "calibrate on other images")
         out.append(Sample(path, pixels, i))
     return out
+
+
+def _fingerprints(path: Path, pixels: np.ndarray) -> set[str]:
+    """By content, not by path: the file's sha256, and that of the pixels the model gets (a copy with other tags)."""
+    return {file_digest(path), hashlib.sha256(pixels.tobytes()).hexdigest()}
 
 
 def describe(samples: list[Sample]) -> list[dict]:

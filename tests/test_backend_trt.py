@@ -172,18 +172,18 @@ class OrtContext:
     def set_device_memory(self, ptr, size):
         self.memory = (ptr, size)
 
-    def dims(self):  # symbolic dim -> value, from the input shapes set
+    def _dims(self):  # symbolic dim -> value, from the input shapes set (not a TensorRT name: private)
         return {d: self.shapes[t.name][i] for t in self.engine.spec.inputs for i, d in enumerate(t.shape)
                 if isinstance(d, str)}
 
     def get_tensor_shape(self, name):
-        return self.engine.spec.shape(name, **self.dims())
+        return self.engine.spec.shape(name, **self._dims())
 
     def execute_async_v3(self, stream):
         spec = self.engine.spec
         assert self.memory and self.memory[1] >= self.engine.device_memory_size_v2
         if spec.profiles:  # the decoder: the decode profile for one token, prefill otherwise
-            assert self.profile == (1 if self.dims()["seq"] == 1 else 0)
+            assert self.profile == (1 if self._dims()["seq"] == 1 else 0)
         feeds = {n: host_array(self.addresses[n], self.shapes[n], specs_dtype(spec, n)) for n in spec.input_names}
         self.runs.append(dict(self.addresses))
         for name, value in zip(spec.output_names, self.engine.session.run(spec.output_names, feeds)):

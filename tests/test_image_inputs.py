@@ -166,3 +166,50 @@ def test_every_shipped_dicom_loads_or_is_a_user_error(tmp_path):
                 loaded += 1
     assert loaded > 70 and refused > 300
     assert time.monotonic() - start < 60
+
+
+# ---------------------------------------------------------------- issue 24: one colour, decoding bombs
+
+@pytest.mark.parametrize("pixels,rgb", [
+    (np.full((8, 9, 3), (255, 0, 0), np.uint8), (255, 0, 0)),
+    (np.full((5, 5, 3), (0, 90, 200), np.uint8), (0, 90, 200)),
+    (np.array([[[13, 200, 7]]], np.uint8), (13, 200, 7)), (np.array([[250]], np.uint8), (250, 250, 250)),
+], ids=["red", "blue", "1x1 colour", "1x1 grey"])
+def test_any_one_colour_image_is_refused(tmp_path, pixels, rgb):
+    Image.fromarray(pixels).save(tmp_path / "flat.png")
+    with pytest.raises(UserError, match=rf"one flat colour \(every pixel is RGB \({rgb[0]}, {rgb[1]}, {rgb[2]}\)"):
+        rimg.load_image(tmp_path / "flat.png")
+
+
+@pytest.mark.parametrize("name,changes,match", [
+    ("MR_small_RLE.dcm", {"Rows": 12000, "Columns": 12000},
+     r"1 frame\(s\) of 12000 x 12000 x 1 sample\(s\), 144000000 values per frame, over the limit of 33554432"),
+    ("CT_small.dcm", {"Rows": 6000, "Columns": 6000}, "36000000 values per frame"),
+    ("rtdose.dcm", {"NumberOfFrames": 30_000_000}, r"30000000 frame\(s\) of 10 x 10 x 1 sample\(s\), 3000000000 "
+     "values per file, over the limit of 2147483648"),
+    ("SC_rgb_dcmtk_+eb+cr.dcm", {"Rows": 4000, "Columns": 4000}, r"4000 x 4000 x 3 sample\(s\)"),
+])
+def test_a_dicom_decoding_bomb_is_refused_before_decoding(tmp_path, name, changes, match):
+    import time
+    import tracemalloc
+
+    path = dicom_variant(tmp_path, name, **changes)
+    start = time.monotonic()
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=match):
+            rimg.load_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20 and time.monotonic() - start < 10  # nothing was decoded
+    assert rimg.load_image(dcm(name)).size  # the file as shipped still loads
+
+
+def test_ask_refuses_a_decoding_bomb_in_one_line(m3_bundle, tmp_path):
+    from test_cli import assert_user_error, run_cli
+
+    bomb = dicom_variant(tmp_path, "MR_small_RLE.dcm", Rows=12000, Columns=12000)  # 4 kB declaring 288 MB
+    proc = run_cli("ask", "--bundle", m3_bundle, "--image", bomb, "What is shown?", timeout=120)
+    assert_user_error(proc, f"{bomb}: the DICOM file declares", "refused before decoding")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bomb.name]

@@ -134,12 +134,12 @@ def test_build_py_export_onto_its_checkpoint_is_one_error_line(m3_checkpoint):
 
 
 def test_failed_write_leaves_nothing_behind(m3_checkpoint, tmp_path, monkeypatch):
-    import export.compile.bundle as eb
+    import export.compile.writer as writer
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(eb, "WeightStore", full_disk)
+    monkeypatch.setattr(writer, "WeightStore", full_disk)
     with pytest.raises(UserError, match="cannot write .*No space left on device"):
         export_bundle(m3_checkpoint, tmp_path / "out", ("com",))
     assert sorted(p.name for p in tmp_path.iterdir()) == []

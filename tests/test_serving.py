@@ -223,6 +223,24 @@ def test_cli_serve_ask_generate(serving_env, m3_bundle, pipe, tmp_path):
         os.killpg(pid, 0)  # the server and its stubs are gone
 
 
+def test_serve_without_out_removes_its_temporary_repository(serving_env, m3_bundle, tmp_path):
+    ports, tmp = free_ports(), tmp_path / "tmp"
+    tmp.mkdir()
+    serve = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--bundle", str(m3_bundle), "--http-port",
+                              str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+                              "--timeout", "120"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp)})
+    try:
+        line = serve.stdout.readline()
+        assert line.startswith("[I] ready: gRPC"), (line, serve.stderr.read() if serve.poll() is not None else "")
+        assert len(list(tmp.glob("healthgpt-triton-*/healthgpt/config.pbtxt"))) == 1
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        code = serve.wait(120)
+    # ours is gone (tritonserver leaves a `.ses` of its own in TMPDIR)
+    assert code == 0 and list(tmp.glob("healthgpt-triton-*")) == [], serve.stderr.read()
+
+
 # ---------------------------------------------------------------- load
 
 def test_load_8_clients_25_requests_each(serving_env, server, pipe):
@@ -286,7 +304,9 @@ def test_client_disconnects_mid_stream(serving_env, server, pipe):
     ({"prompt": "q", "image_base64": "not base64!"}, "not valid base64"),
     ({"prompt": "q", "image_base64": base64.b64encode(b"hello").decode()}, "not an image file"),
     ({"prompt": "q" * 5000, "max_new_tokens": 2}, "holds at most 2048"),
-    ({"prompt": "q", "max_new_tokens": 0}, "at least 1"),
+    ({"prompt": "q", "max_new_tokens": 0}, "from 1 to 2147483647, got 0"),
+    ({"prompt": "q", "max_new_tokens": 2**32 + 3}, "from 1 to 2147483647, got 4294967299"),  # not wrapped to 3
+    ({"prompt": "q", "max_new_tokens": -5}, "got -5"),
     ({"prompt": "q", "top_p": 0.0, "temperature": 1.0}, "sampling"),
     ({"prompt": "q", "frame": 2}, "need an image"),
     ({"prompt": "q", "history": '[{"question": 1}]'}, "history: need a JSON list"),
@@ -299,6 +319,16 @@ def test_malformed_request_gets_error_and_instance_lives(server, body, message):
     status, reply = http_generate(server, body)
     assert status == (500 if message == "Unable to parse" else 400) and message in reply["error"], reply
     assert server.model_ready()
+
+
+def test_infer_on_the_decoupled_model_is_501_as_the_readme_says(server):
+    from urllib import error, request
+
+    body = json.dumps({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["q"]}]}).encode()
+    with pytest.raises(error.HTTPError) as e:
+        request.urlopen(request.Request(f"{server.http}/v2/models/healthgpt/infer", body), timeout=60)
+    assert e.value.code == 501 and "decoupled" in e.value.read().decode()
+    assert "`/v2/models/healthgpt/infer` with HTTP 501" in (ROOT / "README.md").read_text()
 
 
 def test_malformed_images_and_the_next_request(serving_env, server, pipe):

@@ -84,3 +84,96 @@ def test_a_recorded_weights_file_is_checked_again_against_an_edited_tensor_table
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="does not hold the bytes its name was made from"):
         Bundle.open(copy)
+
+
+##### issue 24, class 2: what the record trusts #####
+
+def _flip(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+def test_a_file_changed_while_hashed_is_not_recorded(copy, monkeypatch):
+    digest = bundle_mod.file_digest
+
+    def changed_meanwhile(path):
+        result = digest(path)
+        if path.name == "tokenizer.json":  # changed after its bytes were read, long enough ago not to look racy
+            _flip(path, 10)
+            time.sleep(verified.RACY_NS / 1e9 + 0.1)
+        return result
+
+    monkeypatch.setattr(bundle_mod, "file_digest", changed_meanwhile)
+    Bundle.open(copy)
+    monkeypatch.setattr(bundle_mod, "file_digest", digest)
+    with pytest.raises(UserError, match="tokenizer.json is corrupt"):
+        Bundle.open(copy)
+
+
+def test_a_file_mapped_writable_is_not_recorded(copy):
+    """A write through a shared mapping to a page already dirty changes the bytes, not mtime or ctime."""
+    import mmap
+
+    path = copy / "weights.bin"
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        m[5000] = m[5000]  # the page dirty, the bytes as they were
+        time.sleep(verified.RACY_NS / 1e9 + 0.1)
+        Bundle.open(copy)
+        assert str(path.resolve()) not in verified.Record().data
+        m[5000] ^= 1
+        with pytest.raises(UserError, match="weights.bin is corrupt"):
+            Bundle.open(copy)
+
+
+def _forge(copy, record):
+    """A record entry claiming that a corrupted tokenizer.json was hashed and found good."""
+    path = copy / "tokenizer.json"
+    want = Bundle.open(copy, verify=False).manifest.files["tokenizer.json"].sha256
+    _flip(path, 10)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({str(path.resolve()): [*verified.stamp(path), "", want]}))
+
+
+@pytest.mark.parametrize("where", ["world-writable file", "world-writable folder", "another user's file"])
+def test_a_record_others_can_write_is_not_trusted(copy, tmp_path, monkeypatch, where):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    record = verified.record_path()
+    _forge(copy, record)
+    Bundle.open(copy)  # a private record is trusted: the forged entry is honoured
+    if where == "world-writable file":
+        record.chmod(0o666)
+    elif where == "world-writable folder":
+        record.parent.chmod(0o777)
+    else:
+        monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 1)
+    with pytest.raises(UserError, match="tokenizer.json is corrupt"):
+        Bundle.open(copy)
+    assert verified.Record().data == {}
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: os.mkfifo(p),
+    lambda p: p.symlink_to("/dev/zero"),
+    lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
+    lambda p: p.write_bytes(b"{" + b" " * verified.MAX_BYTES + b"}"),
+], ids=["fifo", "link to /dev/zero", "deeply nested", "too large"])
+def test_a_broken_record_is_an_empty_one(copy, tmp_path, make):
+    """`info` (which checks every file) neither hangs, nor reads without end, nor fails: it hashes everything."""
+    import stat
+    import subprocess
+    import sys
+
+    record = tmp_path / "cache" / "healthgpt-edge" / "verified.json"
+    record.parent.mkdir(parents=True)
+    make(record)
+    kind = stat.S_IFMT(record.lstat().st_mode)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "runtime", "info", "--bundle", str(copy)], capture_output=True,
+                          text=True, timeout=120, check=False, env=env)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert stat.S_IFMT(record.lstat().st_mode) == kind  # a FIFO or a link is left as it was, never written through
+    if stat.S_ISREG(kind):  # a broken file of ours is replaced by a good record
+        assert len(json.loads(record.read_text())) == len(Bundle.open(copy, verify=False).manifest.files)

@@ -10,6 +10,8 @@ valid until the same graph runs again (consume or copy them first).
 from __future__ import annotations
 
 import os
+import threading
+from concurrent import futures
 from pathlib import Path
 from typing import Protocol
 
@@ -50,7 +52,31 @@ class OrtGraph:
         self.providers = session.get_providers()  # what the session really got, not what was asked
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.spec.output_names, self.session.run(self.spec.output_names, feeds)))
+        names = self.spec.output_names
+        if threading.current_thread() is not threading.main_thread():
+            return dict(zip(names, self.session.run(names, feeds)))
+        # Python handles Ctrl-C in the main thread only, between bytecodes: never during a run held in C++ (a
+        # full-size prefill takes 17-40 s). So the main thread's runs go to a helper thread while it waits, and
+        # Ctrl-C sets RunOptions.terminate, which ONNX Runtime checks between nodes.
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        future = _runner().submit(self.session.run, names, feeds, options)
+        try:
+            return dict(zip(names, future.result()))
+        except KeyboardInterrupt:
+            options.terminate = True
+            futures.wait([future])  # ends at the next node; its "terminate flag" error is the interrupt's
+            raise
+
+
+_RUNNER: list[futures.ThreadPoolExecutor] = []
+
+
+def _runner() -> futures.ThreadPoolExecutor:
+    if not _RUNNER:
+        _RUNNER.append(futures.ThreadPoolExecutor(1, thread_name_prefix="ort-run"))
+    return _RUNNER[0]
 
 
 def available_memory() -> int:

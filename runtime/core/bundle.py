@@ -95,10 +95,11 @@ class Bundle:
             context = table if name == weights else ""
             if not rehash and record.known(path, want.sha256, context):
                 continue
+            before = verified.stamp(path)  # recorded only if the file is the same after hashing
             digest = _hash_weights(path, self.manifest.weights.tensors) if name == weights else file_digest(path)
             if digest != want.sha256:
                 raise UserError(f"bundle file {path} is corrupt (sha256 differs from the manifest); re-export")
-            record.remember(path, digest, context)
+            record.remember(path, digest, context, before)
         record.save()
 
     @property

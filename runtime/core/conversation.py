@@ -30,7 +30,7 @@ from PIL import Image
 from runtime.contract.healthgpt import IMAGE_TOKEN_INDEX, IMAGE_TOKENS, Task
 from runtime.core.backend import Backend
 from runtime.core.bundle import Bundle
-from runtime.core.generate import forward, generate
+from runtime.core.generate import check_budget, forward, generate
 from runtime.core.clip_input import preprocess
 from runtime.core.kvcache import KVCache, check_room
 from runtime.core.prefixes import Prefix, PrefixCache, image_digest
@@ -117,6 +117,7 @@ class Conversation:
         """The next turn, streamed: on_token(id) and on_text(new printable text, id) once per token (and on_text
         once more, with id None, for text held back at the end); Cancelled when `cancel()` turns true. The stop
         token is excluded; generation also stops at max_new_tokens (default: the task's) and at the context's end."""
+        check_budget(max_new_tokens)
         ids = self.check(question)
         sampler = dataclasses.replace(sampler) if sampler else Sampler()  # a copy: the caller's RNG is not advanced
         stream = StreamDecoder(self.pipe.tokenizer) if on_text else None

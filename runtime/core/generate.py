@@ -45,3 +45,11 @@ def generate(decoder: Graph, embed: Graph, cache: KVCache, prompt_embeds: np.nda
         if len(tokens) >= max_new_tokens:
             return tokens
         logits = decode_one_token(decoder, embed, cache, token)
+
+
+def check_budget(max_new_tokens) -> None:
+    """A request's max_new_tokens: a positive int, or None for the task's default. 0 or less is refused (not taken
+    as the default or as one token), as the CLI and the server refuse it."""
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
+                                       or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1):
+        raise UserError(f"max_new_tokens {max_new_tokens!r}: need a positive integer (None: the task's default)")

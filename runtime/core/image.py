@@ -48,9 +48,9 @@ def load_image(path, *, frame: int | None = None, window: tuple[float, float] | 
         path = bytes(path)
     opened = open_image(path, f"image ({len(path)} bytes)" if isinstance(path, bytes) else None)
     img = opened.frame(frame).render(window)
-    pixels = np.asarray(img)
-    if pixels.min() == pixels.max():
-        rgb = tuple(int(v) for v in pixels.reshape(-1, 3)[0])
+    pixels = np.asarray(img).reshape(-1, 3)
+    if (pixels == pixels[0]).all():  # one colour, grey or not (a 1 x 1 image always is)
+        rgb = tuple(int(v) for v in pixels[0])
         raise UserError(f"{opened.name}: the image is one flat colour (every pixel is RGB {rgb}"
                         + (f" with window {window}; try a wider --window" if window else "")
                         + "): there is nothing in it to ask about")
@@ -84,15 +84,19 @@ def _read_regular(path: Path) -> bytes:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
-                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "not a regular file")
-        raise UserError(f"{path}: is {kind}: only regular image files are read; give the image file itself")
+        raise UserError(f"{path}: is {file_kind(mode)}: only regular image files are read; give the image file itself")
     with os.fdopen(fd, "rb") as f:
         try:
             return f.read()
         except OSError as e:
             raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for an error message."""
+    return ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,8 @@ class DicomFile:
         from pydicom.errors import InvalidDicomError
         from pydicom.pixels import get_decoder
 
+        from runtime.core.dicom import check_declared_size
+
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=force)
         except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, struct.error, zlib.error) as e:
@@ -242,6 +248,7 @@ class DicomFile:
             n_frames = int(ds.get("NumberOfFrames") or 1)
         except (TypeError, ValueError):
             raise UserError(f"{name}: invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
+        check_declared_size(ds, name, n_frames)  # a decoding bomb, refused before any pixel is decoded
 
         meta = ds.file_meta
         if "TransferSyntaxUID" not in meta and ds.original_encoding[0] is not None:

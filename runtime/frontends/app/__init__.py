@@ -8,5 +8,6 @@ shown are the pixels the model gets (runtime.core.image: one decode per frame, `
 
 Modules: model.py (what the page talks to: ask with streamed text, generate with progress, describe; the local
 Pipeline implementation), scans.py (uploaded files, decoded once), audit.py (the JSON-lines audit log),
-server.py (routes, streaming, `serve` for the CLI), static/ (the page). Torch-free, like all of runtime/.
+server.py (routes, streaming, `serve` for the CLI), security.py (the CSP), static/
+(the page). Torch-free, like all of runtime/.
 """

@@ -1,4 +1,7 @@
-"""The audit log: one JSON line per model request (who asked what about which file, what came out), never pixels.
+"""The audit log: one JSON line per model request (who asked what about which file, what came out), never pixels;
+a request refused before it ran gets its line too (status "refused"). Lines are ASCII JSON (anything else escaped),
+so no reader that splits on Unicode line breaks (U+2028, U+0085) sees two records in one, and an unpaired surrogate
+in a question is written as its escape. The log must be a regular file: a FIFO or device is refused at start-up.
 
 Each record is one os.write on a file opened with O_APPEND, so lines from concurrent requests (threads, or two app
 processes on one log) never interleave: the kernel appends each write whole. fsync before the request reports done.
@@ -8,8 +11,10 @@ patient details.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -32,10 +37,20 @@ class AuditLog:
         self._lock = threading.Lock()  # one fsync at a time; the appends themselves need no lock
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        """Non-blocking, so that a FIFO with no reader fails at once instead of hanging start-up."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                raise OSError(e.errno, "it is a named pipe (FIFO) or device, not a regular file") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "it is not a regular file (a FIFO, device or socket)")
+        return fd
 
     def write(self, record: dict) -> None:
-        data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")
         with self._lock:
             fd = self._open()
             try:

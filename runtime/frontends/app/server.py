@@ -42,6 +42,7 @@ from runtime.frontends.app.scans import Scan, Scans
 from runtime.frontends.app.security import SecurityHeaders
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN
+from runtime.core.prompt import check_question
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 1 << 30  # bytes; a large multi-frame study still fits, a runaway upload does not
@@ -59,7 +60,7 @@ def _error(message: str, status: int = 400) -> JSONResponse:
 
 
 def _sse(event: dict) -> str:
-    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(event)}\n\n"  # ASCII: an unpaired surrogate cannot break the stream
 
 
 def _now() -> str:
@@ -96,7 +97,7 @@ class App:
             raise UserError(f"request too large ({len(body)} bytes; the limit is {MAX_JSON})")
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise UserError("request body is not JSON") from None
         if not isinstance(data, dict):
             raise UserError("request body must be a JSON object")
@@ -170,6 +171,8 @@ class App:
             frame = int(q.get("frame", "0"))
         except ValueError:
             raise UserError(f"frame {q.get('frame')!r}: need an integer") from None
+        if ("center" in q) != ("width" in q):
+            raise UserError("a display window needs both center and width")
         window = self._window((q["center"], q["width"])) if "center" in q else None
         image, window = await asyncio.to_thread(scan.render, frame, window)
         png = io.BytesIO()
@@ -194,11 +197,43 @@ class App:
         return Response(status_code=204)  # already finished: nothing to stop
 
     async def ask(self, request: Request) -> Response:
-        self._guard(request)
-        data = await self._json(request)
+        return await self._audited(COM.name, request, self._ask)
+
+    async def generate(self, request: Request) -> Response:
+        return await self._audited(GEN.name, request, self._generate)
+
+    async def _audited(self, task: str, request: Request, prepare) -> Response:
+        """Check the request (prepare(data) -> (audit record, work)) and stream its work. A request refused before
+        it starts (not from the page, not JSON, a bad question, frame, window or budget, an unknown scan) gets its
+        400 and one audit line too, status "refused"."""
+        data: dict = {}
+        try:
+            self._guard(request)
+            data = await self._json(request)
+            record, work, *start = await prepare(data)  # (record, work[, the stream's first event])
+        except UserError as e:
+            prompt = data.get("question" if task == COM.name else "instruction")
+            frame = data.get("frame")
+            record = self._record(task, None, frame if isinstance(frame, int) else None, None,
+                                  prompt if isinstance(prompt, str) else None, status="refused", error=str(e))
+            self._write_audit(record)
+            raise
+        return self._stream(record, work, *start)
+
+    def _write_audit(self, record: dict) -> str | None:
+        """Write one audit line; the reason when it could not be (also printed to the server log)."""
+        try:
+            self.audit.write(record)
+        except OSError as e:
+            print(f"error: audit log {self.audit.path}: {e}", file=sys.stderr, flush=True)
+            return str(e)
+        return None
+
+    async def _ask(self, data: dict):
         question = data.get("question")
         if not isinstance(question, str) or not question.strip():
             raise UserError("type a question first")
+        check_question(question)
         limit = self.model.max_context or math.inf  # unknown for a server's bundle: the server checks it
         max_new = data.get("max_new_tokens", COM.max_new_tokens)
         if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= limit:
@@ -224,16 +259,15 @@ class App:
                 record.update(answer="".join(texts), tokens=len(stamps))
             return {"tokens": len(stamps), **_rates(started, stamps)}
 
-        return self._stream(record, work, turn)
+        return record, work, turn
 
-    async def generate(self, request: Request) -> Response:
-        self._guard(request)
+    async def _generate(self, data: dict):
         if GEN.name not in self.model.tasks:
             raise UserError("this bundle has no image generation (gen) task")
-        data = await self._json(request)
         instruction = data.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise UserError("type an instruction first, e.g. \"Reconstruct the image.\"")
+        check_question(instruction)
         if data.get("scan") is None:
             raise UserError("open an image first: generation starts from the image on screen")
         scan, frame, window, image = await asyncio.to_thread(self._image, data)
@@ -255,7 +289,7 @@ class App:
             record["output_sha256"] = sha
             return {"url": f"/api/outputs/{sha}.png", "sha256": sha}
 
-        return self._stream(record, work)
+        return record, work
 
     # ---- streaming and the audit record ----
 
@@ -291,11 +325,8 @@ class App:
                 end = {"type": "error", "error": "internal error: the server log has the details"}
                 record.update(status="error", error="internal error")
             record["duration_s"] = round(time.perf_counter() - started, 4)
-            try:
-                self.audit.write(record)
-            except OSError as e:
-                print(f"error: audit log {self.audit.path}: {e}", file=sys.stderr, flush=True)
-                end = {"type": "error", "error": f"the audit log could not be written ({e}); this request is "
+            if failed := self._write_audit(record):
+                end = {"type": "error", "error": f"the audit log could not be written ({failed}); this request is "
                                                  "not recorded, tell your administrator"}
             emit({**end, "duration": record["duration_s"]})
             emit(None)

@@ -146,8 +146,8 @@ class Client:
 
 
 _DTYPES = {"prompt": ("BYTES", np.object_), "task": ("BYTES", np.object_), "image": ("BYTES", np.object_),
-           "frame": ("INT32", np.int32), "window": ("FP32", np.float32), "max_new_tokens": ("INT32", np.int32),
-           "temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32), "top_p": ("FP32", np.float32),
+           "frame": ("INT64", np.int64), "window": ("FP32", np.float32), "max_new_tokens": ("INT64", np.int64),
+           "temperature": ("FP32", np.float32), "top_k": ("INT64", np.int64), "top_p": ("FP32", np.float32),
            "seed": ("INT64", np.int64), "constrain_image_tokens": ("BOOL", np.bool_), "history": ("BYTES", np.object_)}
 
 

@@ -7,6 +7,7 @@ A runtime command rather than `build.py triton`: a serving host has the runtime 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import tempfile
@@ -80,7 +81,6 @@ def cmd_triton(a) -> int:
 
 def cmd_serve(a) -> int:
     from runtime.frontends.serving import environment, repository
-    from runtime.frontends.serving.server import Ports, Server
 
     if a.repo is not None and a.out is not None:
         raise UserError("--out applies to --bundle (the repository to write); --repo is served as it is")
@@ -88,9 +88,27 @@ def cmd_serve(a) -> int:
         raise UserError(f"{a.repo} is not a model repository written by `python -m runtime triton` "
                         f"(no {repository.MODEL}/config.pbtxt)")
     env = environment.ensure(a.venv, log=lambda m: print(m, file=sys.stderr, flush=True))
-    repo = a.repo or repository.write(a.bundle, a.out or tempfile.mkdtemp(prefix="healthgpt-triton-"), _options(a))
+    temporary = Path(tempfile.mkdtemp(prefix="healthgpt-triton-")) if a.repo is None and a.out is None else None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds through the finally blocks below
+    try:
+        repo = a.repo or repository.write(a.bundle, a.out or temporary, _options(a))
+        _serve(a, env, repo)
+    except (KeyboardInterrupt, SystemExit):  # a clean stop: the temporary repository (and its log) goes
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    except BaseException:  # a failure: the temporary repository stays, for its log
+        if temporary is not None:
+            print(f"[I] kept {temporary} (tritonserver.log inside)", file=sys.stderr, flush=True)
+        raise
+    return 0
+
+
+def _serve(a, env, repo: Path) -> None:
+    from runtime.frontends.serving import repository
+    from runtime.frontends.serving.server import Ports, Server
+
     server = Server(env, repo, Ports(a.http_port, a.grpc_port, a.metrics_port), a.log)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds through the finally below
     server.start()
     info = lambda m: print(f"[I] {m}", file=sys.stderr, flush=True)  # noqa: E731
     info(f"tritonserver pid {server.process.pid}, repository {repo}, log {server.log}")

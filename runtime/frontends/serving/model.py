@@ -37,6 +37,8 @@ from runtime.core.sampling import Sampler
 from runtime.frontends.serving.repository import bundle_facts
 
 CANCEL_POLL_S = 0.02
+# Integer inputs are INT64 on the wire, so that 2**32 + 3 arrives as itself, not wrapped to 3, and is refused here.
+MAX_NEW_TOKENS = 2**31 - 1
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -84,8 +86,8 @@ class HealthGPTModel:
             raise UserError("the request has no prompt")
         image = _image(request)
         max_new = _scalar(request, "max_new_tokens", int, task.max_new_tokens)
-        if max_new < 1:
-            raise UserError(f"max_new_tokens must be at least 1, got {max_new}")
+        if not 1 <= max_new <= MAX_NEW_TOKENS:
+            raise UserError(f"max_new_tokens must be from 1 to {MAX_NEW_TOKENS}, got {max_new}")
         try:
             sampler = Sampler(temperature=_scalar(request, "temperature", float, 0.0),
                               top_k=_scalar(request, "top_k", int, 0), top_p=_scalar(request, "top_p", float, 1.0),

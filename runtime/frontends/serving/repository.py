@@ -87,6 +87,7 @@ from runtime.frontends.serving.model import {cls} as TritonPythonModel  # noqa: 
 """
 
 # Scalars are dims [1]; every input but the prompt is optional (defaults as in `python -m runtime ask/generate`).
+# Integer inputs are INT64: a JSON value past int32 would otherwise wrap silently (2**32 + 3 -> 3).
 _MODEL_CONFIG = """\
 # Written by `python -m runtime triton`. Tasks in the bundle: {tasks}. One request at a time per instance;
 # scale with instance_group count (CPU slots or per GPU) and more servers.
@@ -99,11 +100,11 @@ input [
   {{ name: "task" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "image" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "image_base64" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
-  {{ name: "frame" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "frame" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
   {{ name: "window" data_type: TYPE_FP32 dims: [ 2 ] optional: true }},
-  {{ name: "max_new_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "max_new_tokens" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
   {{ name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
-  {{ name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "top_k" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
   {{ name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
   {{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
   {{ name: "constrain_image_tokens" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
