@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.contenders import TOKEN, OurDecoder, graph_weight_bytes  # noqa: E402
 from runtime.core.backend import OrtBackend  # noqa: E402
 from runtime.core.bundle import Bundle  # noqa: E402
-from runtime.core.generate import decode_one_token, prefill  # noqa: E402
+from runtime.core.generate import decode_one_token, forward  # noqa: E402
 from runtime.core.kvcache import KVCache  # noqa: E402
 
 # node-name scopes of the exported decoder (export/compile/graphs.py): one H-LoRA linear each
@@ -138,7 +138,7 @@ def profile(bundle_dir: Path, task: str, context: int, prefill_len: int, reps: i
     kinds = ["decode"] * (reps + 1) + ["prefill"] * (reps + 1)
     for kind in kinds:
         dec.at(context if kind == "decode" else 0)
-        decode_one_token(graph, embed, dec.cache, TOKEN) if kind == "decode" else prefill(graph, dec.cache, embeds)
+        decode_one_token(graph, embed, dec.cache, TOKEN) if kind == "decode" else forward(graph, dec.cache, embeds)
     grouped = runs(Path(graph.session.end_profiling()))
     if len(grouped) != len(kinds):
         raise RuntimeError(f"the profile holds {len(grouped)} runs, {len(kinds)} were made")

@@ -11,7 +11,7 @@ import pytest
 
 from runtime.core.backend import OrtBackend
 from runtime.core.bundle import Bundle
-from runtime.core.generate import decode_one_token, prefill
+from runtime.core.generate import decode_one_token, forward
 from runtime.core.pipeline import Pipeline
 
 # Issue 25 asks for <= 30. Measured with standard ONNX ops (tiny M3 / L14, ORT_ENABLE_ALL): 54 / 57, from ~160. What
@@ -58,7 +58,7 @@ def test_decode_binds_only_the_cached_rows(m3_bundle, monkeypatch):
 
     monkeypatch.setattr(graphs.decoder, "run", spy)
     ids = np.random.default_rng(0).integers(3, 32000, size=(1, 20)).astype(np.int64)
-    prefill(graphs.decoder, cache, graphs.embed.run({"input_ids": ids})["inputs_embeds"])
+    forward(graphs.decoder, cache, graphs.embed.run({"input_ids": ids})["inputs_embeds"])
     for token in range(3, 16):  # 20 -> 33 rows: the buffer grows from 32 to 64 rows on the way
         decode_one_token(graphs.decoder, graphs.embed, cache, token)
     assert cache.rows == 64 and cache.length == 33

@@ -76,10 +76,11 @@ class KVCache:
         self.length = length
 
     def copy_rows(self, length: int) -> dict[str, np.ndarray]:
-        """A host copy of every buffer's first `length` rows (the image prefix kept for later conversations)."""
+        """A host copy of every buffer's first `length` rows (the image prefix kept for later conversations); on a
+        GPU backend only those rows cross to the host."""
         if not 0 <= length <= self.length:
             raise ValueError(f"the cache holds {self.length} rows, not {length}")
-        return {past: np.array(np.asarray(buffer)[:length]) for past, buffer in self.buffers.items()}
+        return {past: np.array(self.backend.head(buffer, length)) for past, buffer in self.buffers.items()}
 
     def load_rows(self, rows: dict[str, np.ndarray]) -> None:
         """Start over from rows that `copy_rows` took from a cache of the same decoder."""
