@@ -91,19 +91,38 @@ def cmd_export(a):
     print(f"[I] bundle {a.out}: {len(manifest.graphs)} graphs, {total / 2**20:.1f} MiB in all")
 
 
+def _structure(bundle_dir: Path, fp32_bundle: Path | None):
+    """A quantized bundle's structural check against its fp32 source: --fp32-bundle, else the source its manifest
+    records when it is still there; None for an fp32 bundle or when no source is at hand (verify says so)."""
+    from calibration import structure
+    from runtime.contract.reports import Structure
+    from runtime.core.bundle import Bundle
+
+    bundle = Bundle.open(bundle_dir)
+    quant = bundle.manifest.precision.quantization
+    source = fp32_bundle or (quant and Path(quant.source_bundle))
+    if quant is None or not (source / "manifest.json").is_file():
+        if quant is not None:
+            print(f"[W] no structural check: the fp32 source {source} is not there (give --fp32-bundle)")
+        return None
+    return Structure.from_json(structure.check(Bundle.open(source), bundle).to_json())
+
+
 def cmd_verify(a):
     from pydicom.data import get_testdata_file
 
     from export.parity.verify import failures, verify
 
     a.image = a.image or Path(get_testdata_file("CT_small.dcm"))
-
-    report = verify(a.bundle, a.checkpoint, a.backends, a.image, a.steps, a.tasks)
-    for name, b in report["backends"].items():
-        print(f"[I] {name}: {b['status']}" + (f" ({b['reason']})" if b["status"] == "not run" else ""))
+    shape = _structure(a.bundle, a.fp32_bundle)
+    report = verify(a.bundle, a.checkpoint, a.backends, a.image, a.steps, a.tasks, shape)
+    for name, b in report.backends.items():
+        print(f"[I] {name}: {b.status}" + (f" ({b.reason})" if b.status == "not run" else ""))
+    if report.structure is not None:
+        print(f"[I] structural check against the fp32 source: {'passed' if report.structure.passed else 'FAILED'}")
     print(f"[I] report: {Path(a.bundle) / 'parity.md'}")
     bad = failures(report)
-    if bad or not report["passed"]:
+    if bad or not report.passed:
         raise UserError("parity FAILED: " + ("; ".join(bad[:5]) or "no backend could run"))
 
 
@@ -119,7 +138,11 @@ def cmd_calibrate(a):
           f"DequantizeLinear, calibrated on {len(q.calibration_set)} images, {total / 2**20:.1f} MiB in all")
     print(f"[I] accuracy report: {Path(a.out) / 'quant.md'}")
     if not q.report.passed:
-        raise UserError(f"{a.out}: the {q.scheme} bundle is outside its tolerances (see quant.md)")
+        from runtime.contract.reports import QuantReport
+
+        failed = QuantReport.read(Path(a.out), manifest).failed()
+        raise UserError(f"{a.out}: the {q.scheme} bundle FAILED its report ({'; '.join(failed[:5])}; see quant.md); "
+                        "it is marked failed and the runtime refuses it without --allow-failed-verification")
 
 
 def add_synth(sub) -> None:
@@ -199,6 +222,8 @@ def add_verify(sub) -> None:
     v.add_argument("--steps", type=positive_int, default=32, help="com: greedy tokens compared end to end")
     v.add_argument("--tasks", type=_subset("com", "gen"), help="comma-separated subset of the bundle's tasks "
                    "(default all)")
+    v.add_argument("--fp32-bundle", type=_directory, help="a quantized bundle's fp32 source, for the exact structural "
+                   "check (default: the source its manifest records, when it is still there)")
     v.set_defaults(run=cmd_verify)
 
 

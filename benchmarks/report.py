@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from calibration.report import TOLERANCES, judge
+from runtime.contract.reports import TaskFigures
 
 CTX = ("100", "600", "1600")
 
@@ -155,8 +156,8 @@ def accuracy_targets(res, add) -> None:
 def misses(acc: dict) -> list[str]:
     """The checks a bundle's measured accuracy fails against today's tolerances of its scheme (its own report keeps
     the tolerances it was calibrated with)."""
-    return [f"{c['task']} {c['check']}" for c in judge(acc["tasks"], TOLERANCES[acc["quantization"]["scheme"]])
-            if not c["ok"]]
+    tasks = {t: TaskFigures.from_json(v, f"tasks.{t}") for t, v in acc["tasks"].items()}
+    return [f"{c.task} {c.check}" for c in judge(tasks, TOLERANCES[acc["quantization"]["scheme"]]) if not c.ok]
 
 
 def accuracy_lines(res: dict) -> list[str]:

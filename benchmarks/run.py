@@ -189,6 +189,7 @@ def decode_d1(r: Run, np, torch) -> None:
     from benchmarks import artifacts
     from benchmarks import contenders as C
     from benchmarks.timing import Gemv
+    from runtime.contract.reports import QuantReport
     from runtime.core.bundle import Bundle
 
     r.say("decode / prefill group D1")
@@ -222,7 +223,8 @@ def decode_d1(r: Run, np, torch) -> None:
     r.res["quantized"] = {scheme: {"rss_delta": quant[f"ours com {scheme}"].rss_delta, "bundle": str(d)}
                           if isinstance(d, Path) else d for scheme, d in timed.items()}
     # each calibrated bundle's accuracy report (calibration/report.py, written by calibrate) and its bundle size
-    r.res["accuracy"] = {k: {**json.loads((d / "quant.json").read_text()), "bundle_bytes": _size(d)}
+    r.res["accuracy"] = {k: {**QuantReport.read(d, Bundle.open(d, verify=False).manifest).to_json(),
+                             "bundle_bytes": _size(d)}
                          if isinstance(d, Path) else d for k, d in r.arts["quantized"].items()}
     r.res["accuracy"]["fp32"] = {"bundle_bytes": _size(r.arts["bundle"])}
     r.res["peers"] = {"optimum": str(r.arts["optimum"]) if opt is None else "ORTModelForCausalLM (onnxruntime-gpu, "

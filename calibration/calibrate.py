@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,10 @@ from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import TASKS
 from runtime.core.kvcache import KVCache
 from runtime.contract.manifest import CalibrationFile, Manifest, Quantization, ReportRef
+from runtime.contract.quantization import ALGORITHMS, GRAPHS
+from runtime.contract.quantization import INT4_BLOCKS as BLOCK_SIZES
 from runtime.core.pipeline import Pipeline
 
-BLOCK_SIZES = (128, 64, 32)  # TensorRT's INT4 blocks are 64 or 128; 32 for the tiny test widths
-# first: the default
-ALGORITHMS = {"int4": ("awq", "rtn"), "int8": ("rtn",), "w8a8": qdq.ALGORITHMS, "fp8": qdq.ALGORITHMS}
-GRAPHS = ("decoder", "vision")
 # LM head quantized by default where the accuracy report chose it (benchmarks/README.md: a small KL cost for a
 # decode step that reads half the bytes). The Q/DQ schemes keep it float (not measured).
 LM_HEAD = {"int4": True, "int8": True, "w8a8": False, "fp8": False}
@@ -130,90 +129,122 @@ def _qdq_graph(model, root: Path, matmuls, feeds, scheme, algorithm, errors) -> 
     return out
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What `calibrate` makes, its options checked."""
+    scheme: str
+    algorithm: str
+    block_size: int | None  # int4 only
+    graphs: tuple[str, ...]
+    lm_head: bool
+
+    @classmethod
+    def of(cls, scheme: str, block_size: int, graphs: tuple[str, ...], algorithm: str | None,
+           lm_head: bool | None) -> Plan:
+        if scheme not in ALGORITHMS:
+            raise UserError(f"unknown scheme {scheme!r}; choose one of {', '.join(ALGORITHMS)}")
+        algorithm = algorithm or ALGORITHMS[scheme][0]
+        if algorithm not in ALGORITHMS[scheme]:
+            raise UserError(f"--algorithm {algorithm} does not apply to {scheme}; choose "
+                            f"{', '.join(ALGORITHMS[scheme])}")
+        if block_size not in BLOCK_SIZES:
+            raise UserError(f"--block-size {block_size}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
+        unknown = [g for g in graphs if g not in GRAPHS]
+        if unknown or not graphs:
+            raise UserError(f"--graphs {','.join(graphs)}: choose from {', '.join(GRAPHS)}")
+        return cls(scheme, algorithm, block_size if scheme == "int4" else None, tuple(graphs),
+                   LM_HEAD[scheme] if lm_head is None else lm_head)
+
+
+def fp32_source(bundle_dir: str | Path) -> Bundle:
+    src = Bundle.open(bundle_dir)
+    precision = src.manifest.precision
+    if precision.quantization is not None or precision.dtype != "fp32":
+        raise UserError(f"{src.root} is not an fp32 bundle (precision {precision.dtype}, quantization "
+                        f"{precision.quantization and precision.quantization.scheme}); calibrate the fp32 export")
+    return src
+
+
 def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", block_size: int = 128,
               images=None, samples: int | None = None, graphs: tuple[str, ...] = ("decoder",),
               algorithm: str | None = None, lm_head: bool | None = None,
               quick_report: bool = False) -> Manifest:
     """lm_head: quantize the decoder's LM head too (None: the scheme's default, LM_HEAD). quick_report: the accuracy
     report on one held-out image, 32 teacher-forced positions and no generated image (the full model on a CPU: the
-    default report's 1024-step image runs alone take tens of minutes)."""
-    out = Path(out)
-    if scheme not in ALGORITHMS:
-        raise UserError(f"unknown scheme {scheme!r}; choose one of {', '.join(ALGORITHMS)}")
-    algorithm = algorithm or ALGORITHMS[scheme][0]
-    if algorithm not in ALGORITHMS[scheme]:
-        raise UserError(f"--algorithm {algorithm} does not apply to {scheme}; choose {', '.join(ALGORITHMS[scheme])}")
-    if block_size not in BLOCK_SIZES:
-        raise UserError(f"--block-size {block_size}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
-    unknown = [g for g in graphs if g not in GRAPHS]
-    if unknown or not graphs:
-        raise UserError(f"--graphs {','.join(graphs)}: choose from {', '.join(GRAPHS)}")
-    lm_head = LM_HEAD[scheme] if lm_head is None else lm_head
-    src = Bundle.open(bundle_dir)
-    precision = src.manifest.precision
-    if precision.quantization is not None or precision.dtype != "fp32":
-        raise UserError(f"{src.root} is not an fp32 bundle (precision {precision.dtype}, quantization "
-                        f"{precision.quantization and precision.quantization.scheme}); calibrate the fp32 export")
+    default report's 1024-step image runs alone take tens of minutes). A bundle that fails its report is written
+    all the same, marked failed in its manifest (the runtime refuses it unless overridden)."""
+    plan = Plan.of(scheme, block_size, graphs, algorithm, lm_head)
+    src = fp32_source(bundle_dir)
     calib = data.load_set(images, samples)
-    inputs = [src.root, *(s.path for s in calib)]
-    check_out(out, "bundle", inputs)  # before the work (staged() checks again): nothing deleted or moved if refused
-    block = block_size if scheme == "int4" else None
-
-    start = time.perf_counter()
-    chosen = {(t, g): onnx.load(str(src.path(t, g)), load_external_data=False) for t in src.tasks for g in graphs}
-    targets = {k: (m, _targets(m, k[1], lm_head)) for k, m in chosen.items()}
-    feeds = calibration_feeds(src, calib, targets) if algorithm == "awq" or scheme in qdq.FORMATS else {}
-    importance = collect_importance(src, feeds, targets) if algorithm == "awq" else {}
-
-    with staged(out, "bundle", [src.root]) as tmp:
+    # before the work (staged() checks again): nothing deleted or moved if refused
+    check_out(Path(out), "bundle", [src.root, *(s.path for s in calib)])
+    with staged(Path(out), "bundle", [src.root]) as tmp:
+        start = time.perf_counter()
         writer = BundleWriter(tmp)
-        done: dict[str, tuple[list[onnx.TensorProto], int | None]] = {}  # weight name -> its DQ initializers
-        errors: dict[str, float] = {}  # weight -> relative Frobenius error of the quantized weight
-        fused, entries = {}, {}
-        for graph_id, entry in tqdm(src.manifest.graphs.items(), desc="quantize", unit="graph"):
-            task, name = graph_id.split(".")
-            # the graph alone: each weight is read from the fp32 weights.bin when quantized or copied (full size: 15 GB)
-            model = onnx.load(str(src.file(entry.file)), load_external_data=False)
-            key = entry.cache_key
-            if (task, name) in targets:
-                matmuls = targets[(task, name)][1]
-                if scheme in qdq.FORMATS:
-                    model = _qdq_graph(model, src.root, matmuls, feeds[(task, name)], scheme, algorithm, errors)
-                else:
-                    model = _weight_only_graph(model, matmuls, scheme, block_size, importance, done, errors, src.root,
-                                               writer.store)
-                fused[graph_id] = len(matmuls)
-                # never mistaken for the fp32 export's graph by the export cache
-                key = hashlib.sha256(f"{key}|{scheme}|{algorithm}|{block}|{lm_head}".encode()).hexdigest()
-            initializers = writer.add_graph(entry.file, model, source=src.root)
-            entries[graph_id] = dataclasses.replace(entry, cache_key=key, initializers=initializers)
-        weights = writer.weights()
-        if not errors:
-            raise UserError(f"{src.root}: no MatMul weights to quantize in {', '.join(graphs)}")
-        writer.copy(src.file(src.manifest.tokenizer.file))
-        qdq_format = qdq.FORMATS.get(scheme)
-        quant = Quantization(
-            scheme=scheme, algorithm=algorithm, block_size=block, weights=qdq_format or scheme,
-            activations=qdq_format or "float32", graphs=tuple(graphs), lm_head="quantized" if lm_head else "float32",
-            form=QDQ if qdq_format else WEIGHT_ONLY, ort_only=False,
-            accuracy_level=None if qdq_format else ACCURACY_LEVEL, quantized_matmuls=fused, source_bundle=str(src.root),
-            calibration_set=tuple(CalibrationFile(**c) for c in data.describe(calib)),
-            weight_rel_error={"mean": float(np.mean(list(errors.values()))), "max": float(max(errors.values()))},
-            tolerances=report.TOLERANCES[scheme], session_config={
-                g: c for g, c in SESSION_CONFIG.get(scheme, {}).items() if g in graphs})
-        manifest = dataclasses.replace(
-            src.manifest, graphs=entries, weights=weights, engines={},
-            precision=dataclasses.replace(precision, quantization=quant), files=writer.files())
+        manifest, errors = quantize_bundle(src, writer, plan, calib)
         quantize_peak = peak_rss_gib()  # the bundle written; the report then holds the fp32 decoder too
-        tqdm.write(f"[I] quantized {len(errors)} distinct weights ({scheme}, {algorithm}) in "
+        tqdm.write(f"[I] quantized {len(errors)} distinct weights ({plan.scheme}, {plan.algorithm}) in "
                    f"{time.perf_counter() - start:.1f}s, peak RSS {quantize_peak:.2f} GiB; "
                    f"measuring against {src.root}")
         # measured before manifest.json exists: until it is written nothing here opens as a bundle
         held_out = data.held_out_images()[:1] if quick_report else data.held_out_images()
         result = report.measure(src, Bundle(tmp, manifest, ""), held_out, *((32, False) if quick_report else ()))
-        result["peak_rss_gib"] = {"quantize": round(quantize_peak, 2), "report": round(peak_rss_gib(), 2)}
+        result = dataclasses.replace(result, peak_rss_gib={"quantize": round(quantize_peak, 2),
+                                                           "report": round(peak_rss_gib(), 2)})
         report.write(tmp, result)
-        quant = dataclasses.replace(quant, report=ReportRef(result["passed"], "quant.md"))
-        manifest = dataclasses.replace(manifest, precision=dataclasses.replace(precision, quantization=quant),
+        quant = dataclasses.replace(manifest.precision.quantization, report=ReportRef(result.passed, report.FILES[0]))
+        manifest = dataclasses.replace(manifest, precision=dataclasses.replace(manifest.precision, quantization=quant),
                                        files={**manifest.files, **writer.files(list(report.FILES))})
         return writer.write_manifest(manifest)
+
+
+def quantize_bundle(src: Bundle, writer: BundleWriter, plan: Plan, calib: list[data.Sample]) -> tuple[Manifest, dict]:
+    """The quantized graphs and weights written by `writer`, and their manifest (not written: no report yet);
+    with the relative error of each distinct quantized weight."""
+    chosen = {(t, g): onnx.load(str(src.path(t, g)), load_external_data=False) for t in src.tasks for g in plan.graphs}
+    targets = {k: (m, _targets(m, k[1], plan.lm_head)) for k, m in chosen.items()}
+    needs_feeds = plan.algorithm == "awq" or plan.scheme in qdq.FORMATS
+    feeds = calibration_feeds(src, calib, targets) if needs_feeds else {}
+    importance = collect_importance(src, feeds, targets) if plan.algorithm == "awq" else {}
+    done: dict[str, tuple[list[onnx.TensorProto], int | None]] = {}  # weight name -> its DQ initializers
+    errors: dict[str, float] = {}  # weight -> relative Frobenius error of the quantized weight
+    fused, entries = {}, {}
+    for graph_id, entry in tqdm(src.manifest.graphs.items(), desc="quantize", unit="graph"):
+        task, name = graph_id.split(".")
+        # the graph alone: each weight is read from the fp32 weights.bin when quantized or copied (full size: 15 GB)
+        model = onnx.load(str(src.file(entry.file)), load_external_data=False)
+        key = entry.cache_key
+        if (task, name) in targets:
+            matmuls = targets[(task, name)][1]
+            if plan.scheme in qdq.FORMATS:
+                model = _qdq_graph(model, src.root, matmuls, feeds[(task, name)], plan.scheme, plan.algorithm, errors)
+            else:
+                model = _weight_only_graph(model, matmuls, plan.scheme, plan.block_size, importance, done, errors,
+                                           src.root, writer.store)
+            fused[graph_id] = len(matmuls)
+            # never mistaken for the fp32 export's graph by the export cache
+            key = hashlib.sha256(f"{key}|{plan.scheme}|{plan.algorithm}|{plan.block_size}|{plan.lm_head}".encode()
+                                 ).hexdigest()
+        initializers = writer.add_graph(entry.file, model, source=src.root)
+        entries[graph_id] = dataclasses.replace(entry, cache_key=key, initializers=initializers)
+    weights = writer.weights()
+    if not errors:
+        raise UserError(f"{src.root}: no MatMul weights to quantize in {', '.join(plan.graphs)}")
+    writer.copy(src.file(src.manifest.tokenizer.file))
+    manifest = dataclasses.replace(
+        src.manifest, graphs=entries, weights=weights, engines={}, files=writer.files(),
+        precision=dataclasses.replace(src.manifest.precision, quantization=_record(src, plan, fused, errors, calib)))
+    return manifest, errors
+
+
+def _record(src: Bundle, plan: Plan, fused: dict, errors: dict, calib) -> Quantization:
+    qdq_format = qdq.FORMATS.get(plan.scheme)
+    return Quantization(
+        scheme=plan.scheme, algorithm=plan.algorithm, block_size=plan.block_size,
+        weights=qdq_format or plan.scheme, activations=qdq_format or "float32", graphs=plan.graphs,
+        lm_head="quantized" if plan.lm_head else "float32", form=QDQ if qdq_format else WEIGHT_ONLY, ort_only=False,
+        accuracy_level=None if qdq_format else ACCURACY_LEVEL, quantized_matmuls=fused, source_bundle=str(src.root),
+        calibration_set=tuple(CalibrationFile(**c) for c in data.describe(calib)),
+        weight_rel_error={"mean": float(np.mean(list(errors.values()))), "max": float(max(errors.values()))},
+        tolerances=report.TOLERANCES[plan.scheme], session_config={
+            g: c for g, c in SESSION_CONFIG.get(plan.scheme, {}).items() if g in plan.graphs})

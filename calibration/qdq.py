@@ -27,8 +27,9 @@ import onnx
 from onnx import numpy_helper
 
 from calibration.quantize import IR_VERSION, OPSET
+from runtime.contract.quantization import ALGORITHMS as _ALGORITHMS
 
-ALGORITHMS = ("minmax", "percentile", "entropy")  # first: the default
+ALGORITHMS = _ALGORITHMS["w8a8"]  # first: the default
 INT8_MAX = 127  # symmetric int8 range [-127, 127] (onnxruntime.quantization's ONNX_INT_TYPE_SYMMETRIC_RANGE)
 E4M3_MAX = 448.0
 FORMATS = {"w8a8": "int8", "fp8": "float8e4m3fn"}  # scheme -> weight and activation type, as the manifest says it

@@ -107,6 +107,9 @@ def test_accuracy_report_and_verify_pass_with_the_schemes_tolerances(scheme, int
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((root / "parity.json").read_text())
     assert report["passed"] and scheme in report["precision"]
+    # the structural check against the fp32 source the manifest records, in both reports
+    assert report["structure"]["passed"] and report["structure"]["weights"] > 0 and result["structure"]["passed"]
+    assert "structural check against the fp32 source: passed" in r.stdout
 
 
 def test_runtime_asks_and_generates_from_the_int4_bundle(int4_bundle, ct_small):

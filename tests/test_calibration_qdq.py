@@ -120,7 +120,7 @@ def test_accuracy_report_and_verify_pass_with_the_schemes_tolerances(scheme, qdq
     copy = tmp_path / scheme
     shutil.copytree(root, copy)  # verify writes parity.json into the bundle
     # COM only: GEN's verify adds the reference's 1024-token generation; GEN is in the accuracy report above
-    parity = verify(copy, m3_checkpoint, ["ort-cpu"], ct_small, steps=8, tasks=["com"])
+    parity = verify(copy, m3_checkpoint, ["ort-cpu"], ct_small, steps=8, tasks=["com"]).to_json()
     assert parity["passed"] and scheme in parity["precision"], parity["backends"]["ort-cpu"]
     checks = parity["backends"]["ort-cpu"]["checks"]
     vision = [c for c in checks if c["graph"].endswith(".vision")]

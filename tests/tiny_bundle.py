@@ -19,7 +19,6 @@ from runtime.contract.manifest import (
     MANIFEST,
     FileEntry,
     GraphEntry,
-    KVInterface,
     Manifest,
     ModelConfig,
     Precision,
@@ -92,7 +91,7 @@ def make_manifest(spec: GraphSpec, dtype: str, files: dict[str, FileEntry]) -> M
                       image_tokens=IMAGE_TOKENS, eos=(0,)),
         tokenizer=TokenizerInfo(file="tokenizer.json", bos_id=None, add_bos=False, eos_token="</s>", vocab_size=8200),
         template=TemplateInfo(name="phi3_instruct", system="", user="", assistant="", sep=""),
-        precision=Precision(dtype, ()), kv_cache=KVInterface(),
+        precision=Precision(dtype, ()),
         graphs={"com.decoder": GraphEntry("com", "com.decoder.onnx", spec, "", ())},
         weights=WeightsTable("weights.bin", {}), tools={}, files=files)
 

@@ -19,9 +19,9 @@ from onnx import numpy_helper
 
 from runtime.contract.graphspec import GraphSpec
 from runtime.contract.manifest import WEIGHTS_ALIGN, TensorEntry
+from runtime.contract.quantization import INLINE_BYTES
 
 OPSET = 17
-INLINE_BYTES = 1024  # shape constants and other tiny tensors stay inside the graph
 PACKED = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from runtime.contract.graphspec import Dim, GraphSpec, TensorSpec, Tolerance
 from runtime.contract.healthgpt import IMAGE_PATCHES, IMAGE_SIZE, IMAGE_TOKENS, OUT_SIZE, VQ_CODES
-from runtime.contract.manifest import KVInterface
 
 
 def vision(hidden: int, dtype: str) -> GraphSpec:
@@ -29,6 +28,13 @@ def embed(hidden: int, vocab: int, max_context: int, dtype: str) -> GraphSpec:
     )
 
 
+def kv_pairs(layers: int) -> tuple[tuple[str, str], ...]:
+    """(cache input, new-rows output) per layer and kind, in graph order; names as ORT GenAI's genai_config writes
+    them."""
+    return tuple((f"past_key_values.{i}.{kind}", f"present.{i}.{kind}") for i in range(layers)
+                 for kind in ("key", "value"))
+
+
 def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, max_context: int,
             dtype: str) -> GraphSpec:
     """One step over `seq` new positions. Reads the runtime's KV rows ([cache, kv_heads, head_dim], rows outermost;
@@ -36,7 +42,7 @@ def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, 
     which the runtime writes at [past_length, past_length + seq): the graph never copies the cache. `cache` is the
     number of rows bound: the context's past_length (runtime/core/kvcache.py binds that many rows of its buffer, one
     contiguous view), one masked row for a prefill from an empty context."""
-    cache, pairs = ("cache", kv_heads, head_dim), KVInterface().pairs(layers)
+    cache, pairs = ("cache", kv_heads, head_dim), kv_pairs(layers)
     return GraphSpec(
         name="decoder",
         inputs=(TensorSpec("inputs_embeds", dtype, (1, "seq", hidden)),

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.parity.conversation import TURNS, conversation_checks, expect_conversation, token_check
+from export.parity.conversation import TURNS, bounded, conversation_checks, expect_conversation, token_check
 from export.parity.graphs import expect_graphs, graph_parity
 from export.reference.model import HealthGPT, load_reference
 from runtime.core.backend import open_backend
@@ -26,6 +26,7 @@ from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.files import write_atomic
 from runtime.contract.graphspec import Tolerance
+from runtime.contract.reports import PARITY, BackendResult, ParityReport, Structure
 from runtime.contract.healthgpt import GEN, IMAGE_TOKENS, TASKS
 from runtime.core.image import load_image
 from runtime.core.pipeline import Pipeline
@@ -76,8 +77,7 @@ def e2e_checks(want: E2EExpectations, pipe: Pipeline, image, steps: int, bounds:
         agree = sum(a == b for a, b in zip(want.tokens, got)) / len(want.tokens)
         quality = psnr(pipe.decode_image(got), want.image)
         need = bounds.get("gen_indices", bounds["token_agreement"])
-        out.append({"check": f"gen {IMAGE_TOKENS} indices", "ok": agree >= need,
-                    "detail": f"{agree:.4f} of indices identical (required {need})"})
+        out.append(bounded(f"gen {IMAGE_TOKENS} indices", agree, need, f"{agree:.4f} of indices identical ("))
         out.append({"check": "gen image PSNR", "ok": quality >= bounds["min_psnr"],
                     "detail": f"{quality:.1f} dB (required >= {bounds['min_psnr']})"})
     return out
@@ -88,7 +88,9 @@ def peak_rss_gib() -> float:
 
 
 def verify(bundle_dir: str | Path, checkpoint: str | Path, backends: list[str], image: str | Path,
-           steps: int = 32, tasks: list[str] | None = None) -> dict:
+           steps: int = 32, tasks: list[str] | None = None, structure: Structure | None = None) -> ParityReport:
+    """structure: a quantized bundle's structural check against its fp32 source (calibration/structure.py, run by
+    the caller: export/ does not import calibration/), recorded in the report and part of its verdict."""
     bundle = Bundle.open(bundle_dir)
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -117,70 +119,76 @@ def verify(bundle_dir: str | Path, checkpoint: str | Path, backends: list[str], 
                           expect_conversation(ref, pil, steps))
         del ref
         gc.collect()
-    report = {"bundle": str(bundle.root), "checkpoint": str(checkpoint), "precision": precision,
-              "image": str(image), "e2e_bounds": bounds, "backends": {},
-              "peak_rss_gib": {"reference": round(peak_rss_gib(), 2)}}
-    for name in backends:
-        entry: dict = {"status": "passed", "checks": [], "e2e": [], "conversation": []}
-        try:
-            backend = open_backend(*BACKENDS[name])
-            pipe = Pipeline(bundle, backend)
-            for task in tasks:
-                graphs, e2e, conversation = expected[task]
-                entry["checks"] += [c.to_json() for c in graph_parity(graphs, pipe, tolerance=tolerance)]
-                entry["e2e"] += e2e_checks(e2e, pipe, pil, steps, bounds)
-                if conversation is not None:
-                    entry["conversation"] += conversation_checks(conversation, pipe, pil, steps, bounds)
-            entry["providers"] = pipe.providers()
-        except UserError as e:  # the backend cannot run here (no GPU, no TensorRT, no engines): say why
-            entry = {"status": "not run", "reason": str(e)}
-        else:
-            if not all(c["ok"] for c in entry["checks"] + entry["e2e"] + entry["conversation"]):
-                entry["status"] = "failed"
-        pipe = backend = None  # this backend's sessions freed before the next backend's
-        gc.collect()
-        report["backends"][name] = entry
-    report["peak_rss_gib"]["end"] = round(peak_rss_gib(), 2)
-    report["passed"] = all(b["status"] != "failed" for b in report["backends"].values()) and any(
-        b["status"] == "passed" for b in report["backends"].values())
+    rss = {"reference": round(peak_rss_gib(), 2)}
+    results = {name: _backend(name, bundle, tasks, expected, pil, steps, bounds, tolerance) for name in backends}
+    rss["end"] = round(peak_rss_gib(), 2)
+    passed = (all(b.status != "failed" for b in results.values()) and any(b.status == "passed" for b in
+                                                                           results.values())
+              and (structure is None or structure.passed))
+    report = ParityReport(bundle=str(bundle.root), bundle_digest=bundle.digest, checkpoint=str(checkpoint),
+                          precision=precision, image=str(image), e2e_bounds=bounds, backends=results,
+                          peak_rss_gib=rss, passed=passed, structure=structure).sealed()
     write_report(bundle.root, report)
     return report
 
 
-def write_report(root: Path, report: dict) -> None:
-    lines = [f"# Parity report: {report['bundle']}", "",
-             f"Reference: PyTorch fp32 from `{report['checkpoint']}`; bundle precision {report['precision']}; "
-             f"image `{Path(report['image']).name}`. Overall: **{'PASSED' if report['passed'] else 'FAILED'}**", "",
-             f"Peak RSS: {report['peak_rss_gib']['reference']} GiB after the reference, {report['peak_rss_gib']['end']} "
+def _backend(name, bundle, tasks, expected, pil, steps, bounds, tolerance) -> BackendResult:
+    checks, e2e, turns = [], [], []
+    try:
+        backend = open_backend(*BACKENDS[name])
+        pipe = Pipeline(bundle, backend)
+        for task in tasks:
+            graphs, want, conversation = expected[task]
+            checks += [c.to_json() for c in graph_parity(graphs, pipe, tolerance=tolerance)]
+            e2e += e2e_checks(want, pipe, pil, steps, bounds)
+            if conversation is not None:
+                turns += conversation_checks(conversation, pipe, pil, steps, bounds)
+        providers = pipe.providers()
+    except UserError as e:  # the backend cannot run here (no GPU, no TensorRT, no engines): say why
+        return BackendResult("not run", reason=str(e))
+    finally:
+        pipe = backend = None  # this backend's sessions freed before the next backend's
+        gc.collect()
+    ok = all(c["ok"] for c in checks + e2e + turns)
+    return BackendResult.from_json({"status": "passed" if ok else "failed", "checks": checks, "e2e": e2e,
+                                    "conversation": turns, "providers": providers}, name)
+
+
+def write_report(root: Path, report: ParityReport) -> None:
+    lines = [f"# Parity report: {report.bundle}", "",
+             f"Reference: PyTorch fp32 from `{report.checkpoint}`; bundle precision {report.precision}; "
+             f"image `{Path(report.image).name}`. Overall: **{'PASSED' if report.passed else 'FAILED'}**", "",
+             f"Peak RSS: {report.peak_rss_gib['reference']} GiB after the reference, {report.peak_rss_gib['end']} "
              "GiB in all (the reference is freed before any backend runs).", ""]
-    for name, b in report["backends"].items():
-        lines.append(f"## {name}: {b['status']}" + (f": {b['reason']}" if b["status"] == "not run" else ""))
-        if b["status"] == "not run":
+    if s := report.structure:
+        lines += [f"Structural check against the fp32 source: **{'passed' if s.passed else 'FAILED'}** ({s.weights} "
+                  f"quantized weights)", *(f"- {p}" for p in s.findings[:20]), ""]
+    for name, b in report.backends.items():
+        lines.append(f"## {name}: {b.status}" + (f": {b.reason}" if b.status == "not run" else ""))
+        if b.status == "not run":
             lines.append("")
             continue
         lines += ["", "| graph | output | max abs | max rel | cosine | limit | ok |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {c['graph']} | {c['what']} | {c['max_abs']:.3g} | {c['max_rel']:.3g} | {c['cosine']:.7f} | "
-                  f"abs <= {c['max_abs_limit']:.3g}, cos >= {c['min_cosine']} | {'yes' if c['ok'] else '**NO**'} |"
-                  for c in b["checks"]]
+        lines += [f"| {c.graph} | {c.what} | {c.max_abs:.3g} | {c.max_rel:.3g} | {c.cosine:.7f} | "
+                  f"abs <= {c.max_abs_limit:.3g}, cos >= {c.min_cosine} | {'yes' if c.ok else '**NO**'} |"
+                  for c in b.checks]
         lines += ["", "| end to end | result | ok |", "|---|---|---|"]
-        lines += [f"| {e['check']} | {e['detail']} | {'yes' if e['ok'] else '**NO**'} |" for e in b["e2e"]]
-        if b.get("conversation"):
+        lines += [f"| {e.check} | {e.detail} | {'yes' if e.ok else '**NO**'} |" for e in b.e2e]
+        if b.conversation:
             lines += ["", f"| conversation ({len(TURNS)} turns) | result | ok |", "|---|---|---|"]
-            lines += [f"| {e['check']} | {e['detail']} | {'yes' if e['ok'] else '**NO**'} |" for e in b["conversation"]]
+            lines += [f"| {e.check} | {e.detail} | {'yes' if e.ok else '**NO**'} |" for e in b.conversation]
         lines.append("")
-    for name, text in (("parity.json", json.dumps(report, indent=1)), ("parity.md", "\n".join(lines))):
+    for name, text in ((PARITY, json.dumps(report.to_json(), indent=1)), ("parity.md", "\n".join(lines))):
         write_atomic(root / name, text)
 
 
-def failures(report: dict) -> list[str]:
+def failures(report: ParityReport) -> list[str]:
     """One line per failed check, naming the backend and graph."""
     out = []
-    for name, b in report["backends"].items():
-        for c in b.get("checks", []):
-            if not c["ok"]:
-                out.append(f"{name}: {c['graph']} {c['what']}: max abs {c['max_abs']:.3g} > {c['max_abs_limit']:.3g} "
-                           f"or cosine {c['cosine']:.6f} < {c['min_cosine']}")
-        out += [f"{name}: {e['check']}: {e['detail']}" for e in b.get("e2e", []) + b.get("conversation", [])
-                if not e["ok"]]
-    return out
-
+    for name, b in report.backends.items():
+        for c in b.checks:
+            if not c.ok:
+                out.append(f"{name}: {c.graph} {c.what}: max abs {c.max_abs:.3g} > {c.max_abs_limit:.3g} "
+                           f"or cosine {c.cosine:.6f} < {c.min_cosine}")
+        out += [f"{name}: {e.check}: {e.detail}" for e in b.e2e + b.conversation if not e.ok]
+    return out + [f"structure: {p}" for p in (report.structure.findings if report.structure else ())]

@@ -18,12 +18,22 @@ import numpy as np
 
 from runtime.contract.errors import UserError
 from runtime.contract.graphspec import GraphSpec
-from runtime.contract.healthgpt import IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
+from runtime.contract.healthgpt import IMAGE_TOKEN_INDEX, IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
+from runtime.contract.quantization import (  # noqa: F401 - the manifest's parts, importable from here
+    CalibrationFile,
+    Quantization,
+    ReferenceBounds,
+    ReportRef,
+    Tolerances,
+    quantization_problems,
+)
 from runtime.contract.records import ManifestError, Record
 
 FORMAT = "healthgpt-edge-bundle"
-FORMAT_VERSION = 3  # 2: typed and validated manifest, KV pairs in the decoder spec, per-tensor digests checked;
-# 3: KV cache rows outermost ([cache, kv_heads, head_dim]), only the cached rows bound
+# 2: typed and validated manifest, KV pairs in the decoder spec, per-tensor digests checked; 3: KV cache rows
+# outermost ([cache, kv_heads, head_dim]), only the cached rows bound; 4: no `kv_cache` part (read by nothing: the
+# decoder spec declares its cache inputs and outputs, export/compile/specs.py their layout)
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 WEIGHTS_ALIGN = 4096  # every tensor starts on a page: the runtime maps them in place
@@ -32,7 +42,6 @@ WEIGHT_DTYPES = frozenset({"float32", "float16", "int64", "uint8", "int8", "int3
 PACKED_4BIT = frozenset({"int4", "uint4"})  # stored two values a byte, as ONNX packs them
 FLOAT8 = frozenset({"float8_e4m3fn"})  # one byte each; numpy has no such type without ml_dtypes
 NOT_NUMPY = PACKED_4BIT | FLOAT8  # tensors the runtime cannot hand over as numpy arrays
-QUANT_SCHEMES = ("int4", "int8", "w8a8", "fp8")
 
 
 def not_a_bundle_path(name: str) -> str | None:
@@ -100,8 +109,9 @@ class Tokens(Record):
     eos: tuple[int, ...]
 
     def problems(self):
-        if (self.vq_codes, self.image_tokens) != (VQ_CODES, IMAGE_TOKENS):
-            yield f"vq_codes/image_tokens {self.vq_codes}/{self.image_tokens} are not HealthGPT's"
+        if (self.vq_codes, self.image_tokens, self.image_token_index) != (VQ_CODES, IMAGE_TOKENS, IMAGE_TOKEN_INDEX):
+            yield (f"vq_codes/image_tokens/image_token_index {self.vq_codes}/{self.image_tokens}/"
+                   f"{self.image_token_index} are not HealthGPT's")
         if not (self.idx_0 == self.start_index + 1 and self.end_index == self.idx_0 + self.vq_codes):
             yield "start_index, idx_0 and end_index are not consecutive"
         if not self.eos or min(self.eos) < 0:
@@ -132,74 +142,6 @@ class TemplateInfo(Record):
 
 
 @dataclass(frozen=True)
-class CalibrationFile(Record):
-    file: str  # its name
-    path: str  # where it was on the machine that calibrated
-    sha256: str
-
-
-@dataclass(frozen=True)
-class ReferenceBounds(Record):
-    """What `build.py verify` requires of a quantized bundle against the PyTorch fp32 reference."""
-    max_abs: float
-    min_cosine: float
-    token_agreement: float
-    gen_indices: float
-    min_psnr: float
-
-
-@dataclass(frozen=True)
-class Tolerances(Record):
-    """The accuracy report's bounds against the fp32 bundle (calibration/report.py), per scheme."""
-    min_top1: float
-    max_mean_kl: float
-    min_greedy: float
-    min_vision_cosine: float
-    min_gen_indices: float
-    min_psnr: float
-    min_logit_cosine: float
-    vs_reference: ReferenceBounds
-
-
-@dataclass(frozen=True)
-class ReportRef(Record):
-    passed: bool
-    file: str
-
-
-@dataclass(frozen=True)
-class Quantization(Record):
-    """The typed slot `build.py calibrate` fills: which scheme, how, on what data, and how accurate it came out."""
-    scheme: str  # int4 | int8 (weight-only) | w8a8 | fp8 (Q/DQ on weights and activations)
-    algorithm: str  # awq (activation-aware clipping), rtn; Q/DQ activation ranges: minmax, percentile, entropy
-    block_size: int | None  # int4: elements per scale along K; None: per output channel (int8)
-    weights: str  # the stored weight type
-    activations: str  # what the quantized MatMuls read: float32 (weight-only), int8, float8e4m3fn
-    graphs: tuple[str, ...]  # graph names quantized (decoder, vision)
-    lm_head: str  # float32 | quantized
-    form: str  # the ONNX form, in words
-    ort_only: bool  # True: a form TensorRT cannot build (none written today)
-    accuracy_level: int | None  # ONNX Runtime's MatMulNBits compute type (session.qdq_matmulnbits_accuracy_level)
-    quantized_matmuls: dict[str, int]  # graph id -> MatMuls reading a DequantizeLinear
-    source_bundle: str
-    calibration_set: tuple[CalibrationFile, ...]
-    weight_rel_error: dict[str, float]  # mean / max relative Frobenius error of the quantized weights
-    tolerances: Tolerances
-    report: ReportRef | None = None
-    # graph name -> ONNX Runtime session config entries its sessions need (OrtBackend sets them), e.g. fp8:
-    # session.disable_quant_qdq = 1 (the CPU provider's QDQ fusions have no float8 kernels)
-    session_config: dict[str, dict[str, str]] = field(default_factory=dict)
-
-    def problems(self):
-        if self.scheme not in QUANT_SCHEMES:
-            yield f"scheme {self.scheme!r} is not one of {', '.join(QUANT_SCHEMES)}"
-        if bad := [k for entries in self.session_config.values() for k in entries if not k.startswith("session.")]:
-            yield f"session_config key(s) {', '.join(bad)} are not ONNX Runtime session config entries"
-        if self.accuracy_level is not None and not 0 <= self.accuracy_level <= 4:
-            yield f"accuracy_level {self.accuracy_level} is not in 0..4"
-
-
-@dataclass(frozen=True)
 class Precision(Record):
     dtype: str
     fp32_islands: tuple[str, ...]
@@ -208,24 +150,6 @@ class Precision(Record):
     def problems(self):
         if self.dtype not in PRECISIONS:
             yield f"dtype {self.dtype!r} is not one of {', '.join(PRECISIONS)}"
-
-
-@dataclass(frozen=True)
-class KVInterface(Record):
-    """How the decoder's KV cache is bound; name templates as ORT GenAI's genai_config writes them."""
-    past: str = "past_key_values.{layer}.{kind}"  # input: the cached rows of the runtime's buffer, read-only
-    present: str = "present.{layer}.{kind}"  # output: only the new rows [seq, kv_heads, head_dim]
-    kinds: tuple[str, ...] = ("key", "value")
-    position_input: str = "past_length"
-    layout: str = ("per layer and kind: [cache, kv_heads, head_dim], rows outermost; the runtime binds the first "
-                   "cache = max(past_length, 1) rows of its buffer, one contiguous view")
-    update: str = ("the runtime writes the new rows at [past_length, past_length + seq) in place, first moving to a "
-                   "buffer of the next power-of-two rows when they do not fit; bound rows >= past_length are masked")
-
-    def pairs(self, layers: int) -> tuple[tuple[str, str], ...]:
-        """(cache input, new-rows output) per layer and kind, in graph order."""
-        return tuple((self.past.format(layer=i, kind=k), self.present.format(layer=i, kind=k))
-                     for i in range(layers) for k in self.kinds)
 
 
 @dataclass(frozen=True)
@@ -311,7 +235,6 @@ class Manifest(Record):
     tokenizer: TokenizerInfo
     template: TemplateInfo
     precision: Precision
-    kv_cache: KVInterface
     graphs: dict[str, GraphEntry]
     weights: WeightsTable
     tools: dict[str, str | None]
@@ -349,6 +272,7 @@ class Manifest(Record):
         for gid in self.engines:
             if gid not in self.graphs:
                 yield f"engines.{gid}: no such graph"
+        yield from quantization_problems(self)
 
     def to_json_text(self) -> str:
         return json.dumps(self.to_json(), indent=1)

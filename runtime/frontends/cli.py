@@ -26,6 +26,7 @@ from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKENS
 from runtime.core.prompt import check_question
 from runtime.core.providers import quiet_ort
+from runtime.core.verdict import OVERRIDE
 
 PROG = "python -m runtime"
 EXIT_INTERRUPTED = 130
@@ -84,6 +85,9 @@ def _run_options() -> argparse.ArgumentParser:
     run.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], metavar="L",
                      help="quantized bundles on ONNX Runtime CPU: the compute type of the fused MatMulNBits (4: int8 "
                           "activations, fastest; 1: fp32, closest to the unfused graph; default: the bundle's)")
+    run.add_argument(OVERRIDE, action="store_true",
+                     help="run a bundle whose quantization or parity report FAILED (refused by default; said on "
+                          "every start)")
     run.add_argument("--server", metavar="URL",
                      help="instead of opening --bundle, ask a server started by `serve` (grpc://HOST:PORT; the "
                           "server's backend and providers apply)")
@@ -175,6 +179,7 @@ def _add_app(sub) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; the app has no login)")
     w.add_argument("--port", type=number(int, lambda v: 0 <= v <= 65535, "must be a port number 0..65535"),
                    default=7860, help="TCP port (default 7860; 0: any free port)")
+    w.add_argument(OVERRIDE, action="store_true", help="as for `ask`: run a bundle that FAILED its verification")
     w.add_argument("--audit-log", type=Path, metavar="FILE",
                    help="JSON-lines audit log, appended (default $XDG_STATE_HOME/healthgpt-edge/audit.jsonl)")
     w.set_defaults(run=cmd_app)
@@ -217,6 +222,7 @@ def _open(a, task, text: str):
     from runtime.core.bundle import Bundle
     from runtime.core.pipeline import Pipeline
     from runtime.core.providers import PROVIDERS, why_not_loadable
+    from runtime.core.verdict import require
 
     start = time.perf_counter()
     try:
@@ -225,6 +231,7 @@ def _open(a, task, text: str):
             pipe = Pipeline(Bundle.open(a.bundle, verify=False), backend)
             pipe.check_request(task, a.image is not None, text)
             pipe.bundle.verify_files()
+            warning = require(pipe.bundle, a.allow_failed_verification)
             pipe.task(task.name)
     except UserError as e:
         if a.backend == "ort" and a.providers in ("cuda", "tensorrt") and "could not be loaded" in str(e):
@@ -233,6 +240,8 @@ def _open(a, task, text: str):
             if reason := why_not_loadable(ort, PROVIDERS[a.providers][0]):
                 raise UserError(f"{e} (the provider library says: {reason})") from None
         raise
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     where = pipe.providers().get(f"{task.name}.decoder", ["?"])[0]
     _info(f"bundle {a.bundle} ({pipe.bundle.manifest.variant}, {task.name}) loaded in "
           f"{time.perf_counter() - start:.2f} s on {where}")
@@ -372,7 +381,7 @@ def cmd_app(a) -> int:
             raise
         raise UserError(f"the app needs {e.name}: install it with `pip install -e '.[app]'`") from None
     return server.serve(a.bundle, a.server, a.host, a.port, a.audit_log or audit.default_path(), a.backend,
-                        a.providers, lambda: quiet_ort(False))
+                        a.providers, lambda: quiet_ort(False), a.allow_failed_verification)
 
 
 ##### entry point #####

@@ -75,7 +75,7 @@ def _quantization(q) -> list[str]:
         return ["none"]
     block = f"blocks of {q.block_size}" if q.block_size else "per channel"
     where = "; ONNX Runtime only (no TensorRT engines)" if q.ort_only else ""
-    report = "not measured" if q.report is None else f"{'passed' if q.report.passed else 'FAILED'} ({q.report.file})"
+    report = f"{'passed' if q.report.passed else 'FAILED'} ({q.report.file})"
     level = "" if q.accuracy_level is None else f"; MatMulNBits accuracy level {q.accuracy_level}"
     return [f"{q.scheme} {q.algorithm} (weights {q.weights} {block}, activations {q.activations}) on "
             f"{', '.join(q.graphs)}, LM head {q.lm_head}; {q.form}{where}",
@@ -84,6 +84,18 @@ def _quantization(q) -> list[str]:
             *(f"ONNX Runtime {g} sessions: " + ", ".join(f"{k}={v}" for k, v in c.items())
               for g, c in q.session_config.items()),
             f"calibrated on {len(q.calibration_set)} images: " + ", ".join(c.file for c in q.calibration_set)]
+
+
+def _verdict(bundle) -> list[str]:
+    """The reports' verdicts (each read only when it belongs to this bundle), and what the runtime does with them."""
+    from runtime.core.verdict import OVERRIDE, Verdict
+
+    v = Verdict.of(bundle)
+    lines = [f"verification  quantization report {v.quant}; parity {v.parity}"]
+    if not v.passed:
+        lines += [f"              FAILED: {c}" for c in v.failed[:10]]
+        lines.append(f"              ask, generate, app and serve refuse this bundle unless given {OVERRIDE}")
+    return lines
 
 
 def show(bundle_dir: Path) -> int:
@@ -137,6 +149,7 @@ def show(bundle_dir: Path) -> int:
 
     bundle.verify_files()  # before any graph is handed to ONNX Runtime below
     print(f"integrity     all {len(files)} files match their sha256 in the manifest (and every weight its name)")
+    print("\n".join(_verdict(bundle)))
     available, loadable = _probe_providers(bundle)
     print(f"onnxruntime   {_version(metadata, 'onnxruntime-gpu') or _version(metadata, 'onnxruntime')}: "
           f"providers available {', '.join(available)}")

@@ -9,7 +9,6 @@ else.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ import numpy as np
 from PIL import Image
 
 from runtime.contract.manifest import Manifest
+from runtime.contract.records import ManifestError
+from runtime.contract.reports import ParityReport
 from runtime.core.conversation import Cancelled, Turn
 
 
@@ -71,39 +72,38 @@ class BundleFacts:
 _PARITY_KEYS = {("ort", "CPUExecutionProvider"): "ort-cpu", ("ort", "CUDAExecutionProvider"): "ort-cuda"}
 
 
-def parity_status(root: Path, backend: str, provider: str) -> dict:
-    """passed / failed / not verified, for the backend and provider in use, with a one-line reason."""
+def parity_status(root: Path, digest: str, backend: str, provider: str) -> dict:
+    """passed / failed / not verified, for the backend and provider in use, with a one-line reason; from the
+    bundle's parity.json when it was written for this bundle (its manifest digest)."""
     key = "trt" if backend == "trt" else _PARITY_KEYS.get((backend, provider))
-    path = root / "parity.json"
-    if not path.is_file():
+    try:
+        report = ParityReport.read(root, digest)
+    except ManifestError as e:
+        return {"status": "not verified", "backend": key, "detail": str(e)}
+    if report is None:
         return {"status": "not verified", "backend": key,
                 "detail": "the bundle has no parity report; run `build.py verify` on it"}
-    try:
-        backends = json.loads(path.read_text())["backends"]
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        return {"status": "not verified", "backend": key, "detail": f"parity.json is unreadable: {e}"}
-    summary = ", ".join(f"{name}: {b.get('status')}" for name, b in backends.items())
-    entry = backends.get(key) if key else None
+    summary = ", ".join(f"{name}: {b.status}" for name, b in report.backends.items())
+    entry = report.backends.get(key) if key else None
     if entry is None:
         what = key or f"{backend} on {provider}"
         return {"status": "not verified", "backend": key, "detail": f"the report has no result for {what} ({summary})"}
-    if entry.get("status") == "passed":
+    if entry.status == "passed":
         return {"status": "passed", "backend": key, "detail": f"{key} passed ({summary})"}
-    if entry.get("status") == "failed":
-        failed = [c for c in entry.get("checks", []) + entry.get("e2e", []) + entry.get("conversation", [])
-                  if not c.get("ok")]
+    if entry.status == "failed":
         return {"status": "failed", "backend": key,
-                "detail": f"{key} FAILED {len(failed)} check(s): see parity.md in the bundle ({summary})"}
+                "detail": f"{key} FAILED {len(entry.failed())} check(s): see parity.md in the bundle ({summary})"}
     return {"status": "not verified", "backend": key,
-            "detail": f"{key} was not run: {entry.get('reason', 'no reason given')}"}
+            "detail": f"{key} was not run: {entry.reason or 'no reason given'}"}
 
 
 class LocalModel:
     """A bundle opened in this process. The Pipeline is thread-safe, but requests take turns here: on one workstation
     two decodes at once would each run at half speed, and the one who asked first should get their answer first."""
 
-    def __init__(self, pipe, backend: str):
+    def __init__(self, pipe, backend: str, warning: str | None = None):
         self.pipe = pipe
+        self.warning = warning  # the bundle failed its verification and the user overrode the refusal
         self.facts = BundleFacts.of(pipe.bundle.manifest)
         self.tasks = list(pipe.bundle.tasks)
         self.manifest_sha256 = pipe.bundle.digest
@@ -114,14 +114,16 @@ class LocalModel:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, bundle: Path, backend: str, providers: str) -> LocalModel:
+    def open(cls, bundle: Path, backend: str, providers: str, allow_failed: bool = False) -> LocalModel:
         from runtime.core.backend import open_backend
         from runtime.core.bundle import Bundle
         from runtime.core.pipeline import Pipeline
+        from runtime.core.verdict import require
 
         # Both tasks stay open: one copy of the shared weights instead of one per task (prepack off, see OrtBackend).
         prepack = False if backend == "ort" else None
-        return cls(Pipeline(Bundle.open(bundle), open_backend(backend, providers, prepack=prepack)), backend)
+        pipe = Pipeline(Bundle.open(bundle), open_backend(backend, providers, prepack=prepack))
+        return cls(pipe, backend, require(pipe.bundle, allow_failed))
 
     def describe(self) -> dict:
         providers = self.pipe.providers()
@@ -129,8 +131,8 @@ class LocalModel:
         return {"bundle": str(self.pipe.bundle.root), "variant": self.facts.variant,
                 "precision": self.facts.precision, "max_context": self.facts.max_context, "tasks": self.tasks,
                 "backend": self._backend, "providers": sorted({p[0] for p in providers.values()}),
-                "manifest_sha256": self.manifest_sha256,
-                "parity": parity_status(self.pipe.bundle.root, self._backend, first)}
+                "manifest_sha256": self.manifest_sha256, "verification_warning": self.warning,
+                "parity": parity_status(self.pipe.bundle.root, self.manifest_sha256, self._backend, first)}
 
     @contextlib.contextmanager
     def _turn(self, stop: threading.Event):

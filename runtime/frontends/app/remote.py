@@ -95,14 +95,15 @@ class RemoteModel:
     def describe(self) -> dict:
         f = self.facts
         bundle = self.params.get("bundle", "?")
-        parity = (parity_status(Path(bundle), self.params.get("backend", "ort"), "CPUExecutionProvider") if f else
+        parity = (parity_status(Path(bundle), self.manifest_sha256, self.params.get("backend", "ort"),
+                                 "CPUExecutionProvider") if f else
                   {"status": "not verified", "backend": None, "detail": f"the bundle {bundle} is on the server's "
                                                                          "machine: check its parity.md there"})
         return {"bundle": f"{bundle} on {self.url}", "variant": f.variant if f else "?",
                 "precision": f.precision if f else "?", "max_context": self.max_context,
                 "tasks": self.tasks, "backend": f"triton ({self.params.get('backend', '?')})",
                 "providers": [self.params.get("providers", "?")], "manifest_sha256": self.manifest_sha256,
-                "parity": parity}
+                "verification_warning": None, "parity": parity}
 
     @staticmethod
     def _image(image: Image.Image | None) -> dict:

@@ -397,15 +397,17 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(bundle: Path | None, server_url: str | None, host: str, port: int, audit_path: Path, backend: str,
-          providers: str, quiet) -> int:
-    """`python -m runtime app`: open the model, listen, serve until Ctrl-C."""
+          providers: str, quiet, allow_failed: bool = False) -> int:
+    """`python -m runtime app`: open the model, listen, serve until Ctrl-C. allow_failed: run a bundle that failed
+    its verification (said on every start and in the page's banner)."""
     from runtime.frontends.app.model import LocalModel
     from runtime.frontends.app.remote import RemoteModel
 
     audit = AuditLog(audit_path)
     sock = bind(host, port)
     with quiet():
-        model = RemoteModel(server_url) if server_url else LocalModel.open(bundle, backend, providers)
+        model = RemoteModel(server_url) if server_url else LocalModel.open(bundle, backend, providers,
+                                                                                         allow_failed)
     port = sock.getsockname()[1]
     local = host in ("127.0.0.1", "localhost", "::1")
     allowed = ["127.0.0.1", "localhost", "[::1]", host] if local else ["*"]
@@ -413,6 +415,8 @@ def serve(bundle: Path | None, server_url: str | None, host: str, port: int, aud
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     print(f"[I] {info['variant']} {info['precision']} on {', '.join(info['providers'])}; parity "
           f"{info['parity']['status']}; audit log {audit.path}", file=sys.stderr, flush=True)
+    if info["verification_warning"]:
+        print(f"warning: {info['verification_warning']}", file=sys.stderr, flush=True)
     if not local:
         print(f"warning: listening on {host}: the app has no login; anyone who can reach this port can use it",
               file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from runtime.contract.errors import UserError
+from runtime.core.verdict import OVERRIDE
 
 
 def add_commands(sub) -> None:
@@ -36,6 +37,9 @@ def add_commands(sub) -> None:
     group.add_argument("--prepack", action="store_true",
                        help="let ONNX Runtime's CPU provider prepack weights per session: faster decode, but the "
                             "base decoder held twice per instance (both tasks are resident); default off")
+    group.add_argument(OVERRIDE, action="store_true",
+                       help="serve a bundle whose quantization or parity report FAILED (refused by default; the "
+                            "server log says so at every start)")
 
     t = sub.add_parser("triton", parents=[repo], help="write a Triton model repository for a bundle",
                        description="Write a Triton Inference Server model repository serving the bundle (referenced "
@@ -69,7 +73,8 @@ def add_commands(sub) -> None:
 def _options(a):
     from runtime.frontends.serving.repository import Options
 
-    return Options(a.instances, a.kind, a.gpus or (), a.backend, a.providers, a.prepack)
+    return Options(a.instances, a.kind, a.gpus or (), a.backend, a.providers, a.prepack,
+                   getattr(a, "allow_failed_verification", False))
 
 
 def cmd_triton(a) -> int:

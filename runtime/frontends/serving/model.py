@@ -51,11 +51,14 @@ class HealthGPTModel:
         from runtime.core.backend import open_backend
         from runtime.core.bundle import Bundle
         from runtime.core.pipeline import Pipeline
+        from runtime.core.verdict import require
 
         backend = open_backend(params["backend"], params["providers"],
                                prepack={"true": True, "false": False}.get(params["prepack"]))  # "": not ONNX Runtime
         self.pipe = Pipeline(Bundle.open(params["bundle"]), backend)  # verifies every file's sha256
         self.facts = bundle_facts(self.pipe.bundle)
+        if warning := require(self.pipe.bundle, params.get("allow_failed_verification") == "true"):
+            _log("warn", f"healthgpt {args['model_instance_name']}: {warning}")
         for task in self.facts.tasks:
             self.pipe.task(task)
         _log("info", f"healthgpt {args['model_instance_name']}: bundle {params['bundle']}, tasks "

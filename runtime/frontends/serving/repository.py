@@ -7,10 +7,12 @@ repository needs the runtime installed where the stub runs (the serving venv, or
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.core.bundle import Bundle
+from runtime.core.verdict import require
 from runtime.contract.errors import UserError
 from runtime.contract.files import write_atomic
 
@@ -40,11 +42,17 @@ class Options:
     backend: str = "ort"
     providers: str | None = None  # default: cpu for KIND_CPU, cuda for KIND_GPU
     prepack: bool = False  # both tasks resident: one copy of the shared weights (see OrtBackend)
+    allow_failed: bool = False  # serve a bundle that failed its verification (each instance logs it at start)
 
 
 def write(bundle: str | Path, out: str | Path, opts: Options = Options()) -> Path:
+    """The repository; refused for a bundle that failed its verification unless opts.allow_failed (the warning is
+    printed here and logged by every instance when it starts)."""
     bundle = Path(bundle).resolve()
-    facts = bundle_facts(Bundle.open(bundle, verify=False))  # the model verifies every file when it loads
+    opened = Bundle.open(bundle, verify=False)  # the model verifies every file when it loads
+    facts = bundle_facts(opened)
+    if warning := require(opened, opts.allow_failed):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if opts.kind not in KINDS:
         raise UserError(f"unknown instance kind {opts.kind!r}; choose cpu or gpu")
     if opts.instances < 1:
@@ -71,7 +79,8 @@ def _instances(count: int, kind: str, gpus: tuple[int, ...]) -> str:
 
 def _model_config(bundle: Path, facts: BundleFacts, opts: Options, providers: str) -> str:
     params = {"bundle": str(bundle), "backend": opts.backend, "providers": providers,
-              "prepack": "" if opts.backend == "trt" else "true" if opts.prepack else "false"}
+              "prepack": "" if opts.backend == "trt" else "true" if opts.prepack else "false",
+              "allow_failed_verification": "true" if opts.allow_failed else "false"}
     param_text = ",\n".join(f'  {{ key: "{k}" value {{ string_value: "{_escape(v)}" }} }}' for k, v in params.items())
     return _MODEL_CONFIG.format(tasks=", ".join(facts.tasks), image_tokens=facts.image_tokens,
                                 instances=_instances(opts.instances, opts.kind, opts.gpus), params=param_text)

@@ -31,7 +31,11 @@ async function loadInfo() {
   badge.className = "badge " + p.status.replace(" ", "-");
   badge.title = p.detail;
   const banner = $("parity-banner");
-  if (p.status !== "passed") {
+  if (info.verification_warning) {
+    banner.hidden = false;
+    banner.className = "banner failed";
+    banner.textContent = `VERIFICATION FAILED: ${info.verification_warning}. Do not rely on its answers or images.`;
+  } else if (p.status !== "passed") {
     banner.hidden = false;
     banner.className = "banner " + p.status.replace(" ", "-");
     banner.textContent = (p.status === "failed"

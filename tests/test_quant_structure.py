@@ -1,0 +1,129 @@
+"""The exact structural check (calibration/structure.py): it passes what calibrate writes and fails each broken
+quantizer with a message naming the tensor; and the tolerances of the accuracy report can all fail."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from calibration import calibrate as calibrate_mod
+from calibration import quantize, report, structure
+from calibration.calibrate import Plan, quantize_bundle
+from export.compile.writer import BundleWriter
+from runtime.core.bundle import Bundle
+
+ORIGINAL = quantize.quantize_weight
+
+
+def _step(w, scale, scheme, block):
+    return np.repeat(scale, block, axis=0)[: w.shape[0]] if scheme == "int4" else scale
+
+
+def floor_rounding(w, scheme, block, importance=None):
+    q, scale = ORIGINAL(w, scheme, block, importance)
+    return np.clip(np.floor(w / _step(w, scale, scheme, block)), -8, 7).astype(np.int8), scale
+
+
+def scales_on_the_wrong_axis(w, scheme, block, importance=None):
+    """int8: one scale per input row instead of per output column (only square weights still fit the graph)."""
+    if w.shape[0] != w.shape[1]:
+        return ORIGINAL(w, scheme, block, importance)
+    s = (np.abs(w).max(1) / 127).astype(np.float32)
+    return np.clip(np.rint(w / s[:, None]), -128, 127).astype(np.int8), s
+
+
+def blocks_in_reverse_order(w, scheme, block, importance=None):
+    q, scale = ORIGINAL(w, scheme, block, importance)
+    return q.reshape(-1, block, q.shape[1])[::-1].reshape(q.shape), scale[::-1].copy()
+
+
+def doubled_scales(w, scheme, block, importance=None):
+    q, scale = ORIGINAL(w, scheme, block, importance)
+    return q, scale * 2
+
+
+def swapped_nibbles(q, scale, scheme, name, original=quantize.weight_initializers):
+    return original(q.reshape(-1, 2)[:, ::-1].reshape(q.shape), scale, scheme, name)
+
+
+def hlora_quantized(model, graph, lm_head):
+    return [m for m in quantize.weight_matmuls(model) if m.role in ("base", "hlora")]
+
+
+MUTANTS = {  # name -> (scheme, what is patched, the mutant)
+    "floor rounding": ("int4", "quantize_weight", floor_rounding),
+    "scales on the wrong axis": ("int8", "quantize_weight", scales_on_the_wrong_axis),
+    "blocks in reverse order": ("int4", "quantize_weight", blocks_in_reverse_order),
+    "doubled scales": ("int4", "quantize_weight", doubled_scales),
+    "swapped nibbles": ("int4", "weight_initializers", swapped_nibbles),
+    "H-LoRA quantized": ("int4", "_targets", hlora_quantized),
+    "a norm weight changed by 1%": ("int4", "rewrite", None),  # made in the test: it needs the source bundle
+}
+
+
+def _quantized(src: Bundle, tmp, scheme: str) -> Bundle:
+    """What calibrate writes before its report (round to nearest: no calibration images needed)."""
+    plan = Plan.of(scheme, 32, ("decoder",), "rtn", lm_head=True)
+    manifest, _ = quantize_bundle(src, BundleWriter(tmp), plan, [])
+    return Bundle(tmp, manifest, "")
+
+
+@pytest.fixture(scope="module")
+def src(m3_bundle):
+    return Bundle.open(m3_bundle)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_the_structural_check_passes_what_calibrate_writes(scheme, src, tmp_path):
+    result = structure.check(src, _quantized(src, tmp_path, scheme))
+    assert result.passed, result.problems
+    assert result.weights == 18 and 0 < result.max_rel_error < 0.2  # 9 MatMuls in each task's decoder
+    for diffs in result.graphs.values():
+        assert diffs["unfused"] <= structure.RUN_RTOL and diffs["fused"] <= structure.FUSED_RTOL
+
+
+def _norm_changed(src: Bundle):
+    original = quantize.rewrite
+
+    def rewrite(model, quantized, scheme):
+        out = original(model, quantized, scheme)
+        read_by_mul = {i for n in out.graph.node if n.op_type == "Mul" for i in n.input}
+        norm = next(i for i in out.graph.initializer if len(i.dims) == 1 and i.name in read_by_mul
+                    and i.data_type == onnx.TensorProto.FLOAT)
+        changed = numpy_helper.to_array(norm, base_dir=str(src.root)) * np.float32(1.01)
+        norm.CopyFrom(numpy_helper.from_array(changed, norm.name))
+        return out
+
+    return rewrite
+
+
+@pytest.mark.parametrize("name", MUTANTS)
+def test_each_broken_quantizer_fails_the_structural_check_naming_the_tensor(name, src, tmp_path, monkeypatch):
+    scheme, target, mutant = MUTANTS[name]
+    module = calibrate_mod if target == "_targets" else quantize
+    monkeypatch.setattr(module, target, mutant or _norm_changed(src))
+    result = structure.check(src, _quantized(src, tmp_path, scheme), run=False)
+    assert not result.passed, name
+    fp_model = onnx.load(str(src.path("com", "decoder")), load_external_data=False)
+    tensors = {i.name for i in fp_model.graph.initializer} | {n.name for n in fp_model.graph.node}
+    for problem in result.problems:  # each says which graph and which tensor (or MatMul) is wrong
+        assert problem.split(":")[0] in ("com.decoder", "gen.decoder"), problem
+        assert any(t in problem for t in tensors), problem
+
+
+def test_every_tolerance_can_fail():
+    """No limit that every outcome meets: each floor above 0 (or None: reported, not judged), each ceiling finite."""
+    for scheme, tol in report.TOLERANCES.items():
+        for part in (tol, tol.vs_reference):
+            for f in dataclasses.fields(part):
+                value = getattr(part, f.name)
+                if f.name.startswith("min_") or f.name in ("token_agreement", "gen_indices"):
+                    assert value is None or value > 0, (scheme, f.name)
+                elif f.name.startswith("max_"):
+                    assert 0 < value < math.inf, (scheme, f.name)
+    assert report.TOLERANCES["int8"].min_greedy == 1 / 32  # the one greedy floor every measurement met
