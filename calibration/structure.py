@@ -196,6 +196,7 @@ def _check_weight(where: str, dq: onnx.NodeProto, inits: dict, source: onnx.Tens
     if bad := [why for ok, why in form if not ok]:
         result.problems.append(f"{where}: {'; '.join(bad)}")
         return None
+    assert values is not None and scale is not None  # the form checks above
     result.weights += 1
     stored = numpy_helper.to_array(values, base_dir=str(q_root))
     s = numpy_helper.to_array(scale, base_dir=str(q_root))
@@ -203,11 +204,12 @@ def _check_weight(where: str, dq: onnx.NodeProto, inits: dict, source: onnx.Tens
     deq = stored.astype(np.float32) * step
     problems = [*_scale_problems(w, s, block, qmax, quant.algorithm),
                 *_requantize_problems(w, stored, step, quant.scheme, qmax)]
-    rel = float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
+    norm = max(float(np.linalg.norm(w)), 1e-30)
+    rel = float(np.linalg.norm(deq - w)) / norm
     # per element: half a step (and what a clip cut off); E4M3: half its 3-bit mantissa's ulp, 2^-10 steps subnormal
     bound = (np.abs(w) / 16 + step * 2.0 ** -10 if quant.scheme == "fp8"
              else step / 2 + np.maximum(np.abs(w) - qmax * step, 0))
-    limit = float(np.linalg.norm(bound) / max(np.linalg.norm(w), 1e-30))
+    limit = float(np.linalg.norm(bound)) / norm
     if rel > limit * (1 + SCALE_RTOL):
         problems.append(f"relative error {rel:.4g} above the {limit:.4g} its scales allow")
     result.max_rel_error = max(result.max_rel_error, rel)
@@ -252,6 +254,7 @@ def _run(gid: str, src: Bundle, q: Bundle, deq: dict[str, np.ndarray], problems:
     import onnxruntime as ort
 
     quant, spec = q.manifest.precision.quantization, q.manifest.graphs[gid].spec
+    assert quant is not None  # check() runs graphs of quantized bundles only
     feeds = spec.sample_inputs(np.random.default_rng(0), **{d: min(8, v.max) for d, v in spec.dims.items()})
 
     def outputs(path: Path, fused: bool, weights: dict | None = None) -> list[np.ndarray]:
@@ -283,4 +286,5 @@ def _run(gid: str, src: Bundle, q: Bundle, deq: dict[str, np.ndarray], problems:
 
 def _rel_diff(got: list[np.ndarray], want: list[np.ndarray]) -> float:
     """Largest |difference| over the largest |value|, across the outputs."""
-    return max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) for a, b in zip(got, want) if b.size)
+    return max(float(np.abs(a - b).max()) / max(float(np.abs(b).max()), 1e-30)
+               for a, b in zip(got, want, strict=True) if b.size)

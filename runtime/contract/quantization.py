@@ -10,8 +10,8 @@ the hashed quant.json is checked where the file is read (runtime/contract/report
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from runtime.contract.records import Record
 
