@@ -1,7 +1,8 @@
 """`build.py verify`'s conversation check (kept apart from the single-turn end-to-end checks in verify.py, as its
 own `conversation` list in parity.json): a 2-turn COM conversation, the runtime's session against the reference's
 LLaVA loop. Turn 2's prompt ids (the runtime's rendering of its own first answer) must equal the reference
-tokenizer's, and the greedy tokens of both turns must agree as far as the bundle's token bound asks (fp32: all)."""
+tokenizer's, and the greedy tokens of both turns must agree as far as the bundle's token bound asks (fp32: all).
+Where a quantized bundle's first answer differs (as its bound allows), turn 2 is reported as not compared."""
 
 from __future__ import annotations
 
@@ -36,12 +37,17 @@ def conversation_checks(want: ConversationExpectations, pipe: Pipeline, image, s
     first = conv.ask(TURNS[0], steps)
     ids = conv.check(TURNS[1])
     second = conv.ask(TURNS[1], steps)
+    turns = [token_check(f"{want.task} conversation turn {turn} greedy tokens", expected, list(got),
+                         bounds["token_agreement"])
+             for turn, (got, expected) in enumerate(zip((first.tokens, second.tokens), want.tokens), 1)]
+    if list(first.tokens) != want.tokens[0]:  # within a quantized bundle's token bound: turn 2 cannot be compared
+        return [turns[0], {"check": f"{want.task} conversation turn 2 (not compared)", "ok": True,
+                           "detail": "the first answers differ (judged above), so turn 2's prompts hold different "
+                                     "answers"}]
     same_ids = ids == expand(want.prompt_ids[1], image_rows(pipe, task))
-    out = [{"check": f"{want.task} conversation turn 2 tokenization", "ok": same_ids,
-            "detail": f"{len(ids)} prompt rows, {'identical to' if same_ids else 'DIFFERENT from'} the reference's"}]
-    return out + [token_check(f"{want.task} conversation turn {turn} greedy tokens", expected, list(got),
-                              bounds["token_agreement"])
-                  for turn, (got, expected) in enumerate(zip((first.tokens, second.tokens), want.tokens), 1)]
+    return [{"check": f"{want.task} conversation turn 2 tokenization", "ok": same_ids,
+             "detail": f"{len(ids)} prompt rows, {'identical to' if same_ids else 'DIFFERENT from'} the reference's"},
+            *turns]
 
 
 def token_check(check: str, expected: list[int], got: list[int], bound: float | None) -> dict:
