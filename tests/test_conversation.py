@@ -160,7 +160,8 @@ def vision_runs(pipe: Pipeline, task, image, monkeypatch) -> int:
 def test_the_prefix_cache_never_serves_another_frame_window_task_or_bundle(m3_bundle, l14_bundle, ct_small, tmp_path,
                                                                            monkeypatch):
     pipe = Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu", threads=1))
-    frames = [Image.new("RGB", (40, 30), c) for c in ("red", "blue")]
+    ramp = np.arange(40 * 30 * 3, dtype=np.uint32).reshape(30, 40, 3) % 251  # not one flat colour (refused)
+    frames = [Image.fromarray(x.astype(np.uint8)) for x in (ramp, 250 - ramp)]
     frames[0].save(tmp_path / "two.tif", save_all=True, append_images=frames[1:])
     for image in (load_image(tmp_path / "two.tif", frame=0), load_image(ct_small)):
         assert vision_runs(pipe, COM, image, monkeypatch) == 1

@@ -37,8 +37,8 @@ def test_decoder_profiles_from_manifest_spec():
         assert set(profile) == set(spec.input_names)
         assert profile["past_length"] == ((1,), (1,), (1,))
     for name in pasts:  # the cache buffer grows from one row: prefill tuned for an empty cache, decode for a full one
-        assert prefill[name] == ((1, 4, 1, 8), (1, 4, 1, 8), (1, 4, 2048, 8))
-        assert decode[name] == ((1, 4, 1, 8), (1, 4, 2048, 8), (1, 4, 2048, 8))
+        assert prefill[name] == ((1, 4, 8), (1, 4, 8), (2048, 4, 8))  # [cache rows, kv_heads, head_dim]
+        assert decode[name] == ((1, 4, 8), (2048, 4, 8), (2048, 4, 8))
     assert eb.describe(spec) == "seq 1..640..2048, cache 1..1..2048 | cache 1..2048..2048"
 
 

@@ -46,7 +46,7 @@ def test_decoder_layer_node_count(variant, request, tmp_path):
 
 
 def test_decode_binds_only_the_cached_rows(m3_bundle, monkeypatch):
-    pipe = Pipeline.open(m3_bundle, providers="cpu")
+    pipe = Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu"))
     graphs, cache = pipe.task("com"), pipe.cache("com")
     bound: list[tuple[int, dict]] = []  # (cache length before the step, past input -> (shape, is a view))
     run = graphs.decoder.run
