@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from engines.build import add_engines_command
-from runtime.frontends.args import Parser, non_negative_int, positive_int
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import TASKS
+from runtime.frontends.args import Parser, non_negative_int, positive_int
 
 
 def _directory(text: str) -> Path:

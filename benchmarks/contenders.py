@@ -166,8 +166,9 @@ class TorchDecoder:
             from transformers import DynamicCache
 
             with torch.inference_mode():
-                out = self.llm(inputs_embeds=x, attention_mask=mask, past_key_values=DynamicCache(config=self.llm.config),
-                               use_cache=True, logits_to_keep=1)
+                cache = DynamicCache(config=self.llm.config)
+                out = self.llm(inputs_embeds=x, attention_mask=mask, past_key_values=cache, use_cache=True,
+                               logits_to_keep=1)
                 return out.logits
 
         return Case(step)

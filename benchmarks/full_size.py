@@ -39,9 +39,9 @@ def ours(a: dict) -> dict:
     from benchmarks.contenders import OurDecoder, graph_weight_bytes
     from benchmarks.timing import bench
     from runtime.contract.healthgpt import TASKS
-    from runtime.core.kvcache import KVCache
     from runtime.core.backend import OrtBackend
     from runtime.core.bundle import Bundle
+    from runtime.core.kvcache import KVCache
     from runtime.core.pipeline import Pipeline
 
     image = get_testdata_file("CT_small.dcm", download=False)

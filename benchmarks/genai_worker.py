@@ -43,7 +43,7 @@ def main():
            "decode": {}, "notes": []}
     # prefill: a fresh generator per run, `prefill` tokens appended (append_tokens runs the model on them)
     times = []
-    for i in range(warmup + reps):
+    for _i in range(warmup + reps):
         g = generator()
         ids = rng.integers(0, 32000, size=a["prefill"], dtype=np.int32)
         t = time.perf_counter()

@@ -138,8 +138,8 @@ def vision_vqgan_ttft(r: Run, np, torch) -> None:
     from export.reference.model import load_reference
     from export.reference.variants import get_task
     from export.reference.vqgan import load_vqgan
-    from runtime.core.bundle import Bundle
     from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKENS, VQ_CODES
+    from runtime.core.bundle import Bundle
     from runtime.core.pipeline import Pipeline
 
     r.say("vision / vqgan / time to first token")

@@ -27,7 +27,6 @@ from pydicom.data import get_testdata_file  # noqa: E402
 
 from benchmarks.cpu import cpu_flags  # noqa: E402
 from benchmarks.timing import machine  # noqa: E402
-
 from runtime.core.backend import OrtBackend  # noqa: E402
 from runtime.core.bundle import Bundle  # noqa: E402
 from runtime.core.pipeline import Pipeline  # noqa: E402

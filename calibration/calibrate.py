@@ -26,17 +26,17 @@ from tqdm import tqdm
 from calibration import data, qdq, quantize, report
 from export.compile.onnx_export import WeightStore
 from export.compile.writer import BundleWriter
-from export.outdir import staged
 from export.outdir import check as check_out
+from export.outdir import staged
 from export.parity.verify import peak_rss_gib
-from runtime.core.backend import OrtBackend
-from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import TASKS
-from runtime.core.kvcache import KVCache
 from runtime.contract.manifest import CalibrationFile, Manifest, Quantization, ReportRef
 from runtime.contract.quantization import ALGORITHMS, GRAPHS
 from runtime.contract.quantization import INT4_BLOCKS as BLOCK_SIZES
+from runtime.core.backend import OrtBackend
+from runtime.core.bundle import Bundle
+from runtime.core.kvcache import KVCache
 from runtime.core.pipeline import Pipeline
 
 # LM head quantized by default where the accuracy report chose it (benchmarks/README.md: a small KL cost for a

@@ -41,7 +41,8 @@ def weight_matmuls(model: onnx.ModelProto) -> list[WeightMatMul]:
     another weight MatMul (the [A; R] one) and is added to a third (the B one)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    found = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+    found = [n for n in graph.node
+             if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
     by_output = {n.output[0]: n for n in found}
     readers: dict[str, list] = {}
     for n in found:

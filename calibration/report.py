@@ -17,16 +17,16 @@ import numpy as np
 from calibration import structure
 from calibration.data import PROMPTS
 from export.parity.verify import psnr
-from runtime.core.backend import OrtBackend
-from runtime.core.bundle import Bundle
 from runtime.contract.files import write_atomic
-from runtime.core.generate import decode_one_token, forward
 from runtime.contract.healthgpt import TASKS
-from runtime.core.clip_input import preprocess
-from runtime.core.image import load_image
 from runtime.contract.quantization import REPORT_FILES as FILES
 from runtime.contract.quantization import ReferenceBounds, Tolerances
 from runtime.contract.reports import QuantReport, QuantSummary, Structure, TaskFigures, Verdict, files_digest
+from runtime.core.backend import OrtBackend
+from runtime.core.bundle import Bundle
+from runtime.core.clip_input import preprocess
+from runtime.core.generate import decode_one_token, forward
+from runtime.core.image import load_image
 from runtime.core.pipeline import Pipeline
 
 POSITIONS = 256  # teacher-forced positions per held-out image (llama.cpp's KLD statistics need a few hundred)

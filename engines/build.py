@@ -5,14 +5,15 @@ One engine per graph of the manifest:
   (seq 1..max_context, tuned for the one-row cache of an empty context) and a single-token decode profile (tuned for
   a full cache); vision and vqgan are static (one min = opt = max profile);
 - the network is strongly typed. TensorRT 11 has no weak typing (no fp16/bf16/int8/fp8 builder flags), so an
-  engine computes in the precision its ONNX graph carries, fp32 islands included: `precision` can only confirm the bundle's
-  dtype. fp16 engines come from `build.py export --dtype fp16`; bf16 follows the same rule and needs a bf16 export;
+  engine computes in the precision its ONNX graph carries, fp32 islands included: `precision` can only confirm the
+  bundle's dtype. fp16 engines come from `build.py export --dtype fp16`; bf16 follows the same rule and needs a bf16
+  export;
   INT4/INT8/FP8 engines come from `build.py calibrate` (Q/DQ nodes in the graph), and their manifest entry says
   so (precision 'fp32+w8a8');
 - one timing cache is shared by every build and saved after each (atomically), so rebuilds are fast;
 - each plan is written atomically, then recorded under the manifest's `engines[graph_id]` (GPU, compute
-  capability, TensorRT version, precision, profiles, cache key) and in its `files`, so the bundle's integrity check covers
-  it; the manifest is rewritten atomically after every engine. An engine whose cache key (graph and weights
+  capability, TensorRT version, precision, profiles, cache key) and in its `files`, so the bundle's integrity check
+  covers it; the manifest is rewritten atomically after every engine. An engine whose cache key (graph and weights
   content, spec, precision, GPU model, TensorRT version) still matches is kept ("[I] ... cached").
 
 `tensorrt` is imported only inside `build_plan()`; everything else is plain data and testable without a GPU.
@@ -28,13 +29,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runtime.frontends.args import positive_int
-from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.files import check_file, write_atomic
 from runtime.contract.graphspec import GraphSpec
 from runtime.contract.manifest import MANIFEST, EngineEntry, FileEntry, Manifest
+from runtime.core.bundle import Bundle
 from runtime.core.trt_compat import DeviceInfo, check_compat, current_device
+from runtime.frontends.args import positive_int
 
 BUILD_PRECISIONS = ("fp32", "fp16", "bf16")  # what TensorRT could build; a bundle holds fp32 or fp16
 BUILDER_VERSION = 1  # bump when the build settings below change: every cached engine is then rebuilt

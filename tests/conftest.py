@@ -9,7 +9,7 @@ INSTRUCTION = "Reconstruct the image."
 
 @pytest.fixture(scope="session", autouse=True)
 def private_verified_record(tmp_path_factory):
-    """The record of hashed files (runtime/core/verified.py) in a folder of this session's, for it and its subprocesses."""
+    """The record of hashed files (runtime/core/verified.py) in a folder of this session's, for it and its children."""
     import os
 
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))

@@ -1,8 +1,9 @@
 """Client side of tests/test_serving.py, run by the serving venv's Python (tritonclient is installed there; the
 test venv's protobuf 7 rules it out there). Reads a JSON job on stdin, prints a JSON result on stdout.
 
-job: {"url": "HOST:PORT", "concurrency": N, "requests": [{...runtime.frontends.serving.client.Request fields, "image": PATH,
-      "history": [[question, answer], ...], "cancel_after": K}], "rss_pid": PID, "rss_after": [counts]}  or  {"url": ..., "selftest": [ints, floats]}
+job: {"url": "HOST:PORT", "concurrency": N, "requests": [{...serving.client.Request fields, "image": PATH,
+      "history": [[question, answer], ...], "cancel_after": K}], "rss_pid": PID, "rss_after": [counts]}
+or {"url": ..., "selftest": [ints, floats]}
 """
 
 import base64

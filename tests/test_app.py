@@ -34,16 +34,15 @@ if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it when run as root)",
                 allow_module_level=True)
 
+from runtime.contract.errors import UserError  # noqa: E402
+from runtime.core.backend import OrtBackend  # noqa: E402
+from runtime.core.bundle import Bundle, file_digest
+from runtime.core.clip_input import preprocess  # noqa: E402
+from runtime.core.image import load_image  # noqa: E402
+from runtime.core.pipeline import Pipeline  # noqa: E402
 from runtime.frontends.app.audit import AuditLog  # noqa: E402
 from runtime.frontends.app.model import LocalModel  # noqa: E402
 from runtime.frontends.app.server import bind, create_app  # noqa: E402
-from runtime.core.bundle import file_digest  # noqa: E402
-from runtime.contract.errors import UserError  # noqa: E402
-from runtime.core.clip_input import preprocess  # noqa: E402
-from runtime.core.image import load_image  # noqa: E402
-from runtime.core.backend import OrtBackend  # noqa: E402
-from runtime.core.bundle import Bundle  # noqa: E402
-from runtime.core.pipeline import Pipeline  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "app"
 LUNG = (-600.0, 1500.0)

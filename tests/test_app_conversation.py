@@ -6,8 +6,21 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed (scripts/setup.sh does it)")
-from test_app import (INSTRUCTION, QUESTION, ask, browser, only_own_host, open_file, page,  # noqa: E402,F401
-                      pydicom_file, reference, screenshot, served, wait_status, wait_until)
+from test_app import (  # noqa: E402,F401
+    INSTRUCTION,
+    QUESTION,
+    ask,
+    browser,
+    only_own_host,
+    open_file,
+    page,
+    pydicom_file,
+    reference,
+    screenshot,
+    served,
+    wait_status,
+    wait_until,
+)
 
 from runtime.core.image import load_image  # noqa: E402
 

@@ -13,11 +13,11 @@ from tiny_bundle import H200, TINY, TRT_REASON, run_steps, steps
 
 from engines import build as eb
 from export.compile import specs
+from runtime.contract.errors import UserError
+from runtime.contract.manifest import FileEntry
 from runtime.core.backend import OrtBackend
 from runtime.core.backend_trt import find_engine, pick_profile
 from runtime.core.bundle import Bundle
-from runtime.contract.errors import UserError
-from runtime.contract.manifest import FileEntry
 from runtime.core.trt_compat import DeviceInfo
 
 

@@ -18,9 +18,9 @@ from calibration import calibrate as calibrate_mod
 from calibration import data, quantize
 from calibration.calibrate import calibrate
 from export.compile.lint import lint
+from runtime.contract.errors import UserError
 from runtime.core.backend import OrtBackend
 from runtime.core.bundle import Bundle
-from runtime.contract.errors import UserError
 from runtime.core.pipeline import Pipeline
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -96,7 +96,7 @@ def test_accuracy_report_and_verify_pass_with_the_schemes_tolerances(scheme, int
     root = {"int4": int4_bundle, "int8": int8_bundle}[scheme]
     result = json.loads((root / "quant.json").read_text())
     assert result["passed"] and result["tolerances"]["min_top1"] > 0
-    for task, t in result["tasks"].items():
+    for _task, t in result["tasks"].items():
         assert t["positions"] >= 256 and 0 <= t["mean_kl"] <= result["tolerances"]["max_mean_kl"]
     assert "gen_psnr" in result["tasks"]["gen"] and "stress test" in (root / "quant.md").read_text()
     rss = result["peak_rss_gib"]  # the quantize step's peak, and the process's with the report's sessions

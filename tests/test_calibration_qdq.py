@@ -24,12 +24,12 @@ from calibration.calibrate import calibrate
 from engines import build as eb
 from export.compile.lint import lint
 from export.parity.verify import verify
-from runtime.core.backend import OrtBackend
-from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.manifest import Manifest
-from runtime.core.pipeline import Pipeline
 from runtime.contract.records import ManifestError
+from runtime.core.backend import OrtBackend
+from runtime.core.bundle import Bundle
+from runtime.core.pipeline import Pipeline
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SCHEMES = ("w8a8", "fp8")
@@ -60,7 +60,7 @@ def test_qdq_bundle_is_standard_onnx_with_the_base_weights_stored_once(scheme, q
         scheme, "minmax", ("decoder", "vision"), "float32", None)
     assert q.weights == q.activations == {"w8a8": "int8", "fp8": "float8e4m3fn"}[scheme]
     read = {}  # graph id -> the quantized weights its MatMuls read
-    for graph_id, entry in bundle.manifest.graphs.items():
+    for graph_id, _entry in bundle.manifest.graphs.items():
         task, name = graph_id.split(".")
         path = bundle.path(task, name)
         onnx.checker.check_model(str(path), full_check=True)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.frontends import cli
 from runtime.contract.manifest import FORMAT_VERSION, MANIFEST
+from runtime.frontends import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What abnormality is visible in this scan?"

@@ -14,10 +14,10 @@ from tiny_bundle import H200, TINY, make_bundle
 
 from engines import build as eb
 from export.compile import specs
-from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.graphspec import GraphSpec
 from runtime.contract.healthgpt import IMAGE_TOKENS
+from runtime.core.bundle import Bundle
 from runtime.core.trt_compat import INSTALL_HINT, DeviceInfo, check_compat
 
 ROOT = Path(__file__).resolve().parents[1]

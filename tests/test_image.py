@@ -18,9 +18,9 @@ from pydicom.pixels import get_decoder  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 
 from runtime.contract import files  # noqa: E402
+from runtime.contract.errors import UserError  # noqa: E402
 from runtime.core import clip_input, png  # noqa: E402
 from runtime.core import image as rimg  # noqa: E402
-from runtime.contract.errors import UserError  # noqa: E402
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
@@ -246,7 +246,7 @@ def test_decoder_present_but_failing_names_syntax():
     # Pillow handles JPEG Extended but not 12-bit samples: the error still names the syntax and the fix
     name = "JPEG-lossy.dcm"
     try:
-        pydicom.dcmread(dcm(name)).pixel_array
+        _ = pydicom.dcmread(dcm(name)).pixel_array
         pytest.skip("12-bit JPEG decodes here")
     except Exception:
         pass

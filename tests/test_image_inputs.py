@@ -1,5 +1,5 @@
-"""runtime/core/image.py on inputs that are not ordinary 8-bit images: deeper than 8 bits, flat or non-finite, not regular
-files, broken DICOM, and every DICOM file that ships inside the pydicom wheel (issue 11)."""
+"""runtime/core/image.py on inputs that are not ordinary 8-bit images: deeper than 8 bits, flat or non-finite, not
+regular files, broken DICOM, and every DICOM file that ships inside the pydicom wheel (issue 11)."""
 
 import os
 
@@ -11,8 +11,8 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
 from test_image import grey, window  # noqa: E402 - the independent statements of the rendering rules
 
-from runtime.core import image as rimg  # noqa: E402
 from runtime.contract.errors import UserError  # noqa: E402
+from runtime.core import image as rimg  # noqa: E402
 
 
 def dcm(name):

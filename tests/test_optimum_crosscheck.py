@@ -24,8 +24,8 @@ from export.compile import specs
 from export.compile.graphs import DecoderGraph
 from export.compile.onnx_export import export_graph
 from export.reference.checkpoint import CheckpointPaths
-from runtime.core.backend import OrtBackend
 from runtime.contract.graphspec import GraphSpec
+from runtime.core.backend import OrtBackend
 from runtime.core.kvcache import KVCache
 
 MAX_CONTEXT = 64

@@ -22,12 +22,12 @@ from export.compile.bundle import export_bundle
 from export.outdir import staged
 from export.reference.model import load_reference
 from export.synth.checkpoint import synthesize
-from runtime.core.backend import OrtBackend
-from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import GEN
-from runtime.core.image import load_image
 from runtime.contract.manifest import MANIFEST
+from runtime.core.backend import OrtBackend
+from runtime.core.bundle import Bundle
+from runtime.core.image import load_image
 from runtime.core.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

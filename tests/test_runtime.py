@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from export.parity.verify import psnr as image_psnr
-from runtime.core.backend import OrtBackend
 from runtime.contract.errors import UserError
-from runtime.core.generate import decode_one_token, generate, forward
 from runtime.contract.healthgpt import COM
-from runtime.core.image import load_image
+from runtime.core.backend import OrtBackend
 from runtime.core.bundle import Bundle
+from runtime.core.generate import decode_one_token, forward, generate
+from runtime.core.image import load_image
 from runtime.core.pipeline import Pipeline
 from runtime.core.prompt import vq_indices
 from runtime.core.sampling import Sampler

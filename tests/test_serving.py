@@ -311,7 +311,8 @@ def test_client_disconnects_mid_stream(serving_env, server, pipe):
     ({"prompt": "q", "frame": 2}, "need an image"),
     ({"prompt": "q", "history": '[{"question": 1}]'}, "history: need a JSON list"),
     ({"prompt": "q", "task": "gen", "history": "[]"}, "history: a gen request answers with an image"),
-    ({"prompt": "q", "history": json.dumps([{"question": "q", "answer": "a " * 3000}])}, "at turn 2 of this conversation"),
+    ({"prompt": "q", "history": json.dumps([{"question": "q", "answer": "a " * 3000}])},
+     "at turn 2 of this conversation"),
     ({"task": "com"}, "prompt"),
     ({"prompt": "q", "max_new_tokens": "many"}, "Unable to parse"),  # Triton's own refusal (HTTP 500), before the model
 ])
@@ -404,8 +405,8 @@ def test_app_remote_model_gives_the_pipelines_answers(server, pipe):
     """`python -m runtime app --server URL`: the app's model on the server answers as the local Pipeline does."""
     import threading
 
-    from runtime.frontends.app.remote import RemoteModel
     from runtime.core.image import load_image
+    from runtime.frontends.app.remote import RemoteModel
 
     model = RemoteModel(server.http)
     info = model.describe()

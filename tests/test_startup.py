@@ -9,10 +9,10 @@ import time
 import pytest
 from tiny_bundle import swap_same_shape_offsets
 
+from runtime.contract.errors import UserError
 from runtime.core import bundle as bundle_mod
 from runtime.core import verified
 from runtime.core.bundle import Bundle
-from runtime.contract.errors import UserError
 
 
 @pytest.fixture

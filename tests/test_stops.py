@@ -62,7 +62,7 @@ print(f"finished {time.monotonic() - start:.2f}", flush=True)
 
 
 def test_ctrl_c_ends_a_long_onnx_runtime_run(tmp_path):
-    """A 2000-node chain (about 8 s on one thread here) interrupted 0.5 s in ends within a second or two, not at its end."""
+    """A 2000-node chain (about 8 s on one thread here) interrupted 0.5 s in ends within a second or two."""
     proc = subprocess.Popen([sys.executable, "-c", LONG_RUN], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

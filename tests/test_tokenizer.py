@@ -75,7 +75,8 @@ def test_synthetic_bases_have_the_real_layout(base_dirs):
     m3 = AutoTokenizer.from_pretrained(base_dirs["m3"], use_fast=False, local_files_only=True)
     assert type(m3).__name__ == "LlamaTokenizer" and len(m3) == BASE_LEN["m3"] and not m3.add_bos_token
     assert {t: m3.convert_tokens_to_ids(t) for t in PHI3_ADDED.values()} == {t: i for i, t in PHI3_ADDED.items()}
-    assert (m3.bos_token, m3.eos_token, m3.pad_token, m3.unk_token) == ("<s>", "<|endoftext|>", "<|endoftext|>", "<unk>")
+    specials = (m3.bos_token, m3.eos_token, m3.pad_token, m3.unk_token)
+    assert specials == ("<s>", "<|endoftext|>", "<|endoftext|>", "<unk>")
     l14 = AutoTokenizer.from_pretrained(base_dirs["l14"], use_fast=False, local_files_only=True)
     assert type(l14).__name__ == "GPT2Tokenizer" and len(l14) == BASE_LEN["l14"]
     ids = l14.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|endofprompt|>"])
@@ -147,10 +148,12 @@ def test_split_image_tokens_is_llavas(tokenizers, key):
 def test_templates_render_the_reference_literals():
     com = "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\n{Q}<|end|>\n<|assistant|>\n"
     knight = ("<|im_start|>system<|im_sep|>\nYou are a medieval knight and must provide explanations to modern "
-              "people.<|im_end|>\n<|im_start|>user<|im_sep|>\n<image>\n{Q}<|im_end|>\n<|im_start|>assistant<|im_sep|>\n")  # fmt: skip
+              "people.<|im_end|>\n<|im_start|>user<|im_sep|>\n<image>\n{Q}<|im_end|>\n"
+              "<|im_start|>assistant<|im_sep|>\n")
     phi3, phi4 = TEMPLATES["phi3_instruct"], TEMPLATES["phi4_instruct"]
     assert phi3.render(Q, True, "com") == com.format(Q=Q)
-    assert phi3.render("Reconstruct the image.", True, "gen") == com.format(Q="Reconstruct the image.") + "<start_index>"
+    gen = com.format(Q="Reconstruct the image.") + "<start_index>"
+    assert phi3.render("Reconstruct the image.", True, "gen") == gen
     assert phi3.render(Q, False, "com") == com.format(Q=Q).replace("<image>\n", "")
     assert phi4.render(Q, True, "com") == knight.format(Q=Q)
 

@@ -12,7 +12,6 @@ from runtime.contract.errors import UserError
 from runtime.contract.files import file_digest
 from runtime.contract.graphspec import GraphSpec
 from runtime.contract.healthgpt import IMAGE_TOKENS, VQ_CODES
-from runtime.core.kvcache import KVCache
 from runtime.contract.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -28,6 +27,7 @@ from runtime.contract.manifest import (
     Tokens,
     WeightsTable,
 )
+from runtime.core.kvcache import KVCache
 from runtime.core.trt_compat import DeviceInfo, current_device
 
 H200 = DeviceInfo("NVIDIA H200", "9.0", "10.8.0.43")

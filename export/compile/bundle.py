@@ -31,7 +31,6 @@ from export.reference.model import HealthGPT, load_reference
 from export.reference.tokenizer import load_reference_tokenizer
 from export.reference.variants import get_task
 from export.reference.vqgan import load_vqgan
-from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.files import file_digest
 from runtime.contract.healthgpt import IMAGE_TOKEN_INDEX, IMAGE_TOKENS, SHARED, TASK_GRAPHS, TASKS, VQ_CODES, graph_id
@@ -48,6 +47,7 @@ from runtime.contract.manifest import (
     TokenizerInfo,
     Tokens,
 )
+from runtime.core.bundle import Bundle
 from runtime.core.prompt import TEMPLATES
 
 EXPORTER_VERSION = 4  # 3: typed manifest (format 2), KV pairs in the decoder spec; 4: lean decoder, rows-outermost KV

@@ -76,7 +76,8 @@ def fp32_islands(model: onnx.ModelProto) -> list[str]:
     problems = []
     for node in model.graph.node:
         if node.op_type in ("Softmax", "ReduceMean", "Sqrt") and types.get(node.input[0]) != onnx.TensorProto.FLOAT:
-            problems.append(f"{node.name}: {node.op_type} runs in {onnx.TensorProto.DataType.Name(types.get(node.input[0], 0))}")
+            dtype = onnx.TensorProto.DataType.Name(types.get(node.input[0], 0))
+            problems.append(f"{node.name}: {node.op_type} runs in {dtype}")
     logits = [o for o in model.graph.output if o.name == "logits"]
     if logits and logits[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         problems.append("logits are not fp32")

@@ -60,7 +60,7 @@ def decoder(layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, 
 
 
 def decoder_of(llm, max_context: int, dtype: str) -> GraphSpec:
-    """The decoder spec of a loaded Phi-3 (HF config and LM head): what the exporter and the benchmarks' variants use."""
+    """The decoder spec of a loaded Phi-3 (its HF config and LM head): for the exporter and the benchmarks' variants."""
     cfg = llm.config
     return decoder(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
                    cfg.hidden_size, llm.lm_head.weight.shape[0], max_context, dtype)

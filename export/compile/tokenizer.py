@@ -127,5 +127,5 @@ def _verify(slow, fast) -> None:
 def _mismatch(text: str, want: list[int], got: list[int]) -> str:
     at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
     return (f"the runtime tokenizer disagrees with the reference (slow) tokenizer on {text!r} at position {at}:\n"
-            f"  slow: {want}\n  fast: {got}\nrefusing to write a tokenizer.json that tokenizes differently")  # fmt: skip
+            f"  slow: {want}\n  fast: {got}\nrefusing to write a tokenizer.json that tokenizes differently")
 

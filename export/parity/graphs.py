@@ -6,8 +6,8 @@ DynamicCache), never our export wrappers, so a mistake in a wrapper cannot hide 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -18,10 +18,10 @@ from polygraphy.logger import G_LOGGER
 from transformers import DynamicCache
 
 from export.reference.model import HealthGPT
-from runtime.core.generate import decode_one_token, forward
 from runtime.contract.graphspec import GraphSpec, Tolerance
 from runtime.contract.healthgpt import IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
 from runtime.core.clip_input import preprocess
+from runtime.core.generate import decode_one_token, forward
 from runtime.core.pipeline import Pipeline
 
 

@@ -21,13 +21,13 @@ from tqdm import tqdm
 from export.parity.conversation import TURNS, bounded, conversation_checks, expect_conversation, token_check
 from export.parity.graphs import expect_graphs, graph_parity
 from export.reference.model import HealthGPT, load_reference
-from runtime.core.backend import open_backend
-from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.files import write_atomic
 from runtime.contract.graphspec import Tolerance
-from runtime.contract.reports import PARITY, BackendResult, ParityReport, Structure
 from runtime.contract.healthgpt import GEN, IMAGE_TOKENS, TASKS
+from runtime.contract.reports import PARITY, BackendResult, ParityReport, Structure
+from runtime.core.backend import open_backend
+from runtime.core.bundle import Bundle
 from runtime.core.image import load_image
 from runtime.core.pipeline import Pipeline
 

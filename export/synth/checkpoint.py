@@ -153,8 +153,9 @@ def hlora_state_dict(config: Phi3Config, clip_width: int, rank: int, gen: torch.
     return sd
 
 
-def synthesize(out: str | Path, variant: str = "m3", size: str | Size = "tiny", seed: int = 0, layers: int | None = None,
-               dtype: torch.dtype | None = None, shards: int | None = None) -> CheckpointPaths:
+def synthesize(out: str | Path, variant: str = "m3", size: str | Size = "tiny", seed: int = 0,
+               layers: int | None = None, dtype: torch.dtype | None = None,
+               shards: int | None = None) -> CheckpointPaths:
     """Write a complete random checkpoint to `out` (swapped in whole when done; see export/outdir.py).
     layers: decoder layers instead of the size's own (benchmarks at real widths with N layers); dtype, shards: the
     base LLM's weight files instead of the size's own (CI covers the released bf16 shards at tiny size)."""
@@ -190,7 +191,7 @@ def _write(tmp: Path, v, variant: str, s: Size, seed: int) -> None:
     write_clip(tmp / CLIP_DIR, s)
     (tmp / v.release_dir).mkdir(parents=True)
     vocab = len(HEALTHGPT_TOKENS) + (32011 if variant == "m3" else 100352)
-    for task, cfg in v.tasks.items():
+    for _task, cfg in v.tasks.items():
         torch.save(hlora_state_dict(config, s.clip_width, cfg.rank, gen), tmp / v.release_dir / cfg.hlora_file)
         if cfg.fusion_file:
             fusion = OrderedDict((f"{PEFT_PREFIX}{k}", torch.randn(vocab, s.hidden, generator=gen).mul_(0.02).to(

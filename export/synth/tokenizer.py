@@ -152,7 +152,8 @@ def write_phi4_tokenizer(out_dir: Path, seed: int = 0) -> None:
 
     flags = {"lstrip": True, "normalized": False, "rstrip": True, "single_word": False, "special": True}
     config = {
-        "add_prefix_space": False, "added_tokens_decoder": {str(i): {"content": t, **flags} for i, t in specials.items()},
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(i): {"content": t, **flags} for i, t in specials.items()},
         "bos_token": "<|endoftext|>", "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>",
         "errors": "replace", "model_max_length": 16384, "pad_token": "<|dummy_85|>", "tokenizer_class": "GPT2Tokenizer",
     }  # fmt: skip

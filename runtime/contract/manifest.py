@@ -10,9 +10,10 @@ version lives here, once; a manifest of another version is refused with "re-expo
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 

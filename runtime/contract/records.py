@@ -1,4 +1,4 @@
-"""Frozen dataclasses read from and written to JSON by their field types: the machinery under runtime/contract/manifest.py.
+"""Frozen dataclasses read from and written to JSON by their field types: the machinery under the manifest.
 
 `Record.from_json` checks every field's type (an int is not a str, a bool is not an int), names what is missing or
 unknown by its path in the document, then runs the record's own range checks (`problems`).
@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from runtime.contract.errors import UserError
 from runtime.contract.graphspec import GraphSpec

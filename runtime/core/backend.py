@@ -1,4 +1,4 @@
-"""Backends run graphs; they know nothing about HealthGPT. The decode loop (runtime/core/generate.py) is the same for all.
+"""Backends run graphs; they know nothing about HealthGPT. The decode loop (core/generate.py) is the same for all.
 
 A backend provides `load(bundle, task, name) -> Graph`, and the three things the in-place KV cache needs:
 `buffer(shape, dtype)` (a persistent tensor, cache rows outermost), `head(buffer, n)` (its first n rows as a tensor
@@ -17,11 +17,11 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.graphspec import GraphSpec
 from runtime.contract.healthgpt import graph_id
 from runtime.contract.manifest import NOT_NUMPY
+from runtime.core.bundle import Bundle
 from runtime.core.providers import PROVIDERS, QUIET, VERBOSE
 
 

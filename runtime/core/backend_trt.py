@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.graphspec import GraphSpec
 from runtime.contract.healthgpt import graph_id as graph_id_of
 from runtime.contract.manifest import EngineEntry
+from runtime.core.bundle import Bundle
 from runtime.core.trt_compat import DeviceInfo, check_compat, current_device
 
 H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind

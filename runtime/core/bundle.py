@@ -1,8 +1,8 @@
 """Opening a bundle: its typed manifest, paths confined to the bundle, and every byte checked against the manifest.
 
 What `Bundle.open` checks (verify=True, the default): the manifest's schema, version and cross-references
-(runtime/contract/manifest.py); that every listed file is a regular file inside the bundle directory with its recorded size
-and sha256; that the weights table tiles weights.bin (aligned, in bounds, no overlaps) and that each tensor's bytes
+(runtime/contract/manifest.py); that every listed file is a regular file inside the bundle directory with its recorded
+size and sha256; that the weights table tiles weights.bin (aligned, in bounds, no overlaps) and that each tensor's bytes
 hash to the digest its name carries, so an edited offset or two swapped entries are refused, not computed with.
 `digest` is the sha256 of manifest.json, which covers all of it: pin it to pin exactly what a deployment runs.
 A file hashed and found good is remembered by its inode, size and times (runtime/core/verified.py), so reopening an
@@ -16,11 +16,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.core import verified
 from runtime.contract.errors import UserError
 from runtime.contract.files import CHUNK, file_digest
 from runtime.contract.graphspec import GraphSpec
 from runtime.contract.manifest import MANIFEST, GraphEntry, Manifest, ManifestError, TensorEntry
+from runtime.core import verified
 
 
 @dataclass(frozen=True)

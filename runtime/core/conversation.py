@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -30,8 +31,8 @@ from PIL import Image
 from runtime.contract.healthgpt import IMAGE_TOKEN_INDEX, IMAGE_TOKENS, Task
 from runtime.core.backend import Backend
 from runtime.core.bundle import Bundle
-from runtime.core.generate import check_budget, forward, generate
 from runtime.core.clip_input import preprocess
+from runtime.core.generate import check_budget, forward, generate
 from runtime.core.kvcache import KVCache, check_room
 from runtime.core.prefixes import Prefix, PrefixCache, image_digest
 from runtime.core.prompt import Template

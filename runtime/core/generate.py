@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from runtime.core.backend import Graph
 from runtime.contract.errors import UserError
+from runtime.core.backend import Graph
 from runtime.core.kvcache import KVCache
 from runtime.core.sampling import Sampler
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.core.backend import Backend
 from runtime.contract.errors import UserError
 from runtime.contract.graphspec import GraphSpec
+from runtime.core.backend import Backend
 
 
 def check_room(length: int, capacity: int, detail: str = "") -> None:

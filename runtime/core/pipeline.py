@@ -19,16 +19,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from runtime.core.backend import Backend, Graph
-from runtime.core.bundle import Bundle
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, Task
+from runtime.core.backend import Backend, Graph
+from runtime.core.bundle import Bundle
 from runtime.core.clip_input import preprocess
 from runtime.core.conversation import Conversation, Turn, check_turn
 from runtime.core.image import load_image

@@ -1,4 +1,4 @@
-"""HealthGPT's conversation templates and LLaVA's `<image>` split, verbatim (reference: llava/conversation.py, mm_utils.py).
+"""HealthGPT's conversation templates and LLaVA's `<image>` split, verbatim (llava/conversation.py, mm_utils.py).
 
 Shared by the PyTorch reference (with the slow HF tokenizer) and the runtime (with tokenizer.json), so both build
 prompts with the same code and only the tokenizer differs.
@@ -6,8 +6,8 @@ prompts with the same code and only the tokenizer differs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, IMAGE_TOKENS, TASKS, VQ_CODES
@@ -54,7 +54,8 @@ TEMPLATES = {
     ),
     # Copied by HealthGPT from the phi-4 model card; reproduced verbatim for parity.
     "phi4_instruct": Template(
-        system="<|im_start|>system<|im_sep|>\nYou are a medieval knight and must provide explanations to modern people.",
+        system="<|im_start|>system<|im_sep|>\nYou are a medieval knight and must provide explanations to modern "
+               "people.",
         user="\n<|im_start|>user<|im_sep|>\n",
         assistant="\n<|im_start|>assistant<|im_sep|>\n",
         sep="<|im_end|>",

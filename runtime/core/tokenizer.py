@@ -4,10 +4,10 @@ semantics.
 Torch-free: only `tokenizers` and the standard library. `encode` returns what the reference's slow tokenizer returns
 for `tokenizer(text).input_ids`; `decode` what its `decode` returns. `encode_parts` is the slow class's `tokenize`
 itself, shared with the reference (export/reference/tokenizer.py runs it over the slow tokenizer's own pieces):
-added tokens are split out of the text first, then each text between them is tokenized alone. That order is what lets a user's
-question be plain text: added tokens are split out of the template's parts only, so `<|end|>` typed in a question
-is five pieces of text, never the control id. Slow behaviours a tokenizer.json cannot express are reproduced here
-(export/compile/tokenizer.py proves the encoding on the real prompts, tests/test_tokenizer.py the decoding):
+added tokens are split out of the text first, then each text between them is tokenized alone. That order is what lets
+a user's question be plain text: added tokens are split out of the template's parts only, so `<|end|>` typed in a
+question is five pieces of text, never the control id. Slow behaviours a tokenizer.json cannot express are reproduced
+here (export/compile/tokenizer.py proves the encoding on the real prompts, tests/test_tokenizer.py the decoding):
 
 - Llama with `legacy=False` (Phi-3): the slow class turns every "▁" into a space, prepends "▁" to the whole text,
   tokenizes, then drops a leading "▁" token only when the next token is one of `all_special_tokens`. So
@@ -55,7 +55,7 @@ class Tokenizer:
             raise UserError("the tokenizer manifest asks for a BOS token but gives no bos_id")
 
     @classmethod
-    def load(cls, path: Path, bos_id: int | None, add_bos: bool) -> "Tokenizer":
+    def load(cls, path: Path, bos_id: int | None, add_bos: bool) -> Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         path = Path(path)

@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.frontends.args import EXIT_USER_ERROR, Parser, non_negative_int, number, positive_int
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKENS
 from runtime.core.prompt import check_question
 from runtime.core.providers import quiet_ort
 from runtime.core.verdict import OVERRIDE
+from runtime.frontends.args import EXIT_USER_ERROR, Parser, non_negative_int, number, positive_int
 
 PROG = "python -m runtime"
 EXIT_INTERRUPTED = 130

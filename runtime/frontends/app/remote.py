@@ -15,19 +15,19 @@ import io
 import json
 import threading
 import urllib.error
-import uuid
 import urllib.request
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from runtime.core.conversation import Cancelled, Turn
-from runtime.frontends.app.model import BundleFacts, parity_status
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKENS
+from runtime.core.conversation import Cancelled, Turn
+from runtime.frontends.app.model import BundleFacts, parity_status
 
 MODEL = "healthgpt"  # runtime/frontends/serving/repository.py writes the model under this name
 

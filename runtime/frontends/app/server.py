@@ -35,14 +35,14 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from runtime.frontends.app.audit import AuditLog
+from runtime.contract.errors import UserError
+from runtime.contract.healthgpt import COM, GEN
 from runtime.core.conversation import Cancelled
+from runtime.core.prompt import check_question
+from runtime.frontends.app.audit import AuditLog
 from runtime.frontends.app.model import Model, Session
 from runtime.frontends.app.scans import Scan, Scans
 from runtime.frontends.app.security import SecurityHeaders
-from runtime.contract.errors import UserError
-from runtime.contract.healthgpt import COM, GEN
-from runtime.core.prompt import check_question
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 1 << 30  # bytes; a large multi-frame study still fits, a runaway upload does not

@@ -146,7 +146,7 @@ def _log(level: str, message: str) -> None:
     getattr(pb_utils.Logger, f"log_{level}")(message)  # the stub adds Logger to pb_utils after importing us
 
 
-def _response(**outputs) -> "pb_utils.InferenceResponse":
+def _response(**outputs) -> pb_utils.InferenceResponse:
     tensors = [pb_utils.Tensor(name, np.array([value], dtype=np.object_) if isinstance(value, (str, bytes)) else value)
                for name, value in outputs.items()]
     return pb_utils.InferenceResponse(output_tensors=tensors)

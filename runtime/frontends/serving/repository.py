@@ -11,10 +11,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.core.bundle import Bundle
-from runtime.core.verdict import require
 from runtime.contract.errors import UserError
 from runtime.contract.files import write_atomic
+from runtime.core.bundle import Bundle
+from runtime.core.verdict import require
 
 MODEL, SELFTEST = "healthgpt", "healthgpt_selftest"
 KINDS = ("cpu", "gpu")
