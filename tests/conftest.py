@@ -99,3 +99,31 @@ def bundle_dir(tmp_path):
     from tiny_bundle import make_bundle
 
     return make_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture(scope="session")
+def serving_env():
+    """The serving venv (tritonserver, numpy 1.26, the runtime), made on first use; a skip, saying why, only when its
+    packages cannot be installed here."""
+    import sys
+
+    from runtime.contract.errors import UserError
+    from runtime.frontends.serving import environment
+
+    try:
+        return environment.ensure(log=lambda m: print(m, file=sys.stderr))
+    except UserError as e:
+        if "install the serving dependencies" in str(e) or "create the serving venv" in str(e):
+            pytest.skip(f"the serving venv cannot be installed here: {e}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def serving_pipe(m3_bundle):
+    """The expected side of the serving tests, opened as the repository opens it: prepack off (both tasks resident),
+    CPU provider."""
+    from runtime.core.backend import OrtBackend
+    from runtime.core.bundle import Bundle
+    from runtime.core.pipeline import Pipeline
+
+    return Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu", prepack=False))

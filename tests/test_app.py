@@ -11,7 +11,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -34,7 +33,6 @@ if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it when run as root)",
                 allow_module_level=True)
 
-from runtime.contract.errors import UserError  # noqa: E402
 from runtime.core.backend import OrtBackend  # noqa: E402
 from runtime.core.bundle import Bundle, file_digest
 from runtime.core.clip_input import preprocess  # noqa: E402
@@ -207,7 +205,32 @@ def test_workstation_session(page, served, reference, m3_bundle):
     assert "m3 · fp32 · ort on CPUExecutionProvider" in page.text_content("#model")
     banner = page.text_content("#parity-banner")  # the fixture bundle was never verified: say so, loudly
     assert page.is_visible("#parity-banner") and "PARITY NOT VERIFIED" in banner and "build.py verify" in banner
+    lung = _open_ct_in_the_lung_window(page, ct)
 
+    want, n_tokens = expected_answer(reference, Image.fromarray(lung), QUESTION, 24)
+    assert n_tokens >= 8, "the fixture model stops too early to test stopping"
+    stopped_at, partial = _stop_a_long_answer(page, served, want)
+
+    # Ask: the streamed answer is Pipeline.ask's on the windowed image, and the model saw exactly those pixels
+    # (once: the stopped turn's conversation already holds the image rows).
+    status = ask(page, QUESTION, 24)
+    answer = page.text_content("#answer")
+    assert answer == want and answer
+    assert len(served.pixel_values) == 1
+    assert np.array_equal(served.pixel_values[0], preprocess(Image.fromarray(lung)))
+    assert re.fullmatch(r"done in \d+\.\d\d s", status)
+    assert re.fullmatch(r"first token \d+\.\d{3} s", page.text_content("#ttft"))
+    assert re.fullmatch(r"\d+\.\d tokens/s", page.text_content("#rate"))
+    assert page.text_content("#tokens") == f"{n_tokens} tokens"
+    screenshot(page, "05-answer")
+
+    png = _generate_from_the_image_in_view(page, served, reference, lung)
+    _check_the_audit_log(served, m3_bundle, ct, (want, n_tokens), (stopped_at, partial), png)
+    only_own_host(page, served)
+
+
+def _open_ct_in_the_lung_window(page, ct: str) -> np.ndarray:
+    """The file's own window shown as the model gets it, its tags (the name masked until asked), the lung preset."""
     src = open_file(page, ct)
     file_window = shown(page, "#scan")
     assert np.array_equal(file_window, np.asarray(load_image(ct)))
@@ -225,11 +248,11 @@ def test_workstation_session(page, served, reference, m3_bundle):
     assert np.array_equal(lung, np.asarray(load_image(ct, window=LUNG)))
     assert (page.input_value("#center"), page.input_value("#width")) == ("-600", "1500")
     screenshot(page, "03-lung")
+    return lung
 
-    want, n_tokens = expected_answer(reference, Image.fromarray(lung), QUESTION, 24)
-    assert n_tokens >= 8, "the fixture model stops too early to test stopping"
 
-    # Stop really stops the decode loop: no decoder step runs after it, far short of the budget.
+def _stop_a_long_answer(page, served, want: str) -> tuple[int, str]:
+    """Stop really stops the decode loop: no decoder step runs after it, far short of the budget."""
     served.pixel_values.clear()
     served.slow.set()
     try:
@@ -248,22 +271,11 @@ def test_workstation_session(page, served, reference, m3_bundle):
     finally:
         served.slow.clear()
     screenshot(page, "04-stopped")
-
-    # Ask: the streamed answer is Pipeline.ask's on the windowed image, and the model saw exactly those pixels
-    # (once: the stopped turn's conversation already holds the image rows).
-    status = ask(page, QUESTION, 24)
-    answer = page.text_content("#answer")
-    assert answer == want and answer
-    assert len(served.pixel_values) == 1
-    assert np.array_equal(served.pixel_values[0], preprocess(Image.fromarray(lung)))
-    assert re.fullmatch(r"done in \d+\.\d\d s", status)
-    assert re.fullmatch(r"first token \d+\.\d{3} s", page.text_content("#ttft"))
-    assert re.fullmatch(r"\d+\.\d tokens/s", page.text_content("#rate"))
-    assert page.text_content("#tokens") == f"{n_tokens} tokens"
-    screenshot(page, "05-answer")
+    return stopped_at, partial
 
 
-    # Generate: progress over 1024 image tokens, then the image beside the input equals Pipeline.generate_image.
+def _generate_from_the_image_in_view(page, served, reference, lung: np.ndarray) -> bytes:
+    """Progress over 1024 image tokens, then the image beside the input equals Pipeline.generate_image."""
     page.click("#generate")
     wait_until(page, "() => document.getElementById('progress').value >= 64")
     screenshot(page, "06-generating")
@@ -276,7 +288,12 @@ def test_workstation_session(page, served, reference, m3_bundle):
     png = urllib.request.urlopen(served.url + out_src).read()
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), want_img)
     screenshot(page, "07-generated")
+    return png
 
+
+def _check_the_audit_log(served, m3_bundle, ct: str, answered: tuple[str, int], stopped_turn: tuple[int, str],
+                         png: bytes) -> None:
+    (want, n_tokens), (stopped_at, partial) = answered, stopped_turn
     records = served.audit()
     manifest = file_digest(m3_bundle / "manifest.json")
     ct_sha = hashlib.sha256(Path(ct).read_bytes()).hexdigest()
@@ -291,7 +308,6 @@ def test_workstation_session(page, served, reference, m3_bundle):
     assert stopped[0]["tokens"] == stopped_at and stopped[0]["answer"] == partial
     assert made[0]["prompt"] == INSTRUCTION and made[0]["status"] == "done" and made[0]["constrain_image_tokens"]
     assert not any("pixel" in key for r in records for key in r)
-    only_own_host(page, served)
 
 
 def test_user_errors_show_in_the_page_and_the_app_keeps_working(page, served, reference, tmp_path):
@@ -332,28 +348,6 @@ def test_multiframe_slider_feeds_the_frame_on_screen(page, served):
     assert np.array_equal(served.pixel_values[0], preprocess(Image.fromarray(frame)))
     screenshot(page, "10-multiframe")
     only_own_host(page, served)
-
-
-def test_audit_log_appends_whole_lines_from_concurrent_writers(tmp_path):
-    path = tmp_path / "logs" / "audit.jsonl"
-    logs = [AuditLog(path), AuditLog(path)]  # two instances: as two app processes on one log
-
-    def write(k: int) -> None:
-        for i in range(40):
-            logs[k % 2].write({"writer": k, "i": i, "prompt": f"{k}-{i} " + "x" * 20_000})
-
-    threads = [threading.Thread(target=write, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert sorted((r["writer"], r["i"]) for r in records) == [(k, i) for k in range(6) for i in range(40)]
-    assert oct(path.stat().st_mode & 0o777) == "0o600"
-    (tmp_path / "ro").mkdir(mode=0o500)
-    if os.geteuid() != 0:  # root writes anywhere
-        with pytest.raises(UserError, match="cannot append"):
-            AuditLog(tmp_path / "ro" / "audit.jsonl")
 
 
 def run_cli(*args, **kw):

@@ -17,6 +17,7 @@ import pytest
 
 uvicorn = pytest.importorskip("uvicorn", reason="the app extra is not installed (scripts/setup.sh does it)")
 
+from runtime.contract.errors import UserError
 from runtime.frontends.app.audit import AuditLog
 from runtime.frontends.app.model import LocalModel
 from runtime.frontends.app.server import bind, create_app
@@ -144,3 +145,25 @@ def test_an_audit_log_that_is_a_fifo_is_refused_at_start_up(m3_bundle, tmp_path)
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"audit log {fifo}" in errors[0] and "named pipe (FIFO)" in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl"] and fifo.is_fifo()
+
+
+def test_audit_log_appends_whole_lines_from_concurrent_writers(tmp_path):
+    path = tmp_path / "logs" / "audit.jsonl"
+    logs = [AuditLog(path), AuditLog(path)]  # two instances: as two app processes on one log
+
+    def write(k: int) -> None:
+        for i in range(40):
+            logs[k % 2].write({"writer": k, "i": i, "prompt": f"{k}-{i} " + "x" * 20_000})
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted((r["writer"], r["i"]) for r in records) == [(k, i) for k in range(6) for i in range(40)]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(UserError, match="cannot append"):
+            AuditLog(tmp_path / "ro" / "audit.jsonl")

@@ -11,59 +11,18 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from pydicom.data import get_testdata_file
 from serving_http import b64, http_generate, http_stream, metrics, pixels
+from serving_support import FOLLOW_UP, INSTRUCTION, QUESTION, ROOT, drive, expected, free_ports, grpc, scan
 
 from runtime.contract.errors import UserError
-from runtime.core.prompt import vq_indices
-from runtime.core.sampling import Sampler
-from runtime.frontends.serving import environment, repository
-from runtime.frontends.serving.server import SELFTEST_FLOATS, SELFTEST_INTS, Ports, Server
-
-ROOT = Path(__file__).resolve().parents[1]
-DRIVER = Path(__file__).with_name("serving_client.py")
-QUESTION = "What does this scan show?"
-INSTRUCTION = "Reconstruct the image."
-FOLLOW_UP = "Is it serious?"
-SCANS = {"ct": ("CT_small.dcm", None, None), "mr": ("MR_small.dcm", None, None),
-         "rgb2": ("SC_rgb_rle_2frame.dcm", 1, None), "ct_window": ("CT_small.dcm", None, (40.0, 400.0))}
-
-
-def scan(name: str) -> dict:
-    file, frame, window = SCANS[name]
-    return {"image": get_testdata_file(file), "frame": frame, "window": window}
-
-
-@pytest.fixture(scope="module")
-def serving_env():
-    try:
-        return environment.ensure(log=lambda m: print(m, file=sys.stderr))
-    except UserError as e:
-        if "install the serving dependencies" in str(e) or "create the serving venv" in str(e):
-            pytest.skip(f"the serving venv cannot be installed here: {e}")
-        raise
-
-
-def free_ports() -> Ports:
-    socks = [socket.socket() for _ in range(3)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = Ports(*(s.getsockname()[1] for s in socks))
-    for s in socks:
-        s.close()
-    return ports
+from runtime.frontends.serving import repository
+from runtime.frontends.serving.server import SELFTEST_FLOATS, SELFTEST_INTS, Server
 
 
 @pytest.fixture(scope="module")
@@ -82,44 +41,6 @@ def server(serving_env, repo):
         assert not s.group_alive()
 
 
-@pytest.fixture(scope="module")
-def pipe(m3_bundle):
-    from runtime.core.backend import OrtBackend
-    from runtime.core.bundle import Bundle
-    from runtime.core.pipeline import Pipeline
-
-    # As the repository opens it: prepack off (both tasks resident), CPU provider.
-    return Pipeline(Bundle.open(m3_bundle), OrtBackend("cpu", prepack=False))
-
-
-def expected(pipe, task="com", prompt=QUESTION, image=None, frame=None, window=None, max_new_tokens=None,
-             temperature=0.0, top_k=0, top_p=1.0, seed=None, constrain_image_tokens=False):
-    from runtime.core.image import load_image
-
-    pil = load_image(image, frame=frame, window=window) if image else None
-    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    if task == "com":
-        ids: list[int] = []
-        text = pipe.ask(pil, prompt, max_new_tokens=max_new_tokens or 1024, on_token=ids.append, sampler=sampler)
-        return {"text": text, "ids": ids}
-    t = pipe.bundle.manifest.tokens
-    tokens = pipe.image_tokens(pil, prompt, max_new_tokens=max_new_tokens or 1100, sampler=sampler,
-                               constrain_image_tokens=constrain_image_tokens)
-    return {"indices": vq_indices(tokens, t.idx_0, t.vq_codes, t.image_tokens),
-            "pixels": pipe.decode_image(tokens)}
-
-
-def drive(env, job: dict, timeout: float = 240) -> dict:
-    done = subprocess.run([str(env.python), str(DRIVER)], input=json.dumps(job), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env.environ())
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
-
-
-def grpc(env, server, requests, **job) -> list[dict]:
-    return drive(env, {"url": server.grpc, "requests": requests, **job})["results"]
-
-
 # ---------------------------------------------------------------- tensors cross the stub intact
 
 def test_numpy_and_float_round_trip(serving_env, server):
@@ -132,7 +53,7 @@ def test_numpy_and_float_round_trip(serving_env, server):
 
 # ---------------------------------------------------------------- same answers as the Pipeline
 
-def test_grpc_stream_is_token_for_token_pipeline_ask(serving_env, server, pipe):
+def test_grpc_stream_is_token_for_token_pipeline_ask(serving_env, server, serving_pipe):
     cases = [{"prompt": QUESTION, **scan("ct"), "max_new_tokens": 24},
              {"prompt": "Describe the image.", **scan("rgb2"), "max_new_tokens": 24},
              {"prompt": QUESTION, **scan("ct_window"), "max_new_tokens": 24},
@@ -140,23 +61,23 @@ def test_grpc_stream_is_token_for_token_pipeline_ask(serving_env, server, pipe):
              {"prompt": QUESTION, **scan("mr"), "max_new_tokens": 24, "temperature": 0.8, "top_k": 50,
               "top_p": 0.9, "seed": 7}]
     for case, got in zip(cases, grpc(serving_env, server, cases)):
-        want = expected(pipe, **case)
+        want = expected(serving_pipe, **case)
         assert got.get("ids") == want["ids"] and got["text"] == want["text"], case
         assert len(want["ids"]) == 24
 
 
-def test_http_generate_stream_is_token_for_token_pipeline_ask(server, pipe):
-    want = expected(pipe, **scan("mr"), max_new_tokens=20)
+def test_http_generate_stream_is_token_for_token_pipeline_ask(server, serving_pipe):
+    want = expected(serving_pipe, **scan("mr"), max_new_tokens=20)
     events = http_stream(server, {"prompt": QUESTION, "image_base64": b64(scan("mr")["image"]),
                                   "max_new_tokens": 20})
     assert [e["token_id"] for e in events if "token_id" in e] == want["ids"]
     assert "".join(e["text"] for e in events) == want["text"]
 
 
-def test_a_follow_up_over_grpc_and_http_equals_the_in_process_conversation(serving_env, server, pipe):
+def test_a_follow_up_over_grpc_and_http_equals_the_in_process_conversation(serving_env, server, serving_pipe):
     from runtime.core.image import load_image
 
-    conversation = pipe.conversation(load_image(scan("ct")["image"]))
+    conversation = serving_pipe.conversation(load_image(scan("ct")["image"]))
     first, second = (conversation.ask(q, 16) for q in (QUESTION, FOLLOW_UP))
     (got,) = grpc(serving_env, server, [{"prompt": FOLLOW_UP, **scan("ct"), "max_new_tokens": 16,
                                          "history": [[QUESTION, first.answer]]}])
@@ -167,9 +88,9 @@ def test_a_follow_up_over_grpc_and_http_equals_the_in_process_conversation(servi
     assert "".join(e["text"] for e in events) == second.answer
 
 
-def test_generate_returns_pipeline_indices_and_png(serving_env, server, pipe):
+def test_generate_returns_pipeline_indices_and_png(serving_env, server, serving_pipe):
     case = {"task": "gen", "prompt": INSTRUCTION, **scan("ct"), "constrain_image_tokens": True}
-    want = expected(pipe, **case)
+    want = expected(serving_pipe, **case)
     (got,) = grpc(serving_env, server, [case])
     assert got["indices"] == want["indices"] and len(got["indices"]) == 1024
     assert np.array_equal(pixels(got["png"]), want["pixels"])
@@ -180,70 +101,9 @@ def test_generate_returns_pipeline_indices_and_png(serving_env, server, pipe):
     assert np.array_equal(pixels(body["image_png_base64"]), want["pixels"])
 
 
-def test_cli_serve_ask_generate(serving_env, m3_bundle, pipe, tmp_path):
-    """`python -m runtime serve` in this venv, `ask/generate --server` from the serving venv, SIGTERM to stop."""
-    ports = free_ports()
-    serve = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--bundle", str(m3_bundle), "--out",
-                              str(tmp_path / "repo"), "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
-                              "--metrics-port", str(ports.metrics), "--timeout", "120"], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = serve.stdout.readline()
-        assert line.startswith("[I] ready: gRPC"), (line, serve.stderr.read() if serve.poll() is not None else "")
-        ct = scan("ct")["image"]
-        cli = [str(serving_env.python), "-m", "runtime"]
-        url = f"grpc://127.0.0.1:{ports.grpc}"
-        ask = subprocess.run([*cli, "ask", "--server", url, "--image", ct, "--max-new-tokens", "12", QUESTION],
-                             capture_output=True, text=True, cwd=ROOT, env=serving_env.environ(), timeout=120)
-        assert ask.returncode == 0 and ask.stdout == expected(pipe, image=ct, max_new_tokens=12)["text"] + "\n"
-        chat = subprocess.run([*cli, "chat", "--server", url, "--image", ct, "--max-new-tokens", "12"],
-                              input=f"{QUESTION}\n{FOLLOW_UP}\n", capture_output=True, text=True, cwd=ROOT,
-                              env=serving_env.environ(), timeout=120)
-        conversation = pipe.conversation(ct)
-        assert chat.returncode == 0, chat.stderr
-        assert chat.stdout == "".join(conversation.ask(q, 12).answer + "\n" for q in (QUESTION, FOLLOW_UP))
-        out = tmp_path / "out.png"
-        gen = subprocess.run([*cli, "generate", "--server", url, "--image", ct, "--constrain-image-tokens",
-                              INSTRUCTION, "--out", out], capture_output=True, text=True, cwd=ROOT,
-                             env=serving_env.environ(), timeout=120)
-        assert gen.returncode == 0, gen.stderr
-        want = expected(pipe, "gen", INSTRUCTION, ct, constrain_image_tokens=True)["pixels"]
-        assert np.array_equal(np.asarray(Image.open(out)), want)
-        bad = subprocess.run([*cli, "ask", "--server", url, "--image", get_testdata_file("MR_truncated.dcm"), "q"],
-                             capture_output=True, text=True, cwd=ROOT, env=serving_env.environ(), timeout=120)
-        assert bad.returncode == 2 and bad.stderr.startswith("error: server") and "truncated" in bad.stderr
-        assert len(bad.stderr.strip().splitlines()) == 1
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        code = serve.wait(120)
-    stderr = serve.stderr.read()
-    pid = int(re.search(r"tritonserver pid (\d+)", stderr).group(1))
-    assert code == 0 and "stopping tritonserver" in stderr
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pid, 0)  # the server and its stubs are gone
-
-
-def test_serve_without_out_removes_its_temporary_repository(serving_env, m3_bundle, tmp_path):
-    ports, tmp = free_ports(), tmp_path / "tmp"
-    tmp.mkdir()
-    serve = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--bundle", str(m3_bundle), "--http-port",
-                              str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
-                              "--timeout", "120"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "TMPDIR": str(tmp)})
-    try:
-        line = serve.stdout.readline()
-        assert line.startswith("[I] ready: gRPC"), (line, serve.stderr.read() if serve.poll() is not None else "")
-        assert len(list(tmp.glob("healthgpt-triton-*/healthgpt/config.pbtxt"))) == 1
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        code = serve.wait(120)
-    # ours is gone (tritonserver leaves a `.ses` of its own in TMPDIR)
-    assert code == 0 and list(tmp.glob("healthgpt-triton-*")) == [], serve.stderr.read()
-
-
 # ---------------------------------------------------------------- load
 
-def test_load_8_clients_25_requests_each(serving_env, server, pipe):
+def test_load_8_clients_25_requests_each(serving_env, server, serving_pipe):
     # Every 20th request is an image (about 1 s each here, 10 in all); the rest answers of 16 tokens, on 4 real scans.
     coms = ["ct", "mr", "rgb2", "ct_window"]
     cases = [{"task": "gen", "prompt": INSTRUCTION, **scan("ct"), "constrain_image_tokens": True} if i % 20 == 0 else
@@ -261,7 +121,7 @@ def test_load_8_clients_25_requests_each(serving_env, server, pipe):
     for case, got in zip(cases, run["results"]):
         key = json.dumps(case, sort_keys=True)
         if key not in wants:
-            wants[key] = expected(pipe, **case)
+            wants[key] = expected(serving_pipe, **case)
         want = wants[key]
         assert "error" not in got, got
         if case.get("task") == "gen":
@@ -284,7 +144,7 @@ def cancellations(server) -> int:
     return server.log.read_text(errors="replace").count("cancelled by the client")
 
 
-def test_client_disconnects_mid_stream(serving_env, server, pipe):
+def test_client_disconnects_mid_stream(serving_env, server, serving_pipe):
     before = cancellations(server)
     long = {"prompt": QUESTION, **scan("ct"), "max_new_tokens": 2000}
     (got,) = grpc(serving_env, server, [{**long, "cancel_after": 3}])
@@ -296,7 +156,7 @@ def test_client_disconnects_mid_stream(serving_env, server, pipe):
         time.sleep(0.2)
     assert cancellations(server) == before + 2  # both decode loops stopped at the next token
     case = {"prompt": QUESTION, **scan("mr"), "max_new_tokens": 8}
-    assert grpc(serving_env, server, [case])[0]["ids"] == expected(pipe, **case)["ids"]
+    assert grpc(serving_env, server, [case])[0]["ids"] == expected(serving_pipe, **case)["ids"]
 
 
 @pytest.mark.parametrize("body, message", [
@@ -332,7 +192,7 @@ def test_infer_on_the_decoupled_model_is_501_as_the_readme_says(server):
     assert "`/v2/models/healthgpt/infer` with HTTP 501" in (ROOT / "README.md").read_text()
 
 
-def test_malformed_images_and_the_next_request(serving_env, server, pipe):
+def test_malformed_images_and_the_next_request(serving_env, server, serving_pipe):
     cases = [{"prompt": "q", "image": get_testdata_file("MR_truncated.dcm")},
              {"prompt": "q", "image": get_testdata_file("CT_small.dcm"), "frame": 5},
              {"task": "gen", "prompt": INSTRUCTION, **scan("ct"), "max_new_tokens": 3},  # too few image tokens
@@ -340,10 +200,10 @@ def test_malformed_images_and_the_next_request(serving_env, server, pipe):
     results = grpc(serving_env, server, cases)
     assert "truncated" in results[0]["error"] and "frame 5 is out of range" in results[1]["error"]
     assert "exactly 1024 image tokens are needed" in results[2]["error"]
-    assert results[3]["ids"] == expected(pipe, **cases[3])["ids"]
+    assert results[3]["ids"] == expected(serving_pipe, **cases[3])["ids"]
 
 
-def test_sigkill_and_restart(serving_env, repo, pipe):
+def test_sigkill_and_restart(serving_env, repo, serving_pipe):
     s = Server(serving_env, repo, free_ports(), log=repo / "killed.log").start()
     try:
         s.wait_ready(300)
@@ -358,50 +218,17 @@ def test_sigkill_and_restart(serving_env, repo, pipe):
         cases = [{"prompt": QUESTION, **scan("ct"), "max_new_tokens": 8},
                  {"task": "gen", "prompt": INSTRUCTION, **scan("mr"), "constrain_image_tokens": True}]
         got = grpc(serving_env, s, cases)
-        assert got[0]["ids"] == expected(pipe, **cases[0])["ids"]
-        assert got[1]["indices"] == expected(pipe, **cases[1])["indices"]
-    finally:
-        s.stop()
-
-
-def test_tampered_bundle_is_not_ready_with_integrity_error(serving_env, m3_bundle, tmp_path):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(m3_bundle, bundle)
-    with open(bundle / "com.decoder.onnx", "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 1]))
-    repo = repository.write(bundle, tmp_path / "repo")
-    s = Server(serving_env, repo, free_ports()).start()
-    try:
-        with pytest.raises(UserError, match=r"failed to load.*com\.decoder\.onnx is corrupt \(sha256 differs"):
-            s.wait_ready(300)
-        assert not s.model_ready() and s.model_state()["state"] == "UNAVAILABLE"
-        assert "com.decoder.onnx is corrupt (sha256 differs from the manifest)" in s.log.read_text()
-        s.selftest()  # the server itself is up; only the model is not
+        assert got[0]["ids"] == expected(serving_pipe, **cases[0])["ids"]
+        assert got[1]["indices"] == expected(serving_pipe, **cases[1])["indices"]
     finally:
         s.stop()
 
 
 # ---------------------------------------------------------------- the repository
 
-def test_repository_config(m3_bundle, tmp_path):
-    repo = repository.write(m3_bundle, tmp_path / "r", repository.Options(instances=3, kind="gpu", gpus=(0, 1)))
-    config = (repo / "healthgpt" / "config.pbtxt").read_text()
-    assert "instance_group [ { count: 3 kind: KIND_GPU gpus: [ 0, 1 ] } ]" in config
-    assert f'key: "bundle" value {{ string_value: "{Path(m3_bundle).resolve()}" }}' in config
-    assert 'key: "providers" value { string_value: "cuda" }' in config and "decoupled: true" in config
-    assert "dims: [ 1024 ]" in config and not any(p.suffix in (".onnx", ".bin") for p in repo.rglob("*"))
-    with pytest.raises(UserError, match="--kind gpu"):
-        repository.write(m3_bundle, tmp_path / "t", repository.Options(backend="trt"))
-    with pytest.raises(UserError, match="not a bundle"):
-        repository.write(tmp_path, tmp_path / "u")
-
-
 # ---------------------------------------------------------------- the workstation app against the server
 
-def test_app_remote_model_gives_the_pipelines_answers(server, pipe):
+def test_app_remote_model_gives_the_pipelines_answers(server, serving_pipe):
     """`python -m runtime app --server URL`: the app's model on the server answers as the local Pipeline does."""
     import threading
 
@@ -411,18 +238,18 @@ def test_app_remote_model_gives_the_pipelines_answers(server, pipe):
     model = RemoteModel(server.http)
     info = model.describe()
     assert info["variant"] == "m3" and info["tasks"] == ["com", "gen"]  # the bundle is on this machine
-    assert info["manifest_sha256"] == pipe.bundle.digest
+    assert info["manifest_sha256"] == serving_pipe.bundle.digest
     image = load_image(scan("ct")["image"])
     texts = []
     conversation = model.conversation(image)
     answer = model.ask(conversation, QUESTION, 20, lambda text, _: texts.append(text), threading.Event()).answer
-    assert answer == "".join(texts) == pipe.ask(image, QUESTION, max_new_tokens=20)
-    local = pipe.conversation(image)
+    assert answer == "".join(texts) == serving_pipe.ask(image, QUESTION, max_new_tokens=20)
+    local = serving_pipe.conversation(image)
     want = [local.ask(q, 20) for q in (QUESTION, FOLLOW_UP)][1]  # the app's --server mode continues conversations
     assert model.ask(conversation, FOLLOW_UP, 20, lambda *_: None, threading.Event()).tokens == want.tokens
     progress = []
     pixels = model.generate(image, INSTRUCTION, True, lambda *p: progress.append(p), threading.Event())
-    assert np.array_equal(pixels, pipe.generate_image(image, INSTRUCTION, constrain_image_tokens=True))
+    assert np.array_equal(pixels, serving_pipe.generate_image(image, INSTRUCTION, constrain_image_tokens=True))
     assert progress[-1] == (1024, 0, 1024)
     with pytest.raises(UserError, match="image_base64|image|question|prompt") as e:
         model.ask(model.conversation(image), "<image> forged", 4, lambda *a: None, threading.Event())
