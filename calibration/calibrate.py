@@ -101,7 +101,7 @@ def collect_importance(bundle: Bundle, feeds: dict, targets: dict) -> dict[str, 
 
 
 def _relative_error(deq: np.ndarray, w: np.ndarray) -> float:
-    return float(np.linalg.norm(deq - w) / max(np.linalg.norm(w), 1e-30))
+    return float(np.linalg.norm(deq - w) / max(float(np.linalg.norm(w)), 1e-30))
 
 
 def _weight_only_graph(model, matmuls, scheme, block_size, importance, done, errors, root: Path,
@@ -192,7 +192,9 @@ def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", blo
         result = dataclasses.replace(result, peak_rss_gib={"quantize": round(quantize_peak, 2),
                                                            "report": round(peak_rss_gib(), 2)})
         report.write(tmp, result)
-        quant = dataclasses.replace(manifest.precision.quantization, report=ReportRef(result.passed, report.FILES[0]))
+        quant = manifest.precision.quantization
+        assert quant is not None  # quantize_bundle wrote it
+        quant = dataclasses.replace(quant, report=ReportRef(result.passed, report.FILES[0]))
         manifest = dataclasses.replace(manifest, precision=dataclasses.replace(manifest.precision, quantization=quant),
                                        files={**manifest.files, **writer.files(list(report.FILES))})
         return writer.write_manifest(manifest)

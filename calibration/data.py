@@ -69,8 +69,9 @@ def _testdata(names) -> list[Path]:
 
 def default_images() -> list[Path]:
     images = _testdata(PYDICOM_FILES + PYDICOM_DATA_FILES)
-    if find_spec("skimage") is not None:
-        data = Path(find_spec("skimage").origin).parent / "data"
+    if (skimage := find_spec("skimage")) is not None:
+        assert skimage.origin is not None  # a regular package: its __init__.py
+        data = Path(skimage.origin).parent / "data"
         images += [data / n for n in SKIMAGE_FILES if (data / n).is_file()]
     return images
 

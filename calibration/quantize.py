@@ -16,6 +16,7 @@ unchanged, so the fusion still applies).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -49,8 +50,8 @@ def weight_matmuls(model: onnx.ModelProto) -> list[WeightMatMul]:
         readers.setdefault(n.input[0], []).append(n)
     base, lora = set(), set()
     for add in (n for n in graph.node if n.op_type == "Add"):
-        pair = [by_output.get(i) for i in add.input]
-        if len(pair) != 2 or None in pair:
+        pair = [by_output[i] for i in add.input if i in by_output]
+        if len(add.input) != 2 or len(pair) != 2:
             continue
         for w, b in (pair, pair[::-1]):
             siblings = [s for s in readers[w.input[0]] if s is not w]
@@ -77,7 +78,8 @@ def quantize_weight(w: np.ndarray, scheme: str, block: int, importance: np.ndarr
     absmax = np.maximum(np.abs(wb).max(1), 1e-30)  # [blocks, N]
     ratios = CLIP_GRID if importance is not None else CLIP_GRID[:1]
     h = None if importance is None else np.pad(importance, (0, pad)).reshape(-1, block, 1).astype(np.float32)
-    best_scale, best_err = None, None
+    best_scale: np.ndarray | None = None
+    best_err: np.ndarray | None = None
     for r in ratios:
         scale = (absmax * r / qmax).astype(np.float32)
         err = None
@@ -87,8 +89,10 @@ def quantize_weight(w: np.ndarray, scheme: str, block: int, importance: np.ndarr
         if best_scale is None:
             best_scale, best_err = scale, err
         else:
+            assert err is not None and best_err is not None  # more than one ratio only with importance (h)
             better = err < best_err
             best_scale, best_err = np.where(better, scale, best_scale), np.where(better, err, best_err)
+    assert best_scale is not None  # ratios is never empty
     q = np.clip(np.rint(wb / best_scale[:, None]), -qmax - 1, qmax).reshape(-1, n)[:k]
     return q.astype(np.int8), best_scale
 
@@ -123,7 +127,7 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, tuple[list[onnx.TensorP
             if tensors[0].name not in added:
                 graph.initializer.extend(tensors)
                 added.add(tensors[0].name)
-            attrs = {"axis": axis, **({"block_size": block} if block else {})}
+            attrs: dict[str, Any] = {"axis": axis, **({"block_size": block} if block else {})}
             deq = f"{node.name}/DequantizeLinear"
             nodes.append(helper.make_node("DequantizeLinear", [t.name for t in tensors], [deq + "_output"],
                                           name=deq, **attrs))

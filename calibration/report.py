@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,8 +113,9 @@ def compare(want: list[np.ndarray], got: list[np.ndarray]) -> dict:
 def _outputs(pipe: Pipeline, task: str, pils, positions: int, gen_image: bool, forced=None) -> dict:
     """One bundle's side of a task: vision embeddings, forced logits per image, GEN's constrained image; then its
     sessions are freed, so the two bundles never hold their decoders at once (full size: 15 + 2 GB)."""
-    out = {"vision": [pipe.task(task).vision.run({"pixel_values": preprocess(im)})["image_embeds"] for im in pils],
-           "logits": [], "tokens": []}
+    out: dict[str, Any] = {
+        "vision": [pipe.task(task).vision.run({"pixel_values": preprocess(im)})["image_embeds"] for im in pils],
+        "logits": [], "tokens": []}
     for i, im in enumerate(pils):
         logits, fed = forced_logits(pipe, task, im, PROMPTS[task][0], positions, forced and forced[i])
         out["logits"].append(logits)
@@ -131,6 +133,7 @@ def measure(fp_bundle: Bundle, q_bundle: Bundle, images: list[Path], positions: 
     compare the 1024 generated indices and the image (at full size on a CPU the two runs of 1024 steps take tens
     of minutes: `calibrate --quick-report` skips them, and the report says so)."""
     quant = q_bundle.manifest.precision.quantization
+    assert quant is not None, f"{q_bundle.root}: not a quantized bundle"
     shape = structure.check(fp_bundle, q_bundle)
     fp, q = Pipeline(fp_bundle, OrtBackend("cpu")), Pipeline(q_bundle, OrtBackend("cpu"))
     pils = [load_image(p) for p in images]
@@ -176,6 +179,7 @@ def judge(tasks: dict[str, TaskFigures], tol: Tolerances) -> tuple[Verdict, ...]
         if tol.min_greedy is not None:
             checks.append((task, "greedy agreement", t.greedy_agreement >= tol.min_greedy))
         if t.gen_indices is not None:
+            assert t.gen_psnr is not None  # measured with the indices (_figures)
             checks.append((task, "gen image PSNR", t.gen_psnr >= tol.min_psnr))
             if tol.min_gen_indices is not None:
                 checks.append((task, "gen indices", t.gen_indices >= tol.min_gen_indices))

@@ -23,6 +23,9 @@ class ManifestError(UserError):
 class Record:
     """A frozen dataclass read from and written to JSON by its field types; `problems()` adds range checks."""
 
+    if typing.TYPE_CHECKING:  # every subclass is a dataclass: this makes it a `DataclassInstance` to the checker
+        __dataclass_fields__: typing.ClassVar[dict[str, dataclasses.Field[Any]]]
+
     @classmethod
     def from_json(cls, data: Any, where: str = "manifest"):
         if not isinstance(data, dict):

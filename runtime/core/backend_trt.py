@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ class TrtGraph:
         self.profile = 0  # a new context starts on profile 0
         self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
                        for n in spec.input_names + spec.output_names}
-        self.staging: dict[str, object] = {}  # name -> DeviceArray: host feeds copied in, outputs written by TensorRT
+        self.staging: dict[str, Any] = {}  # name -> DeviceArray: host feeds copied in, outputs written by TensorRT
         self.on_device = {present for _, present in spec.kv_pairs}  # new KV rows stay on the GPU for `write`
 
     def _staging(self, name: str, nbytes: int):
@@ -124,15 +125,16 @@ class TrtGraph:
                 cudart.memcpy(ptr, x.ctypes.data, x.nbytes, ctypes.c_int(H2D), stream.ptr)
             if not self.context.set_input_shape(name, shapes[name]) or not self.context.set_tensor_address(name, ptr):
                 raise RuntimeError(f"{self.graph_id}: TensorRT refused {name} with shape {shapes[name]}")
-        out = {}
+        tensors: dict[str, DeviceTensor] = {}
         for name in self.spec.output_names:  # output shapes follow from the input shapes just set
             shape, dtype = tuple(self.context.get_tensor_shape(name)), self.dtypes[name]
             buf = self._staging(name, int(np.prod(shape)) * dtype.itemsize)
             self.context.set_tensor_address(name, buf.ptr)
-            out[name] = DeviceTensor(buf.ptr, shape, dtype, owner=buf)
+            tensors[name] = DeviceTensor(buf.ptr, shape, dtype, owner=buf)
         if not self.context.execute_async_v3(stream.ptr):
             raise RuntimeError(f"{self.graph_id}: execute_async_v3 failed (see the TensorRT log above)")
-        for name, t in out.items():
+        out: dict[str, DeviceTensor | np.ndarray] = dict(tensors)
+        for name, t in tensors.items():
             if name not in self.on_device:
                 host = np.empty(t.shape, t.dtype)
                 cudart.memcpy(host.ctypes.data, t.ptr, t.nbytes, ctypes.c_int(D2H), stream.ptr)
@@ -187,9 +189,9 @@ class TrtBackend:
     def buffer(self, shape: tuple[int, ...], dtype: str) -> DeviceTensor:
         from polygraphy import cuda
 
-        dtype = np.dtype(dtype)
-        owner = cuda.DeviceArray.raw((int(np.prod(shape)) * dtype.itemsize,))
-        t = DeviceTensor(owner.ptr, shape, dtype, owner)
+        item = np.dtype(dtype)
+        owner = cuda.DeviceArray.raw((int(np.prod(shape)) * item.itemsize,))
+        t = DeviceTensor(owner.ptr, shape, item, owner)
         # Zeroed: rows past the cache length are masked, but a masked 0 * NaN from stale garbage would still be NaN.
         _check(_cudart().handle.cudaMemsetAsync(ctypes.c_void_p(t.ptr), ctypes.c_int(0), ctypes.c_size_t(t.nbytes),
                                                 ctypes.c_void_p(self.stream.ptr)), "cudaMemsetAsync")

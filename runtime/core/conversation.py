@@ -130,18 +130,19 @@ class Conversation:
             tokens.append(token)
             if on_token:
                 on_token(token)
-            if stream:
+            if stream is not None and on_text is not None:  # one is made for the other
                 on_text(stream.push(token), token)
 
         graphs = self.pipe.task(self.task.name)
         with self.pipe.serial:
             embeds = self._new_rows(graphs, ids)
+            assert self.cache is not None  # _new_rows made it
             budget = min(max_new_tokens or self.task.max_new_tokens, self.cache.capacity - len(ids))
             try:
                 generate(graphs.decoder, graphs.embed, self.cache, embeds, budget, sampler, self.pipe.stop_ids, step)
             finally:  # what the cache holds now, a cancelled turn's tokens included (the next turn drops them)
                 self._cached = (ids + tokens)[:self.cache.length]
-        if stream and (tail := stream.flush()):
+        if stream is not None and on_text is not None and (tail := stream.flush()):
             on_text(tail, None)
         turn = Turn(question, self.pipe.tokenizer.decode(tokens, skip_special_tokens=True), tuple(tokens))
         self.turns.append(turn)
@@ -168,6 +169,7 @@ class Conversation:
     def _image_prefix(self, graphs, ids: list[int]) -> None:
         """Fill the cache with the prompt up to the end of the image rows: from the prefix cache, or by
         running the vision graph and prefilling them (then kept there for the next conversation on this image)."""
+        assert self.cache is not None and self.image is not None and self._key is not None  # see _new_rows
         at = ids.index(IMAGE_TOKEN_INDEX)
         end = at + ids.count(IMAGE_TOKEN_INDEX)
         prefix = self.pipe.prefixes.get(self._key)

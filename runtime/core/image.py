@@ -198,12 +198,19 @@ def _install_hint(decoder) -> str:
     cmds = []
     for line in decoder.missing_dependencies:
         needs = line.split("requires", 1)[-1].split(" and ")
-        names = [re.match(r"\s*([A-Za-z0-9_.\-]+)", n).group(1) for n in needs if n.strip()]
+        names = [_package_name(n) for n in needs if n.strip()]
         names = [_PIP_NAMES.get(n, n) for n in names if n != "numpy"]
         if names:
             cmds.append("`pip install " + " ".join(names) + "`")
     return ("to decode it, install one of: " + " or ".join(cmds)) if cmds else \
         "convert it to an uncompressed transfer syntax first (e.g. `gdcmconv --raw` or `dcmdjpeg`)"
+
+
+def _package_name(requirement: str) -> str:
+    """'gdcm>=3.0.10' -> 'gdcm'."""
+    match = re.match(r"\s*([A-Za-z0-9_.\-]+)", requirement)
+    assert match is not None, requirement  # pydicom names a package before each version bound
+    return match.group(1)
 
 
 def _first(value) -> float:
@@ -304,12 +311,12 @@ class DicomFile:
         values = np.asarray(apply_modality_lut(arr, rescale) if rescale is not None else arr, dtype=np.float64)
         _check_finite(name, values)
         voi = ds if "WindowCenter" in ds else _functional_group(ds, index, "FrameVOILUTSequence")
-        center = width = None
+        window = None  # (center, width)
         if voi is not None and voi.get("WindowCenter") is not None and voi.get("WindowWidth") is not None:
-            center, width = _first(voi.WindowCenter), _first(voi.WindowWidth)
-        if width is None or not (width > 0 and np.isfinite(width) and np.isfinite(center)):  # none usable in the file
-            center, width = _full_range(name, values)
-        return Frame(name, values, (center, width), photometric, photometric == "MONOCHROME1")
+            window = _first(voi.WindowCenter), _first(voi.WindowWidth)
+        if window is None or not (window[1] > 0 and np.isfinite(window[1]) and np.isfinite(window[0])):
+            window = _full_range(name, values)  # none usable in the file
+        return Frame(name, values, window, photometric, photometric == "MONOCHROME1")
 
 
 def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:

@@ -57,7 +57,8 @@ class Pipeline:
         self._tasks: dict[str, TaskGraphs] = {}
         self._shared: dict[str, Graph] = {}
         self._loading = threading.Lock()
-        self.serial = contextlib.nullcontext() if getattr(backend, "concurrent", False) else threading.Lock()
+        self.serial: contextlib.AbstractContextManager = (
+            contextlib.nullcontext() if getattr(backend, "concurrent", False) else threading.Lock())
         self.prefixes = PrefixCache(prefix_cache_mb)  # ~0.45 GB per image at full size (M3, fp32 KV)
 
     def task(self, name: str) -> TaskGraphs:

@@ -92,10 +92,10 @@ def split_image_tokens(prompt: str | Sequence[Part], encode: Callable[[list[Part
         pieces = [text] if user else text.split(IMAGE_TOKEN)
         chunks[-1].append((pieces[0], user))
         chunks += [[(piece, user)] for piece in pieces[1:]]
-    chunks = [list(encode(chunk)) for chunk in chunks]
-    offset = 1 if chunks and chunks[0] and bos_id is not None and chunks[0][0] == bos_id else 0
-    ids = chunks[0][:1] if offset else []
-    for i, chunk in enumerate(chunks):
+    encoded = [list(encode(chunk)) for chunk in chunks]
+    offset = 1 if encoded and encoded[0] and bos_id is not None and encoded[0][0] == bos_id else 0
+    ids = encoded[0][:1] if offset else []
+    for i, chunk in enumerate(encoded):
         if i:
             ids.append(IMAGE_TOKEN_INDEX)
         ids.extend(chunk[offset:])

@@ -49,7 +49,7 @@ class Tokenizer:
         self._alone_ids = frozenset(t["id"] for t in added if not t["special"] or t["content"] in healthgpt)
         self._underline_id = backend.token_to_id(UNDERLINE) if _metaspace_first(spec.get("pre_tokenizer")) else None
         self._added = {t["content"]: (t["id"], t["lstrip"], t["rstrip"]) for t in added}
-        self._pattern = None  # built on first need (~0.1 s for HealthGPT's 8195 tokens)
+        self._pattern: re.Pattern | None = None  # built on first need (~0.1 s for HealthGPT's 8195 tokens)
         self._plain = _plain_backend(spec)
         if self.add_bos and bos_id is None:
             raise UserError("the tokenizer manifest asks for a BOS token but gives no bos_id")
@@ -86,7 +86,10 @@ class Tokenizer:
         ids = encode_parts([(text, False)] if isinstance(text, str) else text, self._pattern, self._added,
                            lambda piece: self._plain.encode(piece, add_special_tokens=False).ids,
                            self._underline_id, self.special_ids)
-        return [self.bos_id, *ids] if self.add_bos else ids
+        if self.add_bos:
+            assert self.bos_id is not None  # __init__ refuses add_bos without one
+            return [self.bos_id, *ids]
+        return ids
 
     def prompt_ids(self, prompt: str | Sequence[Part]) -> list[int]:
         """LLaVA's tokenizer_image_token: chunks around `<image>` encoded separately, joined by one -200 slot."""

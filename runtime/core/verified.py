@@ -104,7 +104,9 @@ class Record:
     """The record, read once per bundle check and written once at its end (`save`), not once per file."""
 
     def __init__(self):
-        self.data, self.new, self.writable = {}, [], False
+        self.data: dict[str, list] = {}  # resolved path -> [*stamp, context, sha256]
+        self.new: list[str] = []
+        self.writable = False
         if enabled():
             self.data, self.writable = _read(record_path())
 

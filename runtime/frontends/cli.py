@@ -27,6 +27,7 @@ from runtime.core.prompt import check_question
 from runtime.core.providers import quiet_ort
 from runtime.core.verdict import OVERRIDE
 from runtime.frontends.args import EXIT_USER_ERROR, Parser, non_negative_int, number, positive_int
+from runtime.frontends.turns import chat, info, say
 
 PROG = "python -m runtime"
 EXIT_INTERRUPTED = 130
@@ -187,10 +188,6 @@ def _add_app(sub) -> None:
 
 ##### helpers #####
 
-def _info(message: str) -> None:
-    print(f"[I] {message}", file=sys.stderr, flush=True)
-
-
 def _load_input(a):
     from runtime.core.image import check_image_options, load_image
 
@@ -243,8 +240,8 @@ def _open(a, task, text: str):
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     where = pipe.providers().get(f"{task.name}.decoder", ["?"])[0]
-    _info(f"bundle {a.bundle} ({pipe.bundle.manifest.variant}, {task.name}) loaded in "
-          f"{time.perf_counter() - start:.2f} s on {where}")
+    info(f"bundle {a.bundle} ({pipe.bundle.manifest.variant}, {task.name}) loaded in "
+         f"{time.perf_counter() - start:.2f} s on {where}")
     return pipe
 
 
@@ -260,64 +257,17 @@ def _conversation(a, text: str):
     return _open(a, COM, text).conversation(image)
 
 
-def _say(conversation, question: str, a, sampler) -> None:
-    """One turn, streamed to stdout; its timing to stderr."""
-    out = sys.stdout  # the real one: quiet_ort swaps sys.stdout to swallow ONNX Runtime's fallback messages
-    stamps: list[float] = []
-
-    def on_text(text: str, token: int | None) -> None:
-        if token is not None:
-            stamps.append(time.perf_counter())
-        if text:
-            out.write(text)
-            out.flush()
-
-    start = time.perf_counter()
-    try:
-        with quiet_ort(a.verbose):
-            conversation.ask(question, a.max_new_tokens, sampler, on_text=on_text)
-    except KeyboardInterrupt:
-        out.write("\n")  # the answer so far stays on its own line
-        raise
-    end = time.perf_counter()
-    out.write("\n")
-    out.flush()
-    if not stamps:
-        _info(f"no tokens: the model stopped at once ({end - start:.3f} s)")
-    else:
-        n = len(stamps)
-        rate = f"{(n - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s" if n > 1 else "1 token"
-        _info(f"time to first token {stamps[0] - start:.3f} s, {rate} after it ({n} tokens in {end - start:.2f} s)")
-
-
 def cmd_ask(a) -> int:
     check_question(a.question)
     sampler = _sampler(a)
-    _say(_conversation(a, a.question), a.question, a, sampler)
+    say(_conversation(a, a.question), a.question, a, sampler)
     return 0
 
 
 def cmd_chat(a) -> int:
-    """Questions from standard input, one per line, each a turn of one conversation. At a terminal: a prompt, a
-    mistake or Ctrl-C during an answer ends only that turn; from a pipe, the first error ends the chat (exit 2)."""
+    """Questions from standard input, one per line, each a turn of one conversation (see turns.chat)."""
     sampler = _sampler(a)
-    conversation = _conversation(a, "")
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            return 0
-        question = line.strip()
-        if not question:
-            continue
-        try:
-            _say(conversation, question, a, sampler)
-        except (UserError, KeyboardInterrupt) as e:
-            if not interactive:
-                raise
-            print(f"error: {e}" if isinstance(e, UserError) else "[I] stopped", file=sys.stderr, flush=True)
+    return chat(_conversation(a, ""), a, sampler)
 
 
 def cmd_generate(a) -> int:
@@ -362,8 +312,8 @@ def cmd_generate(a) -> int:
     end = time.perf_counter()
     save_png(pixels, a.out)
     print(f"[I] {pixels.shape[1]}x{pixels.shape[0]} image written to {a.out}", flush=True)
-    _info(f"{end - start:.2f} s per image: {len(tokens)} tokens in {decoded - start:.2f} s "
-          f"({len(tokens) / max(decoded - start, 1e-9):.1f} tokens/s), VQGAN decode {end - decoded:.2f} s")
+    info(f"{end - start:.2f} s per image: {len(tokens)} tokens in {decoded - start:.2f} s "
+         f"({len(tokens) / max(decoded - start, 1e-9):.1f} tokens/s), VQGAN decode {end - decoded:.2f} s")
     return 0
 
 

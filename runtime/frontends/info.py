@@ -24,7 +24,8 @@ _LAYERED = re.compile(r"^(.*?)\.(\d+)\.(\w+)$")  # past_key_values.7.key, presen
 
 def _tensor_lines(spec: GraphSpec, tensors: tuple[TensorSpec, ...]) -> list[str]:
     """One line per tensor (spec.render), the per-layer KV tensors folded into one line per group."""
-    lines, groups = [], {}
+    lines: list[str] = []
+    groups: dict[tuple[str, str, str], tuple[int, set[int], set[str]]] = {}  # -> (line, layers, kinds)
     for t in tensors:
         m = _LAYERED.match(t.name)
         if m is None:
@@ -33,7 +34,7 @@ def _tensor_lines(spec: GraphSpec, tensors: tuple[TensorSpec, ...]) -> list[str]
         key = (m.group(1), t.dtype, spec.render(t.name))
         if key not in groups:
             groups[key] = (len(lines), set(), set())
-            lines.append(None)
+            lines.append("")  # filled in below
         groups[key][1].add(int(m.group(2)))
         groups[key][2].add(m.group(3))
     for (prefix, dtype, shape), (at, layers, kinds) in groups.items():

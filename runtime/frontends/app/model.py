@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -34,16 +34,22 @@ class Session(Protocol):
         """Free what the conversation holds between turns (its KV cache); it goes on from its turns."""
 
 
-class Model(Protocol):
+S = TypeVar("S", bound=Session)  # a model's own kind of conversation: what it makes, it is asked to go on with
+
+
+class Model(Protocol[S]):
     tasks: list[str]
-    max_context: int | None  # None: not known here (a server's bundle)
     manifest_sha256: str  # the bundle's digest, for the audit log
+
+    @property
+    def max_context(self) -> int | None:  # None: not known here (a server's bundle)
+        ...
 
     def describe(self) -> dict: ...
 
-    def conversation(self, image: Image.Image | None) -> Session: ...
+    def conversation(self, image: Image.Image | None) -> S: ...
 
-    def ask(self, conversation: Session, question: str, max_new_tokens: int,
+    def ask(self, conversation: S, question: str, max_new_tokens: int,
             on_text: Callable[[str, int | None], None], stop: threading.Event) -> Turn:
         """The conversation's next turn; on_text(new printable text, token id) once per token (and once more, id
         None, for text held back at the end). Cancelled when `stop` is set; the conversation then goes on."""

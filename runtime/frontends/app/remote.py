@@ -121,7 +121,8 @@ class RemoteModel:
         history = json.dumps([{"question": t.question, "answer": t.answer} for t in conversation.turns])
         body = {"task": COM.name, "prompt": question, "max_new_tokens": max_new_tokens, "history": history,
                 **self._image(conversation.image)}
-        text, ids = [], []
+        text: list[str] = []
+        ids: list[int] = []
         with self._post(f"/v2/models/{MODEL}/generate_stream", body) as response:
             for line in response:
                 if stop.is_set():

@@ -6,6 +6,7 @@ import hashlib
 import threading
 import uuid
 from collections import OrderedDict
+from typing import Any
 
 from PIL import Image
 
@@ -49,11 +50,10 @@ class Scan:
 
     def describe(self) -> dict:
         height, width = self.frame(0).pixels.shape[:2]
-        out = {"id": self.id, "name": self.name, "sha256": self.sha256, "frames": self.file.n_frames,
-               "size": f"{width} x {height}",
-               "dicom": isinstance(self.file, DicomFile), "monochrome": self.frame(0).window is not None,
-               "presets": {}, "tags": {}}
-        if out["dicom"]:
+        out: dict[str, Any] = {"id": self.id, "name": self.name, "sha256": self.sha256, "frames": self.file.n_frames,
+                               "size": f"{width} x {height}", "dicom": isinstance(self.file, DicomFile),
+                               "monochrome": self.frame(0).window is not None, "presets": {}, "tags": {}}
+        if isinstance(self.file, DicomFile):
             ds = self.file.ds
             modality = str(ds.get("Modality") or "") or None
             units = str(ds.get("RescaleType") or "") or ("HU" if modality == "CT" else "")

@@ -1,8 +1,7 @@
 """The app's HTTP side: the page, uploads, windowed renders, streamed requests (server-sent events), the audit log.
 
-Every model request runs in a worker thread; its events (tokens, progress, the end) reach the page through an
-asyncio queue as `data: {json}` lines. Stop sets the request's event, which the model checks at every token; a page
-that goes away stops its request the same way. Questions are turns of a conversation the app keeps per page (the
+Every model request runs in a worker thread as a job (jobs.py), its events streamed to the page; Stop, or a page
+that goes away, stops it at its next token. Questions are turns of a conversation the app keeps per page (the
 page sends its id back; another image, frame or window starts a new one); a stopped turn is left out of it.
 """
 
@@ -17,8 +16,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
-import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
@@ -31,15 +28,15 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import COM, GEN
-from runtime.core.conversation import Cancelled
 from runtime.core.prompt import check_question
 from runtime.frontends.app.audit import AuditLog
+from runtime.frontends.app.jobs import Emit, Job, Jobs, rates
 from runtime.frontends.app.model import Model, Session
 from runtime.frontends.app.scans import Scan, Scans
 from runtime.frontends.app.security import SecurityHeaders
@@ -59,25 +56,15 @@ def _error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _sse(event: dict) -> str:
-    return f"data: {json.dumps(event)}\n\n"  # ASCII: an unpaired surrogate cannot break the stream
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-class _Job:
-    def __init__(self):
-        self.id = uuid.uuid4().hex
-        self.stop = threading.Event()
 
 
 class App:
     def __init__(self, model: Model, audit: AuditLog):
         self.model, self.audit = model, audit
         self.scans = Scans()
-        self.jobs: dict[str, _Job] = {}
+        self.jobs = Jobs(self._write_audit)
         self.outputs: OrderedDict[str, bytes] = OrderedDict()
         self._outputs_lock = threading.Lock()
         self.conversations: OrderedDict[str, tuple[tuple, Session]] = OrderedDict()
@@ -191,10 +178,8 @@ class App:
 
     async def stop(self, request: Request) -> Response:
         self._guard(request)
-        job = self.jobs.get(request.path_params["job"])
-        if job is not None:
-            job.stop.set()
-        return Response(status_code=204)  # already finished: nothing to stop
+        self.jobs.stop(request.path_params["job"])
+        return Response(status_code=204)
 
     async def ask(self, request: Request) -> Response:
         return await self._audited(COM.name, request, self._ask)
@@ -218,7 +203,7 @@ class App:
                                   prompt if isinstance(prompt, str) else None, status="refused", error=str(e))
             self._write_audit(record)
             raise
-        return self._stream(record, work, *start)
+        return self.jobs.stream(record, work, *start)
 
     def _write_audit(self, record: dict) -> str | None:
         """Write one audit line; the reason when it could not be (also printed to the server log)."""
@@ -244,20 +229,20 @@ class App:
         record = self._record(COM.name, scan, frame, window, question, **turn)
         texts: list[str] = []
 
-        def work(job: _Job, emit, started: float) -> dict:
+        def work(job: Job, emit: Emit, started: float) -> dict:
             stamps: list[float] = []
 
             def on_text(piece: str, token: int | None) -> None:
                 if token is not None:
                     stamps.append(time.perf_counter())
                 texts.append(piece)
-                emit({"type": "text", "text": piece, "tokens": len(stamps), **_rates(started, stamps)})
+                emit({"type": "text", "text": piece, "tokens": len(stamps), **rates(started, stamps)})
 
             try:
                 self.model.ask(conversation, question, max_new, on_text, job.stop)
             finally:
                 record.update(answer="".join(texts), tokens=len(stamps))
-            return {"tokens": len(stamps), **_rates(started, stamps)}
+            return {"tokens": len(stamps), **rates(started, stamps)}
 
         return record, work, turn
 
@@ -274,7 +259,7 @@ class App:
         constrain = bool(data.get("constrain", True))
         record = self._record(GEN.name, scan, frame, window, instruction, constrain_image_tokens=constrain)
 
-        def work(job: _Job, emit, started: float) -> dict:
+        def work(job: Job, emit: Emit, started: float) -> dict:
             def on_progress(done: int, other: int, need: int) -> None:
                 emit({"type": "progress", "done": done, "other": other, "need": need})
 
@@ -291,72 +276,15 @@ class App:
 
         return record, work
 
-    # ---- streaming and the audit record ----
+    # ---- the audit record ----
 
-    def _record(self, task: str, scan: Scan | None, frame, window, prompt: str, **extra) -> dict:
+    def _record(self, task: str, scan: Scan | None, frame, window, prompt: str | None, **extra) -> dict:
         return {"time": _now(), "task": task, "input_sha256": scan.sha256 if scan else None,
                 "frame": frame, "window": list(window) if window else None, "prompt": prompt, **extra,
                 "bundle_manifest_sha256": self.model.manifest_sha256}
 
-    def _stream(self, record: dict, work, start: dict | None = None) -> StreamingResponse:
-        """Run work(job, emit, started) in a thread and stream its events (`start` in the first); one audit line per
-        request."""
-        job = _Job()
-        self.jobs[job.id] = job
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(event: dict | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        def run() -> None:
-            started = time.perf_counter()
-            try:
-                end = {"type": "done", **work(job, emit, started)}
-                record["status"] = "done"
-            except Cancelled:
-                end = {"type": "stopped"}
-                record["status"] = "stopped"
-            except UserError as e:
-                end = {"type": "error", "error": str(e)}
-                record.update(status="error", error=str(e))
-            except Exception:  # a bug, not the user's doing: full detail in the server log, one line on the page
-                traceback.print_exc(file=sys.stderr)
-                end = {"type": "error", "error": "internal error: the server log has the details"}
-                record.update(status="error", error="internal error")
-            record["duration_s"] = round(time.perf_counter() - started, 4)
-            if failed := self._write_audit(record):
-                end = {"type": "error", "error": f"the audit log could not be written ({failed}); this request is "
-                                                 "not recorded, tell your administrator"}
-            emit({**end, "duration": record["duration_s"]})
-            emit(None)
-
-        async def events():
-            try:
-                yield _sse({"type": "start", "job": job.id, **(start or {})})
-                loop.run_in_executor(None, run)
-                while (event := await queue.get()) is not None:
-                    yield _sse(event)
-            finally:  # finished, or the page went away: either way nothing more to decode
-                job.stop.set()
-                self.jobs.pop(job.id, None)
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-
     def stop_all(self) -> None:
-        for job in list(self.jobs.values()):
-            job.stop.set()
-
-
-def _rates(started: float, stamps: list[float]) -> dict:
-    """Time to first token (from the request) and tokens/s after it, as `python -m runtime ask` reports them."""
-    if not stamps:
-        return {}
-    out = {"ttft": round(stamps[0] - started, 4)}
-    if len(stamps) > 1:
-        out["rate"] = round((len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9), 2)
-    return out
+        self.jobs.stop_all()
 
 
 async def _user_error(request: Request, exc: UserError) -> Response:
@@ -378,7 +306,9 @@ def create_app(model: Model, audit: AuditLog, allowed_hosts: list[str]) -> Starl
               Route("/api/jobs/{job}/stop", app.stop, methods=["POST"]),
               Route("/api/outputs/{sha}.png", app.output),
               Mount("/static", StaticFiles(directory=STATIC))]
-    starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers={UserError: _user_error},
+    # Starlette types a handler as taking any Exception; one for a subclass is what its docs show.
+    starlette = Starlette(routes=routes, lifespan=lifespan,
+                          exception_handlers={UserError: _user_error},  # type: ignore[dict-item]
                           middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts),
                                       Middleware(SecurityHeaders)])
     starlette.state.app = app
@@ -405,9 +335,13 @@ def serve(bundle: Path | None, server_url: str | None, host: str, port: int, aud
 
     audit = AuditLog(audit_path)
     sock = bind(host, port)
+    model: Model
     with quiet():
-        model = RemoteModel(server_url) if server_url else LocalModel.open(bundle, backend, providers,
-                                                                                         allow_failed)
+        if server_url:
+            model = RemoteModel(server_url)
+        else:
+            assert bundle is not None  # the CLI takes --bundle or --server
+            model = LocalModel.open(bundle, backend, providers, allow_failed)
     port = sock.getsockname()[1]
     local = host in ("127.0.0.1", "localhost", "::1")
     allowed = ["127.0.0.1", "localhost", "[::1]", host] if local else ["*"]

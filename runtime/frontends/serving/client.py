@@ -111,7 +111,8 @@ class Client:
             cancel: Callable[[], bool] | None = None) -> tuple[str, list[int]]:
         """The answer and its token ids; on_text(text, id) per response, as the session's (runtime/core/
         conversation.py); Cancelled when `cancel()` turns true (leaving the stream cancels the request)."""
-        parts, ids = [], []
+        parts: list[str] = []
+        ids: list[int] = []
         for out in self.stream(request):
             if cancel is not None and cancel():
                 raise Cancelled(len(ids))
@@ -138,7 +139,7 @@ class Client:
         for name, value in values.items():
             if value is None:
                 continue
-            array = np.array(value if name == "window" else [value], dtype=_DTYPES[name][1])
+            array: np.ndarray = np.array(value if name == "window" else [value], dtype=_DTYPES[name][1])
             tensor = self._grpc.InferInput(name, list(array.shape), _DTYPES[name][0])
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)

@@ -96,7 +96,12 @@ def cmd_serve(a) -> int:
     temporary = Path(tempfile.mkdtemp(prefix="healthgpt-triton-")) if a.repo is None and a.out is None else None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds through the finally blocks below
     try:
-        repo = a.repo or repository.write(a.bundle, a.out or temporary, _options(a))
+        if a.repo is not None:
+            repo = a.repo
+        else:
+            out = a.out or temporary
+            assert out is not None  # with neither --repo nor --out, temporary is made
+            repo = repository.write(a.bundle, out, _options(a))
         _serve(a, env, repo)
     except (KeyboardInterrupt, SystemExit):  # a clean stop: the temporary repository (and its log) goes
         if temporary is not None:
@@ -115,6 +120,7 @@ def _serve(a, env, repo: Path) -> None:
 
     server = Server(env, repo, Ports(a.http_port, a.grpc_port, a.metrics_port), a.log)
     server.start()
+    assert server.process is not None  # start() made it
     info = lambda m: print(f"[I] {m}", file=sys.stderr, flush=True)  # noqa: E731
     info(f"tritonserver pid {server.process.pid}, repository {repo}, log {server.log}")
     try:

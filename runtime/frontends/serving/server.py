@@ -70,6 +70,7 @@ class Server:
 
     def wait_ready(self, timeout: float = 600) -> None:
         """Until the model is ready; UserError with Triton's reason when it failed to load or the server died."""
+        assert self.process is not None, "start() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -128,6 +129,7 @@ class Server:
 
     def group_alive(self) -> bool:
         """Whether any process of the server's group (the server, its stubs) is still running."""
+        assert self.process is not None, "start() first"
         try:
             os.killpg(self.process.pid, 0)
             return True
