@@ -7,7 +7,7 @@ DynamicCache), never our export wrappers, so a mistake in a wrapper cannot hide 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,31 +20,17 @@ from transformers import DynamicCache
 from export.reference.model import HealthGPT
 from runtime.contract.graphspec import GraphSpec, Tolerance
 from runtime.contract.healthgpt import IMAGE_TOKENS, TASKS, VQ_CODES, graph_id
+from runtime.contract.reports import GraphCheck
 from runtime.core.clip_input import preprocess
 from runtime.core.generate import decode_one_token, forward
 from runtime.core.pipeline import Pipeline
 
 
-@dataclass
-class Check:
-    graph: str
-    what: str
-    max_abs: float
-    max_rel: float
-    cosine: float
-    max_abs_limit: float
-    min_cosine: float
-    ok: bool
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def measure(graph: str, what: str, got, want, tolerance) -> Check:
+def measure(graph: str, what: str, got, want, tolerance) -> GraphCheck:
     """Polygraphy's Comparator (elementwise max abs/rel error against the tolerance) plus cosine similarity."""
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     if got.shape != want.shape:
-        return Check(graph, f"{what}: shape {got.shape} != {want.shape}", np.inf, np.inf, -1.0,
+        return GraphCheck(graph, f"{what}: shape {got.shape} != {want.shape}", np.inf, np.inf, -1.0,
                      tolerance.max_abs, tolerance.min_cosine, False)
     G_LOGGER.module_severity = G_LOGGER.CRITICAL
     runs = RunResults([(name, [IterationResult({what: x}, runner_name=name)])
@@ -55,7 +41,7 @@ def measure(graph: str, what: str, got, want, tolerance) -> Check:
     a, b = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
     denom = np.linalg.norm(a) * np.linalg.norm(b)
     cosine = float(a @ b / denom) if denom else float(np.array_equal(a, b))
-    return Check(graph, what, float(out.max_absdiff), float(out.max_reldiff), cosine, tolerance.max_abs,
+    return GraphCheck(graph, what, float(out.max_absdiff), float(out.max_reldiff), cosine, tolerance.max_abs,
                  tolerance.min_cosine, bool(result) and cosine >= tolerance.min_cosine)
 
 
@@ -101,7 +87,7 @@ def expect_graphs(ref: HealthGPT, vocab: int, image, steps: int = 8, seed: int =
 
 
 def graph_parity(want: GraphExpectations, pipe: Pipeline,
-                 tolerance: Callable[[GraphSpec], Tolerance] = lambda spec: spec.tolerance) -> list[Check]:
+                 tolerance: Callable[[GraphSpec], Tolerance] = lambda spec: spec.tolerance) -> list[GraphCheck]:
     """Each graph of the task on the sessions `pipe` holds (the same ones the end-to-end checks use), fed the
     inputs the reference was fed."""
     task, checks = want.task, []

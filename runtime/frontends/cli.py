@@ -130,7 +130,6 @@ def _add_ask(sub, parents: list[argparse.ArgumentParser]) -> None:
     a.set_defaults(run=cmd_ask)
 
 
-
 def _add_chat(sub, parents: list[argparse.ArgumentParser]) -> None:
     c = sub.add_parser("chat", parents=parents, help="a conversation about an image: follow-up questions",
                        description="Ask about an image, then follow up: each line of standard input is a question, "
