@@ -16,6 +16,16 @@ def private_verified_record(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def interruptible_children():
+    """The tests that press Ctrl-C on a CLI (SIGINT) need it to reach Python's handler there. A suite started in the
+    background by a non-interactive shell inherits SIGINT *ignored*, which exec passes on and Python then respects;
+    a caught signal is reset to the default by exec instead, so catching it here gives every child the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """The tiny reference models are overhead-bound: a second torch thread only waits (10x slower on a busy host)."""
     import torch
