@@ -178,8 +178,9 @@ class Conversation:
             text = graphs.embed.run({"input_ids": np.array([ids[:at]], dtype=np.int64)})["inputs_embeds"]
             image = graphs.vision.run({"pixel_values": preprocess(self.image)})["image_embeds"]
             forward(graphs.decoder, self.cache, np.concatenate([text, image.astype(text.dtype)], axis=1))
-            prefix = Prefix(tuple(ids[:end]), self.cache.copy_rows(end))
-            self.pipe.prefixes.put(self._key, prefix)
+            if self.pipe.prefixes.keeps(self.cache.row_bytes(end)):  # no copy when the cache cannot keep it
+                self.pipe.prefixes.put(self._key, Prefix(tuple(ids[:end]), self.cache.copy_rows(end)))
+            self._cached = ids[:end]
         else:
             self.cache.load_rows(prefix.rows)
-        self._cached = list(prefix.ids)
+            self._cached = list(prefix.ids)

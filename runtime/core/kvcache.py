@@ -75,6 +75,10 @@ class KVCache:
             raise ValueError(f"cannot truncate a cache of {self.length} rows to {length}")
         self.length = length
 
+    def row_bytes(self, length: int) -> int:
+        """What `copy_rows(length)` would hold, without copying."""
+        return sum(length * int(np.prod(b.shape[1:])) * np.dtype(b.dtype).itemsize for b in self.buffers.values())
+
     def copy_rows(self, length: int) -> dict[str, np.ndarray]:
         """A host copy of every buffer's first `length` rows (the image prefix kept for later conversations); on a
         GPU backend only those rows cross to the host."""

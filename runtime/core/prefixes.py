@@ -57,10 +57,14 @@ class PrefixCache:
                 self._entries.move_to_end(key)
             return prefix
 
+    def keeps(self, nbytes: int) -> bool:
+        """Whether an entry of `nbytes` would be kept (so that one is not copied out of a cache for nothing)."""
+        return nbytes <= self.max_bytes
+
     def put(self, key: tuple[str, str, str], prefix: Prefix) -> None:
         """Keep `prefix`, dropping the least recently used entries until all fit (one larger than the bound is
         not kept)."""
-        if prefix.nbytes > self.max_bytes:
+        if not self.keeps(prefix.nbytes):
             return
         with self._lock:
             self._entries[key] = prefix
