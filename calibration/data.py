@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from runtime.contract.errors import UserError
+from runtime.contract.files import file_kind
 from runtime.core.bundle import file_digest
 from runtime.core.clip_input import preprocess
-from runtime.core.image import file_kind, load_image
+from runtime.core.image import load_image
 
 # pydicom's own test files (always installed with the runtime): MR in four transfer syntaxes' worth of files,
 # ultrasound (RGB, YBR JPEG, palette), CT and NM in JPEG 2000. Held out for the accuracy report: HELD_OUT.

@@ -7,8 +7,10 @@ file or the new one, never half of one, and no temp file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import stat
 import uuid
 from pathlib import Path
 
@@ -23,6 +25,34 @@ def file_digest(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for an error message."""
+    return ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+
+
+class NotRegularFile(OSError):
+    """A FIFO, device, directory or socket where a regular file was expected."""
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of `path`, only if it is a regular file: a FIFO would block and a device never end. The check is on
+    the opened descriptor (opened non-blocking, so even a FIFO opens at once), not on the name, so nothing can be
+    swapped in between. At most `limit` bytes (ValueError past it). Raises OSError as the system gives it
+    (FileNotFoundError included), NotRegularFile for anything but a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(errno.EINVAL, f"is {file_kind(mode)}")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data
 
 
 def check_file(path: Path, sha256: str, nbytes: int) -> None:

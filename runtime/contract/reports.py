@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runtime.contract.errors import UserError
+from runtime.contract.files import NotRegularFile, read_regular
 from runtime.contract.quantization import REPORT_FILES, Tolerances
 from runtime.contract.records import ManifestError, Record
 
@@ -32,14 +33,10 @@ def files_digest(files: dict, leave_out: tuple[str, ...] = REPORT_FILES) -> str:
 
 
 def _read(path: Path, cls, what: str):
-    if path.exists() and not path.is_file():  # a FIFO would block the open; /dev/zero never end
-        raise ManifestError(f"{path} is not a regular file")
     try:
-        with open(path, "rb") as f:  # at most READ_LIMIT read, then refused
-            raw = f.read(READ_LIMIT + 1)
-        if len(raw) > READ_LIMIT:
-            raise ValueError(f"larger than {READ_LIMIT} bytes")
-        return cls.from_json(json.loads(raw), what)
+        return cls.from_json(json.loads(read_regular(path, READ_LIMIT)), what)  # a FIFO or /dev/zero: refused
+    except NotRegularFile:
+        raise ManifestError(f"{path} is not a regular file") from None
     except (OSError, ValueError, RecursionError) as e:
         raise ManifestError(f"{path} is not a readable {what}: {e}") from None
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
-import stat
 import struct
 import zlib
 from collections.abc import Sequence
@@ -21,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from runtime.contract.errors import UserError
+from runtime.contract.files import NotRegularFile, read_regular
 
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -72,31 +71,16 @@ def open_image(source, name: str | None = None) -> DicomFile | PillowFile:
 
 
 def _read_regular(path: Path) -> bytes:
-    """The bytes of `path`, only if it is a regular file: a FIFO or device would block or never end. The check is on
-    the opened descriptor (opened non-blocking, so even a FIFO opens at once), not on the name, so nothing can be
-    swapped in between."""
+    """The bytes of an image file; a FIFO, device or folder is refused at once (runtime.contract.files)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        return read_regular(path)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
+    except NotRegularFile as e:
+        raise UserError(f"{path}: {e.strerror}: only regular image files are read; give the image file itself") \
+            from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise UserError(f"{path}: is {file_kind(mode)}: only regular image files are read; give the image file itself")
-    with os.fdopen(fd, "rb") as f:
-        try:
-            return f.read()
-        except OSError as e:
-            raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-
-
-def file_kind(mode: int) -> str:
-    """What a file that is not a regular one is, for an error message."""
-    return ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "not a regular file")
 
 
 @dataclass(frozen=True)
