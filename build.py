@@ -16,6 +16,7 @@ from pathlib import Path
 from engines.build import add_engines_command
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import TASKS
+from runtime.contract.quantization import INT4_BLOCKS
 from runtime.frontends.args import Parser, non_negative_int, positive_int
 
 
@@ -194,7 +195,9 @@ def add_calibrate(sub) -> None:
                    help="weight-only: int4 (blocks along K) or int8 (per channel), DequantizeLinear -> MatMul; "
                         "Q/DQ for TensorRT strongly typed engines: w8a8 (int8 weights per channel, int8 activations "
                         "per tensor) or fp8 (E4M3)")
-    c.add_argument("--block-size", type=int, choices=[128, 64, 32], default=128, help="int4 block along K")
+    c.add_argument("--block-size", type=int, choices=INT4_BLOCKS, default=INT4_BLOCKS[0],
+                   help=f"int4 block along K (default {INT4_BLOCKS[0]}; TensorRT takes 64 and 128, 32 makes an ONNX "
+                        f"Runtime-only bundle)")
     c.add_argument("--algorithm", choices=["awq", "rtn", "minmax", "percentile", "entropy"],
                    help="int4: awq (activation-aware clipping, default) or rtn (round to nearest); int8: rtn; "
                         "w8a8, fp8: the activation ranges' calibration, minmax (default), percentile or entropy")

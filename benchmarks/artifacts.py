@@ -27,6 +27,8 @@ import time
 import warnings
 from pathlib import Path
 
+from runtime.contract.quantization import INT4_BLOCKS
+
 MAX_CONTEXT = 2048  # the bundle default (build.py export --max-context)
 VARIANTS = ("base", "com-gemm1", "com-allpos", "com-dynamo")
 # name -> calibrate() options (fp8 has no CPU kernels: it runs as written, emulated, so it is not timed here)
@@ -214,7 +216,7 @@ def quantized(model: Model, names) -> dict[str, Path | str]:
     out = {}
     for name in names:
         # int4 in TensorRT's blocks of 128 along K; the tiny widths (64) need 32
-        options = {**QUANTIZED[name], "block_size": 32 if model.size == "tiny" else 128}
+        options = {**QUANTIZED[name], "block_size": 32 if model.size == "tiny" else INT4_BLOCKS[0]}
         options.setdefault("lm_head", LM_HEAD[options["scheme"]])  # in the stamp: a new default remakes the bundle
         stamp = f"{file_digest(src / MANIFEST)} {sorted(options.items())}"
         d, source = cache_root(model) / f"q-{name}", cache_root(model) / f"q-{name}.source"

@@ -32,7 +32,7 @@ from export.parity.verify import peak_rss_gib
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import TASKS
 from runtime.contract.manifest import CalibrationFile, Manifest, Quantization, ReportRef
-from runtime.contract.quantization import ALGORITHMS, GRAPHS
+from runtime.contract.quantization import ALGORITHMS, GRAPHS, TENSORRT_INT4_BLOCKS
 from runtime.contract.quantization import INT4_BLOCKS as BLOCK_SIZES
 from runtime.core.backend import OrtBackend
 from runtime.core.bundle import Bundle
@@ -165,7 +165,7 @@ def fp32_source(bundle_dir: str | Path) -> Bundle:
     return src
 
 
-def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", block_size: int = 128,
+def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", block_size: int = BLOCK_SIZES[0],
               images=None, samples: int | None = None, graphs: tuple[str, ...] = ("decoder",),
               algorithm: str | None = None, lm_head: bool | None = None,
               quick_report: bool = False) -> Manifest:
@@ -244,9 +244,10 @@ def _record(src: Bundle, plan: Plan, fused: dict, errors: dict, calib) -> Quanti
     return Quantization(
         scheme=plan.scheme, algorithm=plan.algorithm, block_size=plan.block_size,
         weights=qdq_format or plan.scheme, activations=qdq_format or "float32", graphs=plan.graphs,
-        lm_head="quantized" if plan.lm_head else "float32", form=QDQ if qdq_format else WEIGHT_ONLY, ort_only=False,
+        lm_head="quantized" if plan.lm_head else "float32", form=QDQ if qdq_format else WEIGHT_ONLY,
+        ort_only=plan.scheme == "int4" and plan.block_size not in TENSORRT_INT4_BLOCKS,
         accuracy_level=None if qdq_format else ACCURACY_LEVEL, quantized_matmuls=fused, source_bundle=str(src.root),
         calibration_set=tuple(CalibrationFile(**c) for c in data.describe(calib)),
         weight_rel_error={"mean": float(np.mean(list(errors.values()))), "max": float(max(errors.values()))},
-        tolerances=report.TOLERANCES[plan.scheme], session_config={
+        tolerances=report.tolerances(plan.scheme, src.manifest.config.layers), session_config={
             g: c for g, c in SESSION_CONFIG.get(plan.scheme, {}).items() if g in plan.graphs})

@@ -113,11 +113,16 @@ def weight_initializers(q: np.ndarray, scale: np.ndarray, scheme: str, name: str
 
 def rewrite(model: onnx.ModelProto, quantized: dict[str, tuple[list[onnx.TensorProto], int | None]],
             scheme: str) -> onnx.ModelProto:
-    """A copy of `model` at opset 21 where every MatMul whose weight is in `quantized` reads it through its own
+    """A copy of `model` at opset 21 or later where every MatMul whose weight is in `quantized` reads it through its own
     DequantizeLinear (one DQ per MatMul: a shared DQ is not fused). quantized: weight name -> (q and scale
     initializers, block size or None); the fp32 originals that no node reads any more are dropped."""
-    out = version_converter.convert_version(model, OPSET)
-    out.ir_version = IR_VERSION
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < OPSET:
+        out = version_converter.convert_version(model, OPSET)
+        out.ir_version = IR_VERSION
+    else:  # already there (e.g. a graph with contrib ops, which the converter cannot take)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     graph, _, axis = out.graph, *SCHEMES[scheme]
     added = set()
     nodes = []

@@ -9,6 +9,7 @@ GEN: the 1024 constrained image indices and the decoded image's PSNR. Both bundl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,9 @@ STRESS = ("Random synthetic weights make these figures a stress test of the quan
 # a broken int4 graph through). The random model's logits are nearly tied, so one flipped argmax sends free-running
 # decoding elsewhere for good: free-running greedy agreement and the GEN indices have no limit where the measured
 # outcomes reach 0 (None: reported, not judged; a floor of 0 could never fail), the teacher-forced statistics are
-# the test. int8's greedy floor of 1/32 (the first token agrees) held in every measurement. These limits are set at
-# 4 layers: the full 32-layer M3's int4 (RTN: top-1 0/32, KL 0.32-0.39, cosine 0.69-0.71) is outside them, and a
-# well-formed quantizer is told from a broken one by the structural check (calibration/structure.py), not by them.
+# the test. int8's greedy floor of 1/32 (the first token agrees) held in every measurement. These are the limits at
+# 4 layers (deeper: DEEP below); a well-formed quantizer is told from a broken one by the structural check
+# (calibration/structure.py), not by them.
 TOLERANCES = {
     # int8 measured: top-1 0.90-0.95, KL 8.3-9.9e-4, logit cos 0.99920-0.99923, logit max abs 0.24-0.26
     "int8": Tolerances(min_top1=0.77, max_mean_kl=4e-3, min_greedy=1 / 32, min_vision_cosine=0.9999,
@@ -70,6 +71,51 @@ TOLERANCES = {
                       vs_reference=ReferenceBounds(max_abs=1.0, min_cosine=0.985, token_agreement=None,
                                                    gen_indices=None, min_psnr=10.0)),
 }
+# Depth matters for the weight-only schemes: each layer adds its quantization error to the hidden state (the
+# per-layer table in benchmarks/README.md, "Quantizers on one model"). Their limits at 32 layers (the full M3) are
+# the 4-layer limits above times the growth, from 4 to 32 layers of the same model, that benchmarks/quant_yardstick.py
+# measured for that figure (2026-12-06; the worst over our int4 configurations RTN/AWQ x blocks 128/64/32, and for
+# int8): int4 mean KL x3.31, distance of the logit cosine from 1 x3.32, logit max abs x1.80, top-1 down to
+# 0.008-0.047 (so no floor); int8 KL x5.79, cosine distance x5.79, max abs x2.78, top-1 0.922 -> 0.727 (x0.79), and
+# free-running agreement no longer measured to hold. The full M3's int4 report measured 2026-12-06 (RTN, blocks of
+# 128: KL 0.32-0.39, logit cosine 0.69-0.71, top-1 0/32) lies within the int4 limits; the peers' int4 on the same 32
+# layers grows as much (GenAI x3.40, llama.cpp Q4_0 x2.96). A decoder between 4 and 32 layers gets each limit
+# interpolated linearly in its layer count (a None at 32 layers: the 4-layer floor falling to 0 there), beyond 32 the
+# 32-layer limits. The Q/DQ schemes were measured at 4 layers only and keep those limits at every depth.
+SHALLOW_LAYERS, DEEP_LAYERS = 4, 32
+DEEP = {
+    "int8": Tolerances(min_top1=0.61, max_mean_kl=0.023, min_greedy=None, min_vision_cosine=0.9999,
+                       min_gen_indices=None, min_psnr=10.0, min_logit_cosine=0.977,
+                       vs_reference=ReferenceBounds(max_abs=2.8, min_cosine=0.977, token_agreement=None,
+                                                    gen_indices=None, min_psnr=10.0)),
+    "int4": Tolerances(min_top1=None, max_mean_kl=0.86, min_greedy=None, min_vision_cosine=0.99,
+                       min_gen_indices=None, min_psnr=10.0, min_logit_cosine=0.30,
+                       vs_reference=ReferenceBounds(max_abs=9.9, min_cosine=0.30, token_agreement=None,
+                                                    gen_indices=None, min_psnr=10.0)),
+}
+
+
+def tolerances(scheme: str, layers: int) -> Tolerances:
+    """The limits a decoder of `layers` layers quantized by `scheme` must meet (see DEEP)."""
+    shallow, deep = TOLERANCES[scheme], DEEP.get(scheme)
+    if deep is None or layers <= SHALLOW_LAYERS:
+        return shallow
+    t = min(1.0, (layers - SHALLOW_LAYERS) / (DEEP_LAYERS - SHALLOW_LAYERS))
+
+    def mix(a, b, names):
+        return {n: _between(getattr(a, n), getattr(b, n), t) for n in names}
+
+    ref = dataclasses.replace(shallow.vs_reference, **mix(shallow.vs_reference, deep.vs_reference,
+                                                          [f.name for f in dataclasses.fields(ReferenceBounds)]))
+    return dataclasses.replace(shallow, vs_reference=ref, **mix(shallow, deep, [
+        f.name for f in dataclasses.fields(Tolerances) if f.name != "vs_reference"]))
+
+
+def _between(a: float | None, b: float | None, t: float) -> float | None:
+    """a + t (b - a); a limit None at the deep end (no limit) counts as a floor of 0 until it is reached."""
+    if a is None or (b is None and t == 1.0):
+        return None
+    return a + t * ((0.0 if b is None else b) - a)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -173,9 +219,10 @@ def judge(tasks: dict[str, TaskFigures], tol: Tolerances) -> tuple[Verdict, ...]
     checks = []
     for task, t in tasks.items():
         checks += [(task, "vision embedding cosine", t.vision_cosine >= tol.min_vision_cosine),
-                   (task, "teacher-forced top-1", t.top1 >= tol.min_top1),
                    (task, "teacher-forced mean KL", t.mean_kl <= tol.max_mean_kl),
                    (task, "mean logit cosine", t.logit_cosine_mean >= tol.min_logit_cosine)]
+        if tol.min_top1 is not None:
+            checks.append((task, "teacher-forced top-1", t.top1 >= tol.min_top1))
         if tol.min_greedy is not None:
             checks.append((task, "greedy agreement", t.greedy_agreement >= tol.min_greedy))
         if t.gen_indices is not None:

@@ -176,6 +176,10 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, max_cont
     bundle = Bundle.open(root, verify=False)
     manifest = bundle.manifest
     precision = check_request(manifest, precision, max_context)
+    if (q := manifest.precision.quantization) and q.ort_only:
+        raise UserError(f"{root} is quantized in a form TensorRT cannot build ({q.scheme} in blocks of {q.block_size}; "
+                        f"TensorRT takes int4 blocks of 64 or 128): recalibrate with --block-size 128 or 64 for "
+                        f"TensorRT, or run this bundle with ONNX Runtime")
     engines, files = dict(manifest.engines), dict(manifest.files)
     plans = {e.file for e in engines.values()}
     graphs_only = dataclasses.replace(manifest, engines={}, files={k: v for k, v in files.items() if k not in plans})

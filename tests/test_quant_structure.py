@@ -117,13 +117,46 @@ def test_each_broken_quantizer_fails_the_structural_check_naming_the_tensor(name
 
 
 def test_every_tolerance_can_fail():
-    """No limit that every outcome meets: each floor above 0 (or None: reported, not judged), each ceiling finite."""
-    for scheme, tol in report.TOLERANCES.items():
-        for part in (tol, tol.vs_reference):
-            for f in dataclasses.fields(part):
-                value = getattr(part, f.name)
-                if f.name.startswith("min_") or f.name in ("token_agreement", "gen_indices"):
-                    assert value is None or value > 0, (scheme, f.name)
-                elif f.name.startswith("max_"):
-                    assert 0 < value < math.inf, (scheme, f.name)
+    """No limit that every outcome meets, at any depth: each floor above 0 (or None: reported, not judged), each
+    ceiling finite."""
+    for scheme in report.TOLERANCES:
+        for layers in (1, 4, 8, 18, 31, 32, 40):
+            tol = report.tolerances(scheme, layers)
+            for part in (tol, tol.vs_reference):
+                for f in dataclasses.fields(part):
+                    value = getattr(part, f.name)
+                    if f.name.startswith("min_") or f.name in ("token_agreement", "gen_indices"):
+                        assert value is None or value > 0, (scheme, layers, f.name)
+                    elif f.name.startswith("max_"):
+                        assert 0 < value < math.inf, (scheme, layers, f.name)
     assert report.TOLERANCES["int8"].min_greedy == 1 / 32  # the one greedy floor every measurement met
+
+
+def test_limits_follow_the_depth_between_the_measured_ones():
+    shallow, deep = report.TOLERANCES["int4"], report.DEEP["int4"]
+    assert report.tolerances("int4", 2) == report.tolerances("int4", 4) == shallow
+    assert report.tolerances("int4", 32) == report.tolerances("int4", 40) == deep
+    mid = report.tolerances("int4", 18)  # halfway
+    assert mid.max_mean_kl == pytest.approx((shallow.max_mean_kl + deep.max_mean_kl) / 2)
+    assert mid.min_top1 == pytest.approx(shallow.min_top1 / 2)  # no floor at 32 layers: halfway to it
+    assert deep.min_top1 is None and report.tolerances("w8a8", 32) == report.TOLERANCES["w8a8"]
+
+
+def test_rewrite_keeps_a_graph_already_at_opset_21_or_later_and_leaves_its_input_alone():
+    """Graphs with contrib ops (GenAI's, in benchmarks/quant_yardstick.py) cannot go through the version converter."""
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(w, "w")])
+    opsets = [helper.make_opsetid("", 22), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    before = model.SerializeToString()
+    q, scale = quantize.quantize_weight(w, "int4", 32)
+    out = quantize.rewrite(model, {"w": (quantize.weight_initializers(q, scale, "int4", "w"), 32)}, "int4")
+    assert model.SerializeToString() == before
+    assert [o.version for o in out.opset_import if o.domain == ""] == [22]
+    assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "MatMul"]
+    assert {i.name for i in out.graph.initializer} == {"w.qint4", "w.scale"}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from engines import build as eb
 from runtime.contract.errors import UserError
 from runtime.contract.manifest import Manifest
 from runtime.contract.records import ManifestError
@@ -102,15 +103,15 @@ def test_the_app_and_the_server_refuse_it_unless_overridden(failed_bundle, tmp_p
         repo / repository.MODEL / "config.pbtxt").read_text()  # each instance logs the warning when it starts
 
 
-INT8 = {"scheme": "int8", "block_size": None, "weights": "int8"}  # a record consistent in itself
-FP8 = {"scheme": "fp8", "algorithm": "minmax", "block_size": None, "weights": "float8e4m3fn",
+INT8 = {"scheme": "int8", "block_size": None, "weights": "int8", "ort_only": False}  # a record consistent in itself
+FP8 = {"scheme": "fp8", "algorithm": "minmax", "block_size": None, "weights": "float8e4m3fn", "ort_only": False,
        "activations": "float8e4m3fn", "accuracy_level": None}
 BAD_FIELDS = {  # case -> (forged fields, what the refusal names)
     "int4 -> int8": (INT8, "int8 stores int8, but graph com.decoder holds int4"),
     "int4 -> fp8": (FP8, "fp8 stores float8_e4m3fn, but graph com.decoder holds int4"),
     "scheme": ({"scheme": "int2"}, "scheme 'int2'"),
     "block_size": ({"block_size": 999}, "block_size 999"),
-    "block_size 64, not the scales'": ({"block_size": 64}, "no fp32 scale of shape"),
+    "block_size 64, not the scales'": ({"block_size": 64, "ort_only": False}, "no fp32 scale of shape"),
     "lm_head": ({"lm_head": "banana"}, "lm_head 'banana'"),
     "graphs": ({"graphs": ["nope"]}, "graphs ['nope']"),
     "report.file": ({"report": {"passed": True, "file": "../../../etc/passwd"}}, "report.file"),
@@ -121,6 +122,7 @@ BAD_FIELDS = {  # case -> (forged fields, what the refusal names)
     "session_config graph": ({"session_config": {"vision": {"session.disable_quant_qdq": "1"}}},
                              "session_config.vision"),
     "accuracy_level": ({"accuracy_level": 7}, "accuracy_level 7"),
+    "ort_only": ({"ort_only": False}, "ort_only False for int4 in blocks of 32"),  # TensorRT takes 64 or 128
     "quantized_matmuls": ({"quantized_matmuls": {"shared.vqgan": 3}}, "quantized_matmuls.shared.vqgan"),
 }
 
@@ -133,6 +135,12 @@ def test_every_quantization_field_is_validated_against_what_it_describes(case, f
     with pytest.raises(ManifestError) as e:
         Manifest.from_json(data)
     assert named in str(e.value), str(e.value)
+
+
+def test_tensorrt_engines_are_refused_for_an_ort_only_bundle(failed_bundle):
+    assert Bundle.open(failed_bundle).manifest.precision.quantization.ort_only  # int4 in blocks of 32
+    with pytest.raises(UserError, match="form TensorRT cannot build.*blocks of 32"):
+        eb.build_engines(failed_bundle)
 
 
 @pytest.mark.parametrize("size", [0, -32])
