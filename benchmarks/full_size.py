@@ -6,9 +6,12 @@ CT_small.dcm (576 image tokens + the question), decode ms/token at ~100/~600/~16
 cache holds that many rows), seconds per generated 256x256 image (int4 by default: 1024 tokens in fp32 take tens of
 minutes here), %limit of decode against the measured GEMV bandwidth and the weight bytes each token reads.
 ONNX Runtime GenAI int4 of the same base model (the checkpoint's Phi-3 folder through its model builder, in its own
-venv: benchmarks/peers.py) is timed on prefill of 616 tokens and decode; it reads no image.
+venv: benchmarks/peers.py) and llama.cpp Q4_0 (llama-cpp-python built from source in its own venv:
+benchmarks/llamacpp.py) are timed on prefill of 616 tokens and decode; they read no image.
 
     python benchmarks/full_size.py --checkpoint CKPT --fp32 FP32_BUNDLE --int4 INT4_BUNDLE [--genai DIR] [--reps 3]
+    python benchmarks/full_size.py --checkpoint CKPT --int4 INT4 --genai DIR --llama DIR --no-torch \
+        --rounds 2 --warmup 2 --reps 5        # the peers' run of issue 25
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def ours(a: dict) -> dict:
         pipe.tokens(TASKS[task], image, QUESTION if task == "com" else INSTRUCTION, max_new_tokens=1,
                     on_token=lambda _: stamps.append(time.perf_counter()))
         t["ttft_s"] = stamps[0] - start
+        if task == "com":
+            t.update(conversation_ttft(pipe, image))
         dec = OurDecoder(graphs.decoder, graphs.embed, KVCache(pipe.backend, graphs.decoder.spec),
                          graph_weight_bytes(pipe.bundle, task, "decoder"))
         res = bench({str(c): dec.decode_case(c) for c in a["contexts"]}, a["warmup"], a["reps"])
@@ -68,6 +73,26 @@ def ours(a: dict) -> dict:
         out[task] = t
         pipe.unload(task)  # the next task's sessions do not sit beside this one's
     out["peak_rss_gib"] = peak_gib()
+    return out
+
+
+def conversation_ttft(pipe, image) -> dict:
+    """Time to first token of a follow-up question, and of a new conversation on an image already seen (issue 23),
+    with the prefix cache on (the runtime's default size) for these turns only."""
+    from runtime.core.prefixes import PrefixCache
+
+    def ttft(conv, question: str) -> float:
+        stamps: list[float] = []
+        start = time.perf_counter()
+        conv.ask(question, max_new_tokens=1, on_token=lambda _: stamps.append(time.perf_counter()))
+        return stamps[0] - start
+
+    pipe.prefixes = PrefixCache(1024)
+    conv = pipe.conversation(image)
+    ttft(conv, QUESTION)  # the image's first question: its prefix computed and kept
+    out = {"followup_ttft_s": ttft(conv, "Is there anything abnormal?"),
+           "seen_image_ttft_s": ttft(pipe.conversation(image), QUESTION)}
+    pipe.prefixes = PrefixCache(0)
     return out
 
 
@@ -117,7 +142,45 @@ def genai(a: dict) -> dict:
         c: {**d, "bytes": weights + KV_BYTES * int(c)} for c, d in run["decode"].items()}}}
 
 
-WORKERS = {"ours": ours, "torch": torch_reference, "genai": genai}
+def llama(a: dict) -> dict:
+    """llama.cpp Q4_0 of the base model: converted and quantized once into a["out"] (benchmarks/llamacpp.py), then
+    timed in its venv (llamacpp_worker.py: llama.cpp's defaults, f16 KV cache)."""
+    from benchmarks import llamacpp
+
+    model = llamacpp.gguf(Path(a["checkpoint"]) / "Phi-3-mini-4k-instruct", Path(a["out"]), "Q4_0")
+    if isinstance(model, str):
+        return {"error": model}
+    run = llamacpp.worker({"op": "time", "model": str(model), "threads": a["threads"], "contexts": a["contexts"],
+                           "prefill": 616, "warmup": a["warmup"], "reps": a["reps"]})
+    if isinstance(run, str):
+        return {"error": run}
+    weights = model.stat().st_size  # the token embedding table included: llama.cpp's file holds it quantized
+    return {"load_s": run["load_s"], "peak_rss_gib": run["peak_rss_gib"], "com": {
+        "prefill_s": run["prefill"]["median_ms"] / 1e3,
+        "decode": {c: {**d, "bytes": weights + KV_BYTES // 2 * int(c)} for c, d in run["decode"].items()}}}
+
+
+WORKERS = {"ours": ours, "torch": torch_reference, "genai": genai, "llama": llama}
+
+
+def merge(runs: list[dict]) -> dict:
+    """One contender's rounds as one result: a timing's median over the rounds' medians (its runs counted), any
+    other figure's median over the rounds that have it; an error if every round failed."""
+    import statistics
+
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+
+    def join(values: list):
+        if isinstance(values[0], dict):
+            if "median_ms" in values[0]:
+                return {**values[0], "median_ms": statistics.median(v["median_ms"] for v in values),
+                        "n": sum(v["n"] for v in values), "rounds": len(values)}
+            return {k: join([v[k] for v in values if k in v]) for k in values[0]}
+        return statistics.median(values) if isinstance(values[0], (int, float)) else values[0]
+
+    return join(ok)
 
 
 def spawn(kind: str, args: dict) -> dict:
@@ -136,8 +199,9 @@ def table(res: dict) -> str:
     def decode(d: dict | None) -> str:
         return f"{d['median_ms']:.0f} ({100 * d['bytes'] / (d['median_ms'] / 1e3) / 1e9 / gbps:.0f}%)" if d else "-"
 
-    lines = ["| contender | task | open+load s | TTFT s | " + " | ".join(f"decode ms @{c} (%limit)" for c in CONTEXTS)
-             + " | s per image | peak RSS GiB |", "|---" * (6 + len(CONTEXTS)) + "|"]
+    lines = ["| contender | task | open+load s | TTFT s | follow-up / seen image TTFT s | "
+             + " | ".join(f"decode ms @{c} (%limit)" for c in CONTEXTS)
+             + " | s per image | peak RSS GiB |", "|---" * (7 + len(CONTEXTS)) + "|"]
     for name, r in res["contenders"].items():
         if "error" in r:
             lines.append(f"| {name} | - | not run: {r['error']} |")
@@ -149,10 +213,26 @@ def table(res: dict) -> str:
             image = f"{t['image_s']:.0f}" if "image_s" in t else "-"
             ttft = f"{t['ttft_s']:.1f}" if "ttft_s" in t else f"prefill 616: {t['prefill_s']:.1f}"
             peak = f"{r['peak_rss_gib']:.1f}" if "peak_rss_gib" in r else "-"
-            lines.append(f"| {name} | {task} | {load} | {ttft} | "
+            turns = (f"{t['followup_ttft_s']:.1f} / {t['seen_image_ttft_s']:.1f}" if "followup_ttft_s" in t
+                     else "-")
+            lines.append(f"| {name} | {task} | {load} | {ttft} | {turns} | "
                          + " | ".join(decode(t["decode"].get(str(c))) for c in CONTEXTS)
                          + f" | {image} | {peak} |")
     return "\n".join(lines)
+
+
+def contenders(a: argparse.Namespace, common: dict, first_round: bool) -> list[tuple[str, str, dict]]:
+    """(name, worker, its arguments) of each contender asked for; images are generated in the first round only."""
+    out = [(name, "ours", {**common, "bundle": str(bundle), "tasks": ["com", "gen"], "image": image and first_round})
+           for name, bundle, image in (("ours fp32", a.fp32, a.fp32_image), ("ours int4", a.int4, True))
+           if bundle is not None]
+    if not a.no_torch:
+        out.append(("PyTorch fp32", "torch", {**common, "checkpoint": str(a.checkpoint)}))
+    peers = (("ORT GenAI int4 (base)", "genai", a.genai), ("llama.cpp Q4_0 (base)", "llama", a.llama))
+    for name, kind, folder in peers:
+        if folder is not None:
+            out.append((name, kind, {**common, "checkpoint": str(a.checkpoint), "out": str(folder)}))
+    return out
 
 
 def main(argv=None) -> int:
@@ -165,6 +245,10 @@ def main(argv=None) -> int:
     p.add_argument("--int4", type=Path, help="its int4 bundle (`build.py calibrate --scheme int4`)")
     p.add_argument("--genai", type=Path, help="ORT GenAI int4 of the checkpoint's base: the model builder's output "
                    "folder (built there when missing: needs the GenAI venv, see benchmarks/peers.py)")
+    p.add_argument("--llama", type=Path, help="folder for llama.cpp's GGUF files of the checkpoint's base (converted "
+                   "and quantized to Q4_0 there when missing: needs the llama.cpp venv, see benchmarks/llamacpp.py)")
+    p.add_argument("--rounds", type=int, default=1, help="run the contenders this many times, alternated process by "
+                   "process (A B C A B C); each figure is the median over the rounds")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--fp32-image", action="store_true", help="also time a generated image with the fp32 bundle")
     p.add_argument("--warmup", type=int, default=1)
@@ -181,23 +265,19 @@ def main(argv=None) -> int:
     common = {"threads": threads, "warmup": a.warmup, "reps": a.reps, "contexts": list(CONTEXTS)}
     res = {"machine": machine(threads), "load_start": load_average(), "bandwidth": bandwidth(threads, 1, 5),
            "contenders": {}}
-    for name, bundle, image in (("ours fp32", a.fp32, a.fp32_image), ("ours int4", a.int4, True)):
-        if bundle is not None:
-            print(f"[run] {name}: {bundle}", flush=True)
-            res["contenders"][name] = spawn("ours", {**common, "bundle": str(bundle), "tasks": ["com", "gen"],
-                                                     "image": image})
-    if not a.no_torch:
-        print("[run] PyTorch reference fp32", flush=True)
-        res["contenders"]["PyTorch fp32"] = spawn("torch", {**common, "checkpoint": str(a.checkpoint)})
-    if a.genai is not None:
-        print(f"[run] ORT GenAI int4: {a.genai}", flush=True)
-        res["contenders"]["ORT GenAI int4 (base)"] = spawn("genai", {**common, "checkpoint": str(a.checkpoint),
-                                                                     "out": str(a.genai)})
+    runs: dict[str, list[dict]] = {}
+    for r in range(a.rounds):
+        for name, kind, args in contenders(a, common, first_round=r == 0):
+            print(f"[run] round {r + 1}/{a.rounds}: {name}", flush=True)
+            runs.setdefault(name, []).append(spawn(kind, args))
+    res["contenders"] = {name: merge(rs) for name, rs in runs.items()}
+    res["rounds"] = runs
     res["load_end"] = load_average()
     m = res["machine"]
     print(f"\n# {m['cpu']}, {m['usable_cpus']} CPUs ({threads} threads), flags: {m['flags']}, {m['mem_GiB']} GiB; "
           f"GEMV bandwidth {res['bandwidth']['gemv_GBps']:.1f} GB/s; load {res['load_start']:.2f} -> "
-          f"{res['load_end']:.2f}; median of {a.reps} after {a.warmup} warm-up (TTFT and image: one run)")
+          f"{res['load_end']:.2f}; {a.rounds} round(s) alternated process by process, each {a.reps} runs after "
+          f"{a.warmup} warm-up(s): the median over the rounds' medians (TTFT: one per round, image: first round)")
     print(table(res))
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(res, indent=1))
