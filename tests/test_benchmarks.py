@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,3 +57,21 @@ def test_profile_smoke_run(m3_bundle, tmp_path):
     # the cached rows (40 of a 64-row buffer) are what attention reads
     assert res["decode"]["attention (scores, softmax, values, RoPE)"]["activation_bytes"] >= res["kv_bytes"]
     assert "decode step at 40 cached tokens" in proc.stdout
+
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+NO_CGROUP = None if os.geteuid() == 0 and (CGROUP_V1.is_file() or Path("/sys/fs/cgroup/cgroup.controllers").is_file()) \
+    else "benchmarks/memory_limit.py needs root and a cgroup memory controller"
+
+
+@pytest.mark.skipif(NO_CGROUP is not None, reason=NO_CGROUP or "")
+def test_memory_limit_reports_completion_and_oom_kills(tmp_path):
+    """512 MiB of numpy inside 1 GiB completes; inside 0.25 GiB the kernel kills it and the report says so."""
+    alloc = [sys.executable, "-c", "import numpy as np; print(np.ones(2**26).sum())"]
+    for limit, completed in ((1.0, True), (0.25, False)):
+        out = tmp_path / f"{limit}.json"
+        r = subprocess.run([sys.executable, "benchmarks/memory_limit.py", "--limit-gib", str(limit), "--json",
+                            str(out), "--", *alloc], capture_output=True, text=True, timeout=120)
+        res = json.loads(out.read_text())
+        assert (r.returncode == 0) == completed == res["completed"], r.stderr[-500:]
+        assert (res["oom_kills"] > 0) != completed and res["peak_gib"] <= limit + 1e-6
