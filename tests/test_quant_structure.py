@@ -87,6 +87,17 @@ def test_the_structural_check_passes_what_calibrate_writes(scheme, src, tmp_path
         assert diffs["unfused"] <= structure.RUN_RTOL and diffs["fused"] <= structure.FUSED_RTOL
 
 
+def test_graphs_too_large_to_run_are_recorded_as_not_run(src, tmp_path, monkeypatch):
+    """The full M3's decoders do not fit beside their dequantized weights: the runs are skipped by name and reason,
+    never counted as compared, and the report says so."""
+    monkeypatch.setattr(structure, "available_memory", lambda: 1)
+    result = structure.check(src, _quantized(src, tmp_path, "int4"))
+    assert result.passed and result.weights == 18 and not result.graphs  # every weight checked, no graph run
+    assert set(result.not_run) == {"com.decoder", "gen.decoder"}
+    assert all("GiB available" in why for why in result.not_run.values())
+    assert result.to_json()["not_run"] == result.not_run
+
+
 def _norm_changed(src: Bundle):
     original = quantize.rewrite
 

@@ -162,7 +162,8 @@ def write_report(root: Path, report: ParityReport) -> None:
              "GiB in all (the reference is freed before any backend runs).", ""]
     if s := report.structure:
         lines += [f"Structural check against the fp32 source: **{'passed' if s.passed else 'FAILED'}** ({s.weights} "
-                  f"quantized weights)", *(f"- {p}" for p in s.findings[:20]), ""]
+                  f"quantized weights)", *(f"- {p}" for p in s.findings[:20]),
+                  *(f"- {g}: outputs not compared: {why}" for g, why in s.not_run.items()), ""]
     for name, b in report.backends.items():
         lines.append(f"## {name}: {b.status}" + (f": {b.reason}" if b.status == "not run" else ""))
         if b.status == "not run":

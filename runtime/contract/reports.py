@@ -83,6 +83,7 @@ class Structure(Record):
     max_rel_error: float
     graphs: dict[str, dict[str, float]]  # graph id -> unfused / fused: relative difference
     bounds: dict[str, float]
+    not_run: dict[str, str] = field(default_factory=dict)  # graph id -> why its outputs were not compared (memory)
 
 
 @dataclass(frozen=True)
