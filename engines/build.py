@@ -33,6 +33,7 @@ from runtime.contract.errors import UserError
 from runtime.contract.files import check_file, write_atomic
 from runtime.contract.graphspec import GraphSpec
 from runtime.contract.manifest import MANIFEST, EngineEntry, FileEntry, Manifest
+from runtime.contract.quantization import TENSORRT_INT4_BLOCKS
 from runtime.core.bundle import Bundle
 from runtime.core.trt_compat import DeviceInfo, check_compat, current_device
 from runtime.frontends.args import positive_int
@@ -177,8 +178,9 @@ def build_engines(bundle_dir: str | Path, precision: str | None = None, max_cont
     manifest = bundle.manifest
     precision = check_request(manifest, precision, max_context)
     if (q := manifest.precision.quantization) and q.ort_only:
+        blocks = " or ".join(map(str, TENSORRT_INT4_BLOCKS))
         raise UserError(f"{root} is quantized in a form TensorRT cannot build ({q.scheme} in blocks of {q.block_size}; "
-                        f"TensorRT takes int4 blocks of 64 or 128): recalibrate with --block-size 128 or 64 for "
+                        f"TensorRT takes int4 blocks of {blocks}): recalibrate with --block-size {blocks} for "
                         f"TensorRT, or run this bundle with ONNX Runtime")
     engines, files = dict(manifest.engines), dict(manifest.files)
     plans = {e.file for e in engines.values()}
