@@ -32,7 +32,7 @@ from export.parity.verify import peak_rss_gib
 from runtime.contract.errors import UserError
 from runtime.contract.healthgpt import TASKS
 from runtime.contract.manifest import CalibrationFile, Manifest, Quantization, ReportRef
-from runtime.contract.quantization import ALGORITHMS, GRAPHS, TENSORRT_INT4_BLOCKS
+from runtime.contract.quantization import ALGORITHMS, GRAPHS, ort_only
 from runtime.contract.quantization import INT4_BLOCKS as BLOCK_SIZES
 from runtime.core.backend import OrtBackend
 from runtime.core.bundle import Bundle
@@ -261,7 +261,7 @@ def _record(src: Bundle, plan: Plan, fused: dict, errors: dict, calib) -> Quanti
         scheme=plan.scheme, algorithm=plan.algorithm, block_size=plan.block_size,
         weights=qdq_format or plan.scheme, activations=qdq_format or "float32", graphs=plan.graphs,
         lm_head="quantized" if plan.lm_head else "float32", form=QDQ if qdq_format else WEIGHT_ONLY,
-        ort_only=plan.scheme == "int4" and plan.block_size not in TENSORRT_INT4_BLOCKS,
+        ort_only=ort_only(plan.scheme, plan.block_size),
         accuracy_level=None if qdq_format else ACCURACY_LEVEL, quantized_matmuls=fused, source_bundle=str(src.root),
         calibration_set=tuple(CalibrationFile(**c) for c in data.describe(calib)),
         weight_rel_error={"mean": float(np.mean(list(errors.values()))), "max": float(max(errors.values()))},

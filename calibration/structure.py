@@ -83,13 +83,11 @@ def check(src: Bundle, q: Bundle, run: bool = True) -> Result:
             if not _same_graph(q_model.graph, fp_model.graph):
                 result.problems.append(f"{gid}: changed although {entry.spec.name} is not quantized")
             continue
-        need = RUN_MEMORY * _declared_bytes(fp_model, entry.spec.name, quant.lm_head)
-        fits = need <= available_memory()
-        deq = _check_graph(gid, fp_model, q_model, src.root, q.root, quant, result, keep=run and fits)
-        if run and not fits:
+        need, have = RUN_MEMORY * _declared_bytes(fp_model, entry.spec.name, quant.lm_head), available_memory()
+        deq = _check_graph(gid, fp_model, q_model, src.root, q.root, quant, result, keep=run and need <= have)
+        if run and need > have:
             result.not_run[gid] = (f"the graph runs need ~{need / 2**30:.0f} GiB (the dequantized weights and the "
-                                   f"sessions), {available_memory() / 2**30:.0f} GiB available; every weight was "
-                                   "checked")
+                                   f"sessions), {have / 2**30:.0f} GiB available; every weight was checked")
         elif run and deq and not result.problems:
             result.graphs[gid] = _run(gid, src, q, deq, result.problems)
     return result

@@ -23,6 +23,11 @@ SCHEMES = tuple(ALGORITHMS)
 # TensorRT-legal block with the least KL per byte against both peers' int4
 INT4_BLOCKS = (64, 128, 32)
 TENSORRT_INT4_BLOCKS = (128, 64)  # TensorRT's INT4 weight-only blocks; an int4 bundle in blocks of 32 is ORT-only
+
+
+def ort_only(scheme: str, block_size: int | None) -> bool:
+    """Whether TensorRT cannot build this scheme's form: int4 in blocks it does not take."""
+    return scheme == "int4" and block_size not in TENSORRT_INT4_BLOCKS
 # scheme -> (stored weight type, what the quantized MatMuls read), as the record names them, and the weights
 # table's dtype of the stored weights
 TYPES = {"int4": ("int4", "float32", "int4"), "int8": ("int8", "float32", "int8"), "w8a8": ("int8", "int8", "int8"),
@@ -111,7 +116,7 @@ class Quantization(Record):
                 self.scheme == "int4" and self.block_size not in INT4_BLOCKS):
             want = f"one of {', '.join(map(str, INT4_BLOCKS))}" if self.scheme == "int4" else "null (per channel)"
             yield f"block_size {self.block_size} for {self.scheme}: must be {want}"
-        if self.ort_only != (self.scheme == "int4" and self.block_size not in TENSORRT_INT4_BLOCKS):
+        if self.ort_only != ort_only(self.scheme, self.block_size):
             yield (f"ort_only {self.ort_only} for {self.scheme} in blocks of {self.block_size}: TensorRT takes int4 "
                    f"in blocks of {' or '.join(map(str, TENSORRT_INT4_BLOCKS))} only")
         if (self.weights, self.activations) != TYPES[self.scheme][:2]:
