@@ -132,7 +132,8 @@ def cmd_calibrate(a):
 
     manifest = calibrate(a.bundle, a.out, a.scheme, a.block_size, a.images, a.samples,
                          tuple(g for g in a.graphs.split(",") if g), a.algorithm,
-                         None if a.lm_head is None else a.lm_head == "quantized", a.quick_report)
+                         None if a.lm_head is None else a.lm_head == "quantized",
+                         None if a.adapters is None else a.adapters == "quantized", a.quick_report)
     q = manifest.precision.quantization
     total = sum(f.bytes for f in manifest.files.values())
     print(f"[I] {a.out}: {q.scheme} ({q.algorithm}), {sum(q.quantized_matmuls.values())} MatMuls through "
@@ -209,6 +210,9 @@ def add_calibrate(sub) -> None:
     c.add_argument("--lm-head", choices=["quantized", "float32"],
                    help="the decoder's LM head: quantized with the base weights or kept float32 (default: quantized "
                         "for int4 and int8, float32 for w8a8 and fp8; calibration/calibrate.py says why)")
+    c.add_argument("--adapters", choices=["quantized", "float32"],
+                   help="the H-LoRA A and B matrices: in the scheme's form too (int4, int8; the router stays float) or "
+                        "kept float32 (default: calibration/calibrate.py's ADAPTERS, chosen by measurement)")
     c.add_argument("--quick-report", action="store_true",
                    help="accuracy report on one held-out image and 32 positions, no generated image (full size)")
     c.set_defaults(run=cmd_calibrate)

@@ -6,12 +6,14 @@ CT_small.dcm (576 image tokens + the question), decode ms/token at ~100/~600/~16
 cache holds that many rows), seconds per generated 256x256 image (int4 by default: 1024 tokens in fp32 take tens of
 minutes here), %limit of decode against the measured GEMV bandwidth and the weight bytes each token reads.
 ONNX Runtime GenAI int4 of the same base model (the checkpoint's Phi-3 folder through its model builder, in its own
-venv: benchmarks/peers.py) and llama.cpp Q4_0 (llama-cpp-python built from source in its own venv:
-benchmarks/llamacpp.py) are timed on prefill of 616 tokens and decode; they read no image.
+venv: benchmarks/peers.py), llama.cpp Q4_0 (llama-cpp-python built from source in its own venv:
+benchmarks/llamacpp.py) and OpenVINO GenAI int4 (optimum-intel's export with NNCF, in its own venv:
+benchmarks/openvino.py) are timed on prefill of 616 tokens and decode; they read no image.
 
     python benchmarks/full_size.py --checkpoint CKPT --fp32 FP32_BUNDLE --int4 INT4_BUNDLE [--genai DIR] [--reps 3]
     python benchmarks/full_size.py --checkpoint CKPT --int4 INT4 --genai DIR --llama DIR --no-torch \
         --rounds 2 --warmup 2 --reps 5        # the peers' run of issue 25
+    python benchmarks/full_size.py --checkpoint CKPT --openvino DIR --no-torch --rounds 2 --warmup 2 --reps 5
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def ours(a: dict) -> dict:
 
     image = get_testdata_file("CT_small.dcm", download=False)
     out, start = {}, time.perf_counter()
-    pipe = Pipeline(Bundle.open(a["bundle"]), OrtBackend("cpu"), prefix_cache_mb=0)  # every ask: a new image
+    backend = OrtBackend("cpu", session_cache=a.get("session_cache"))  # None: prepared sessions (runtime default)
+    pipe = Pipeline(Bundle.open(a["bundle"]), backend, prefix_cache_mb=0)  # every ask: a new image
     out["open_s"] = time.perf_counter() - start  # manifest + every file's sha256 (or its record)
     for task in a["tasks"]:
         start = time.perf_counter()
@@ -167,7 +170,31 @@ def llama(a: dict) -> dict:
         "decode": {c: {**d, "bytes": weights + KV_BYTES // 2 * int(c)} for c, d in run["decode"].items()}}}
 
 
-WORKERS = {"ours": ours, "torch": torch_reference, "genai": genai, "llama": llama}
+def openvino(a: dict) -> dict:
+    """OpenVINO GenAI int4 of the base model: exported once into a["out"] by optimum-intel with NNCF's int4 defaults
+    (benchmarks/openvino.py; the export's time and peak RSS kept), then timed in its venv (openvino_worker.py:
+    LLMPipeline on the CPU, its default KV cache there: u8 on this machine)."""
+    from benchmarks import openvino as ov
+
+    out = Path(a["out"])
+    built = (out / "openvino_model.xml").is_file()
+    start = time.perf_counter()
+    model = ov.export(Path(a["checkpoint"]) / "Phi-3-mini-4k-instruct", out)
+    if isinstance(model, str):
+        return {"error": model}
+    res = {} if built else {"build_s": time.perf_counter() - start, "build_peak_rss_gib":
+                            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
+    run = ov.worker({"op": "time", "model": str(model), "threads": a["threads"], "contexts": a["contexts"],
+                     "prefill": 616, "warmup": a["warmup"], "reps": a["reps"]})
+    if isinstance(run, str):
+        return {**res, "error": run}
+    weights, kv = ov.weight_bytes(model), ov.kv_bytes_per_token(model, run["kv_cache"])
+    return {**res, "load_s": run["load_s"], "peak_rss_gib": run["peak_rss_gib"], "kv_cache": run["kv_cache"], "com": {
+        "prefill_s": run["prefill"]["median_ms"] / 1e3,
+        "decode": {c: {**d, "bytes": weights + kv * int(c)} for c, d in run["decode"].items()}}}
+
+
+WORKERS = {"ours": ours, "torch": torch_reference, "genai": genai, "llama": llama, "openvino": openvino}
 
 
 def merge(runs: list[dict]) -> dict:
@@ -229,14 +256,22 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _adapters(bundle: Path) -> str:
+    quant = json.loads((bundle / "manifest.json").read_text())["precision"]["quantization"]
+    return " + H-LoRA int4" if quant.get("adapters") == "quantized" else " (H-LoRA fp32)"
+
+
 def contenders(a: argparse.Namespace, common: dict, first_round: bool) -> list[tuple[str, str, dict]]:
     """(name, worker, its arguments) of each contender asked for; images are generated in the first round only."""
-    out = [(name, "ours", {**common, "bundle": str(bundle), "tasks": ["com", "gen"], "image": image and first_round})
-           for name, bundle, image in (("ours fp32", a.fp32, a.fp32_image), ("ours int4", a.int4, True))
-           if bundle is not None]
+    bundles = [("ours fp32", a.fp32, a.fp32_image, None)] if a.fp32 else []
+    bundles += [(f"ours int4{_adapters(b)}", b, True, None) for b in a.int4]
+    bundles += [(f"ours int4{_adapters(b)}, sessions not prepared", b, False, False) for b in a.unprepared]
+    out = [(name, "ours", {**common, "bundle": str(bundle), "tasks": ["com", "gen"], "image": image and first_round,
+                           "session_cache": cache}) for name, bundle, image, cache in bundles]
     if not a.no_torch:
         out.append(("PyTorch fp32", "torch", {**common, "checkpoint": str(a.checkpoint)}))
-    peers = (("ORT GenAI int4 (base)", "genai", a.genai), ("llama.cpp Q4_0 (base)", "llama", a.llama))
+    peers = (("ORT GenAI int4 (base)", "genai", a.genai), ("llama.cpp Q4_0 (base)", "llama", a.llama),
+             ("OpenVINO GenAI int4 (base)", "openvino", a.openvino))
     for name, kind, folder in peers:
         if folder is not None:
             out.append((name, kind, {**common, "checkpoint": str(a.checkpoint), "out": str(folder)}))
@@ -250,11 +285,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="the full checkpoint (`build.py synth --size full`)")
     p.add_argument("--fp32", type=Path, help="its fp32 bundle (`build.py export`)")
-    p.add_argument("--int4", type=Path, help="its int4 bundle (`build.py calibrate --scheme int4`)")
+    p.add_argument("--int4", type=Path, nargs="+", default=[], help="its int4 bundles (`build.py calibrate --scheme "
+                   "int4`), their quantized graphs' sessions prepared (`python -m runtime prepare`) beforehand")
+    p.add_argument("--unprepared", type=Path, nargs="+", default=[], help="int4 bundles timed without prepared "
+                   "sessions (no generated image)")
     p.add_argument("--genai", type=Path, help="ORT GenAI int4 of the checkpoint's base: the model builder's output "
                    "folder (built there when missing: needs the GenAI venv, see benchmarks/peers.py)")
     p.add_argument("--llama", type=Path, help="folder for llama.cpp's GGUF files of the checkpoint's base (converted "
                    "and quantized to Q4_0 there when missing: needs the llama.cpp venv, see benchmarks/llamacpp.py)")
+    p.add_argument("--openvino", type=Path, help="OpenVINO int4 IR of the checkpoint's base (exported there by "
+                   "optimum-intel when missing: needs the OpenVINO venv, see benchmarks/openvino.py)")
     p.add_argument("--rounds", type=int, default=1, help="run the contenders this many times, alternated process by "
                    "process (A B C A B C); each figure is the median over the rounds")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
@@ -273,6 +313,10 @@ def main(argv=None) -> int:
     common = {"threads": threads, "warmup": a.warmup, "reps": a.reps, "contexts": list(CONTEXTS)}
     res = {"machine": machine(threads), "load_start": load_average(), "bandwidth": bandwidth(threads, 1, 5),
            "contenders": {}}
+    for bundle in a.int4:  # once per machine, before the rounds: every round then loads prepared sessions
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "runtime", "prepare", "--bundle", str(bundle)], cwd=ROOT, check=True)
+        res.setdefault("prepare_s", {})[str(bundle)] = time.perf_counter() - start
     runs: dict[str, list[dict]] = {}
     for r in range(a.rounds):
         for name, kind, args in contenders(a, common, first_round=r == 0):

@@ -42,6 +42,10 @@ from runtime.core.pipeline import Pipeline
 # LM head quantized by default where the accuracy report chose it (benchmarks/README.md: a small KL cost for a
 # decode step that reads half the bytes). The Q/DQ schemes keep it float (not measured).
 LM_HEAD = {"int4": True, "int8": True, "w8a8": False, "fp8": False}
+# H-LoRA A/B in the scheme's form by default (benchmarks/README.md, "H-LoRA quantized"): full M3 int4 report
+# unchanged (mean KL 0.235 -> 0.236 com, 0.268 -> 0.268 gen) for a bundle of 4.6 instead of 6.2 GB (the GEN adapter
+# alone is 1.6 GB in fp32); int8 measured at tiny size only (its report passes). The Q/DQ schemes keep them float.
+ADAPTERS = {"int4": True, "int8": True, "w8a8": False, "fp8": False}
 # int8 activations inside the fused MatMulNBits: the fast kernels on this CPU (anchors.md; 8-bit below level 4
 # runs ~20x slower than fp32)
 ACCURACY_LEVEL = 4
@@ -59,9 +63,9 @@ AS_WRITTEN = {"session.disable_quant_qdq": "1"}
 SESSION_CONFIG = {"fp8": {"decoder": AS_WRITTEN, "vision": AS_WRITTEN}, "w8a8": {"vision": AS_WRITTEN}}
 
 
-def _targets(model: onnx.ModelProto, graph: str, lm_head: bool) -> list[quantize.WeightMatMul]:
-    """Decoder: the base linears (H-LoRA stays float) and optionally the LM head; vision: every linear."""
-    roles = {"decoder": {"base", "lm_head"} if lm_head else {"base"}, "vision": {"linear"}}[graph]
+def _targets(model: onnx.ModelProto, graph: str, plan: Plan) -> list[quantize.WeightMatMul]:
+    """Decoder: the base linears, and as planned the LM head and the H-LoRA A/B matrices; vision: every linear."""
+    roles = quantize.quantized_roles(graph, plan.lm_head, plan.adapters)
     return [m for m in quantize.weight_matmuls(model) if m.role in roles]
 
 
@@ -137,10 +141,11 @@ class Plan:
     block_size: int | None  # int4 only
     graphs: tuple[str, ...]
     lm_head: bool
+    adapters: bool  # the H-LoRA A and B matrices (never the router) in the scheme's form too
 
     @classmethod
     def of(cls, scheme: str, block_size: int, graphs: tuple[str, ...], algorithm: str | None,
-           lm_head: bool | None) -> Plan:
+           lm_head: bool | None, adapters: bool | None = None) -> Plan:
         if scheme not in ALGORITHMS:
             raise UserError(f"unknown scheme {scheme!r}; choose one of {', '.join(ALGORITHMS)}")
         algorithm = algorithm or ALGORITHMS[scheme][0]
@@ -152,8 +157,11 @@ class Plan:
         unknown = [g for g in graphs if g not in GRAPHS]
         if unknown or not graphs:
             raise UserError(f"--graphs {','.join(graphs)}: choose from {', '.join(GRAPHS)}")
+        if adapters and scheme in qdq.FORMATS:
+            raise UserError(f"--adapters quantized: {scheme} keeps the H-LoRA matrices float (weight-only schemes "
+                            "quantize them: int4, int8)")
         return cls(scheme, algorithm, block_size if scheme == "int4" else None, tuple(graphs),
-                   LM_HEAD[scheme] if lm_head is None else lm_head)
+                   LM_HEAD[scheme] if lm_head is None else lm_head, ADAPTERS[scheme] if adapters is None else adapters)
 
 
 def fp32_source(bundle_dir: str | Path) -> Bundle:
@@ -167,13 +175,13 @@ def fp32_source(bundle_dir: str | Path) -> Bundle:
 
 def calibrate(bundle_dir: str | Path, out: str | Path, scheme: str = "int4", block_size: int = BLOCK_SIZES[0],
               images=None, samples: int | None = None, graphs: tuple[str, ...] = ("decoder",),
-              algorithm: str | None = None, lm_head: bool | None = None,
+              algorithm: str | None = None, lm_head: bool | None = None, adapters: bool | None = None,
               quick_report: bool = False) -> Manifest:
     """lm_head: quantize the decoder's LM head too (None: the scheme's default, LM_HEAD). quick_report: the accuracy
     report on one held-out image, 32 teacher-forced positions and no generated image (the full model on a CPU: the
     default report's 1024-step image runs alone take tens of minutes). A bundle that fails its report is written
     all the same, marked failed in its manifest (the runtime refuses it unless overridden)."""
-    plan = Plan.of(scheme, block_size, graphs, algorithm, lm_head)
+    plan = Plan.of(scheme, block_size, graphs, algorithm, lm_head, adapters)
     src = fp32_source(bundle_dir)
     calib = data.load_set(images, samples)
     # before the work (staged() checks again): nothing deleted or moved if refused
@@ -220,7 +228,7 @@ def quantize_bundle(src: Bundle, writer: BundleWriter, plan: Plan, calib: list[d
     """The quantized graphs and weights written by `writer`, and their manifest (not written: no report yet);
     with the relative error of each distinct quantized weight."""
     chosen = {(t, g): onnx.load(str(src.path(t, g)), load_external_data=False) for t in src.tasks for g in plan.graphs}
-    targets = {k: (m, _targets(m, k[1], plan.lm_head)) for k, m in chosen.items()}
+    targets = {k: (m, _targets(m, k[1], plan)) for k, m in chosen.items()}
     needs_feeds = plan.algorithm == "awq" or plan.scheme in qdq.FORMATS
     feeds = calibration_feeds(src, calib, targets) if needs_feeds else {}
     importance = collect_importance(src, feeds, targets) if plan.algorithm == "awq" else {}
@@ -241,8 +249,7 @@ def quantize_bundle(src: Bundle, writer: BundleWriter, plan: Plan, calib: list[d
                                            src.root, writer.store)
             fused[graph_id] = len(matmuls)
             # never mistaken for the fp32 export's graph by the export cache
-            key = hashlib.sha256(f"{key}|{plan.scheme}|{plan.algorithm}|{plan.block_size}|{plan.lm_head}".encode()
-                                 ).hexdigest()
+            key = hashlib.sha256(f"{key}|{plan}".encode()).hexdigest()
         initializers = writer.add_graph(entry.file, model, source=src.root)
         entries[graph_id] = dataclasses.replace(entry, cache_key=key, initializers=initializers)
     weights = writer.weights()
@@ -260,7 +267,8 @@ def _record(src: Bundle, plan: Plan, fused: dict, errors: dict, calib) -> Quanti
     return Quantization(
         scheme=plan.scheme, algorithm=plan.algorithm, block_size=plan.block_size,
         weights=qdq_format or plan.scheme, activations=qdq_format or "float32", graphs=plan.graphs,
-        lm_head="quantized" if plan.lm_head else "float32", form=QDQ if qdq_format else WEIGHT_ONLY,
+        lm_head="quantized" if plan.lm_head else "float32", adapters="quantized" if plan.adapters else "float32",
+        form=QDQ if qdq_format else WEIGHT_ONLY,
         ort_only=ort_only(plan.scheme, plan.block_size),
         accuracy_level=None if qdq_format else ACCURACY_LEVEL, quantized_matmuls=fused, source_bundle=str(src.root),
         calibration_set=tuple(CalibrationFile(**c) for c in data.describe(calib)),

@@ -6,7 +6,7 @@ at opset 21. The calibration ranges come from quantize_static's own calibrators 
 feeds the caller computes with the fp32 bundle's graphs.
 
 Hand-written on top of it, and why:
-- the other readers of a quantized activation (the H-LoRA [A; R] MatMul, Shape) are put back on the float tensor:
+- the other readers of a quantized activation (the H-LoRA A and R MatMuls, Shape) are put back on the float tensor:
   quantize_static shares one Q/DQ pair between all of them (its DedicatedQDQPair gives each its own Q/DQ instead), and
   the H-LoRA branch stays float;
 - FP8 (E4M3): quantize_static only takes its Distribution method for float8 (scales from the standard deviation, not

@@ -33,13 +33,15 @@ class WeightMatMul:
     node: str
     weight: str  # initializer name (content-addressed in bundles: equal names = equal tensors, in any graph)
     activation: str  # the MatMul's input: what calibration measures
-    role: str  # base (a base linear, H-LoRA beside it), hlora (A/R or B), lm_head (output: logits), linear (other)
+    # base (a base linear, H-LoRA beside it), hlora (A or B), router (R: feeds the routing Softmax), lm_head (output:
+    # logits), linear (other)
+    role: str
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[WeightMatMul]:
     """The MatMuls whose right-hand side is a 2-D initializer, with their role found from the graph's structure:
-    a folded H-LoRA linear is `x @ W + B(gate(x @ [A; R]))`, so W is the weight MatMul that shares its input with
-    another weight MatMul (the [A; R] one) and is added to a third (the B one)."""
+    a folded H-LoRA linear is `x @ W + B((x @ A) * gate(softmax(x @ R)))`, so W is the weight MatMul that shares its
+    input with two others (A and R; R the one whose output reaches a Softmax) and is added to a fourth (B)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     found = [n for n in graph.node
@@ -48,20 +50,35 @@ def weight_matmuls(model: onnx.ModelProto) -> list[WeightMatMul]:
     readers: dict[str, list] = {}
     for n in found:
         readers.setdefault(n.input[0], []).append(n)
-    base, lora = set(), set()
+    softmax_inputs = _softmax_inputs(graph)
+    roles: dict[str, str] = {}
     for add in (n for n in graph.node if n.op_type == "Add"):
         pair = [by_output[i] for i in add.input if i in by_output]
         if len(add.input) != 2 or len(pair) != 2:
             continue
         for w, b in (pair, pair[::-1]):
             siblings = [s for s in readers[w.input[0]] if s is not w]
-            if len(siblings) == 1 and b not in siblings:
-                base.add(w.name)
-                lora.update({b.name, siblings[0].name})
+            if len(siblings) == 2 and b not in siblings:
+                roles.update({w.name: "base", b.name: "hlora"})
+                roles.update({s.name: "router" if s.output[0] in softmax_inputs else "hlora" for s in siblings})
     outputs = {o.name for o in graph.output}
-    role = lambda n: ("base" if n.name in base else "hlora" if n.name in lora  # noqa: E731
-                      else "lm_head" if n.output[0] in outputs else "linear")
+    role = lambda n: roles.get(n.name, "lm_head" if n.output[0] in outputs else "linear")  # noqa: E731
     return [WeightMatMul(n.name, n.input[1], n.input[0], role(n)) for n in found]
+
+
+def _softmax_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Tensors a Softmax reads, directly or through a Cast (the fp32 island of fp16 graphs)."""
+    casts = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
+    read = {n.input[0] for n in graph.node if n.op_type == "Softmax"}
+    return read | {casts[t] for t in read if t in casts}
+
+
+def quantized_roles(graph: str, lm_head: bool, adapters: bool) -> set[str]:
+    """The roles whose MatMuls a scheme quantizes in a graph: calibrate's targets and what the structural check
+    requires rewritten. The router always stays float."""
+    if graph == "vision":
+        return {"linear"}
+    return {"base"} | ({"lm_head"} if lm_head else set()) | ({"hlora"} if adapters else set())
 
 
 def quantize_weight(w: np.ndarray, scheme: str, block: int, importance: np.ndarray | None = None):

@@ -191,7 +191,8 @@ def measure(fp_bundle: Bundle, q_bundle: Bundle, images: list[Path], positions: 
     checks = judge(tasks, quant.tolerances)
     return QuantReport(
         fp32_bundle=str(fp_bundle.root), bundle_files=files_digest(q_bundle.manifest.files),
-        quantization=QuantSummary(quant.scheme, quant.algorithm, quant.block_size, quant.lm_head, quant.graphs),
+        quantization=QuantSummary(quant.scheme, quant.algorithm, quant.block_size, quant.lm_head, quant.graphs,
+                                  quant.adapters),
         images=tuple(str(p) for p in images), tolerances=quant.tolerances, note=STRESS, tasks=tasks,
         structure=Structure.from_json(shape.to_json()), checks=checks,
         passed=shape.passed and all(c.ok for c in checks),
@@ -236,7 +237,7 @@ def judge(tasks: dict[str, TaskFigures], tol: Tolerances) -> tuple[Verdict, ...]
 def write(root: Path, result: QuantReport) -> None:
     q, tol = result.quantization, result.tolerances
     lines = [f"# Quantization accuracy: {q.scheme} ({q.algorithm}"
-             + (f", block {q.block_size}" if q.block_size else "") + f", LM head {q.lm_head})", "",
+             + (f", block {q.block_size}" if q.block_size else "") + f", LM head {q.lm_head}, H-LoRA {q.adapters})", "",
              f"Against the fp32 bundle `{result.fp32_bundle}` on ONNX Runtime CPU, held-out images "
              + ", ".join(f"`{Path(p).name}`" for p in result.images) + f". Overall: "
              f"**{'PASSED' if result.passed else 'FAILED'}**", "", f"> {result.note}", "", *_structure_lines(result),

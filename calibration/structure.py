@@ -6,9 +6,10 @@ Independent of how noisy random weights make the end-to-end figures, a broken qu
   ratios for awq); re-quantizing the source with the stored scales reproduces the stored values exactly; its
   relative error within what those scales allow (half a step per element, plus what the clip cut off);
 - nothing else changed: graph inputs and outputs identical, every other node identical (the quantized graph is the
-  source converted to opset 21, as the quantizer converts it), every other initializer byte-identical (H-LoRA and
-  norms included), and exactly the declared MatMuls rewritten (the decoder's base linears and, when the manifest
-  says so, its LM head; every vision linear); w8a8/fp8: each of their activations read through
+  source converted to opset 21, as the quantizer converts it), every other initializer byte-identical (the router
+  and norms included), and exactly the declared MatMuls rewritten (the decoder's base linears and, when the
+  manifest says so, its LM head and H-LoRA A/B matrices; every vision linear); w8a8/fp8: each of their activations
+  read through
   QuantizeLinear -> DequantizeLinear of the fp32 graph's tensor (one per-tensor scale, zero point 0);
 - the quantized graph computes what the fp32 graph computes with the dequantized weights (weight-only schemes:
   DequantizeLinear run unfused, RUN_RTOL), and the session the runtime builds (fused, at the manifest's accuracy
@@ -83,7 +84,7 @@ def check(src: Bundle, q: Bundle, run: bool = True) -> Result:
             if not _same_graph(q_model.graph, fp_model.graph):
                 result.problems.append(f"{gid}: changed although {entry.spec.name} is not quantized")
             continue
-        need, have = RUN_MEMORY * _declared_bytes(fp_model, entry.spec.name, quant.lm_head), available_memory()
+        need, have = RUN_MEMORY * _declared_bytes(fp_model, entry.spec.name, quant), available_memory()
         deq = _check_graph(gid, fp_model, q_model, src.root, q.root, quant, result, keep=run and need <= have)
         if run and need > have:
             result.not_run[gid] = (f"the graph runs need ~{need / 2**30:.0f} GiB (the dequantized weights and the "
@@ -93,16 +94,16 @@ def check(src: Bundle, q: Bundle, run: bool = True) -> Result:
     return result
 
 
-def _declared_bytes(model: onnx.ModelProto, name: str, lm_head: str) -> int:
+def _declared_bytes(model: onnx.ModelProto, name: str, quant) -> int:
     """fp32 bytes of the distinct weights the declared MatMuls read: what the graph runs hold dequantized."""
-    declared, dims = _declared(model, name, lm_head), {i.name: i.dims for i in model.graph.initializer}
+    declared, dims = _declared(model, name, quant), {i.name: i.dims for i in model.graph.initializer}
     weights = {m.weight for m in quantize.weight_matmuls(model) if m.node in declared}
     return 4 * sum(int(np.prod(dims[w])) for w in weights)
 
 
-def _declared(model: onnx.ModelProto, name: str, lm_head: str) -> set[str]:
+def _declared(model: onnx.ModelProto, name: str, quant) -> set[str]:
     """The MatMuls the manifest says are quantized (calibrate.py's targets, by the graph's structure)."""
-    roles = {"decoder": {"base", "lm_head"} if lm_head == "quantized" else {"base"}, "vision": {"linear"}}[name]
+    roles = quantize.quantized_roles(name, quant.lm_head == "quantized", quant.adapters == "quantized")
     return {m.node for m in quantize.weight_matmuls(model) if m.role in roles}
 
 
@@ -123,7 +124,7 @@ def _check_graph(gid: str, fp_model, q_model, src_root: Path, q_root: Path, quan
         problems.append(f"{gid}: nodes added, removed or renamed besides the Quantize/DequantizeLinears")
         return {}
     q_inits, fp_inits = {i.name: i for i in g.initializer}, {i.name: i for i in fp.initializer}
-    declared, rewritten, deq = _declared(fp_model, gid.split(".")[1], quant.lm_head), set(), {}
+    declared, rewritten, deq = _declared(fp_model, gid.split(".")[1], quant), set(), {}
     for qn, fn in ((n, by_key[_key(n)]) for n in nodes):
         if (qn.op_type, list(qn.output), _attributes(qn)) != (fn.op_type, list(fn.output), _attributes(fn)):
             problems.append(f"{gid}: node {qn.name} differs from the fp32 graph's")
@@ -142,8 +143,8 @@ def _check_graph(gid: str, fp_model, q_model, src_root: Path, q_root: Path, quan
             elif a in q_inits and not _same_initializer(q_inits[a], fp_inits.get(a)):
                 problems.append(f"{gid}: node {qn.name} input {i}: initializer {a} differs from the fp32 graph's")
     if rewritten != declared:
-        problems += [f"{gid}: MatMul {n} quantized, but the manifest does not declare it (H-LoRA, router or LM head "
-                     "stay float)" for n in sorted(rewritten - declared)]
+        problems += [f"{gid}: MatMul {n} quantized, but the manifest does not declare it (the router stays float, "
+                     "the LM head and H-LoRA as the manifest says)" for n in sorted(rewritten - declared)]
         problems += [f"{gid}: MatMul {n} declared quantized but still reads a float weight"
                      for n in sorted(declared - rewritten)]
     return {k: v for k, v in deq.items() if v is not None}

@@ -75,3 +75,33 @@ def test_memory_limit_reports_completion_and_oom_kills(tmp_path):
         res = json.loads(out.read_text())
         assert (r.returncode == 0) == completed == res["completed"], r.stderr[-500:]
         assert (res["oom_kills"] > 0) != completed and res["peak_gib"] <= limit + 1e-6
+
+
+def test_openvino_peer_without_its_venv_is_not_run(tmp_path, monkeypatch):
+    """benchmarks/openvino.py when its venv cannot be made: every step answers 'not run: reason' and leaves nothing
+    behind, and full_size.py records that as the contender's error; a complete export is reused without the venv."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import full_size
+    from benchmarks import openvino as ov
+
+    monkeypatch.setenv("HGB_OPENVINO_VENV", "/dev/null/ov-venv")  # `python -m venv` fails at once: not a directory
+    out = tmp_path / "ov"
+    assert ov.export(tmp_path / "base", out).startswith("not run: venv failed")
+    assert not out.exists() and not out.with_name("ov.partial").exists()
+    assert ov.worker({"op": "time", "model": str(out), "threads": 1}).startswith("not run: venv failed")
+    ck = tmp_path / "ck"
+    args = {"checkpoint": str(ck), "out": str(out), "threads": 1, "warmup": 0, "reps": 1, "contexts": [100]}
+    assert full_size.openvino(args)["error"].startswith("not run: venv failed")
+    a = full_size.argparse.Namespace(fp32=None, fp32_image=False, int4=[], unprepared=[], no_torch=True, genai=None,
+                                     llama=None, openvino=out, checkpoint=ck)
+    assert [(n, k) for n, k, _ in full_size.contenders(a, {}, True)] == [("OpenVINO GenAI int4 (base)", "openvino")]
+    out.mkdir()  # an export already there: reused as it is, its weights file counted
+    (out / "openvino_model.xml").write_text("<net/>")
+    (out / "openvino_model.bin").write_bytes(b"\0" * 1000)
+    assert ov.export(tmp_path / "base", out) == out and ov.weight_bytes(out) == 1000
+    # Phi-3-mini's geometry: u8 K (per channel, blocks of 32) and V (per token) against f16's 2 bytes an element
+    (out / "config.json").write_text(json.dumps({"hidden_size": 3072, "num_attention_heads": 32,
+                                                 "num_key_value_heads": 32, "num_hidden_layers": 32}))
+    assert ov.kv_bytes_per_token(out, {"key": "u8", "value": "u8"}) == 32 * 32 * (120 + 104)
+    assert ov.kv_bytes_per_token(out, {"key": "f16", "value": "f16"}) == full_size.KV_BYTES // 2

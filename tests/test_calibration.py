@@ -38,8 +38,8 @@ def int4_bundle(m3_bundle, tmp_path_factory):
 def int8_bundle(m3_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "int8"
     r = subprocess.run([sys.executable, "build.py", "calibrate", "--bundle", str(m3_bundle), "--out", str(out),
-                        "--scheme", "int8", "--lm-head", "float32"], capture_output=True, text=True, timeout=600,
-                       env=ENV)
+                        "--scheme", "int8", "--lm-head", "float32", "--adapters", "float32"], capture_output=True,
+                       text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "accuracy report" in r.stdout
     return out
@@ -51,10 +51,11 @@ def test_quantized_bundle_is_standard_onnx_with_shared_base_weights(scheme, int4
     bundle = Bundle.open(root)  # every file matches its sha256 in the manifest
     q = bundle.manifest.precision.quantization.to_json()
     assert q["scheme"] == scheme and q["algorithm"] == ("awq" if scheme == "int4" else "rtn")
-    lm_head = scheme == "int4"  # int8 was calibrated with --lm-head float32
+    lm_head = scheme == "int4"  # int8 was calibrated with --lm-head float32 --adapters float32
+    adapters = q["adapters"] == "quantized"  # int4: the default
     assert q["block_size"] == (32 if scheme == "int4" else None)
-    assert q["lm_head"] == ("quantized" if lm_head else "float32")
-    matmuls = 8 + lm_head  # qkv, o, gate_up, down x 2 layers (+ the LM head)
+    assert q["lm_head"] == ("quantized" if lm_head else "float32") and adapters == (scheme == "int4")
+    matmuls = 8 + lm_head + 16 * adapters  # qkv, o, gate_up, down x 2 layers (+ the LM head, + H-LoRA A and B)
     assert q["quantized_matmuls"] == {"com.decoder": matmuls, "gen.decoder": matmuls}
     assert {c["file"] for c in q["calibration_set"]} >= {"MR_small.dcm", "examples_rgb_color.dcm"}
     assert all(len(c["sha256"]) == 64 for c in q["calibration_set"])
@@ -74,8 +75,14 @@ def test_quantized_bundle_is_standard_onnx_with_shared_base_weights(scheme, int4
         head = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.output[0] in outputs}
         per_task[task] = {n.input[0] for n in dqs if n.output[0] not in head}
         float_weights = Counter(m.role for m in quantize.weight_matmuls(model))  # MatMuls still on an fp32 weight
-        assert sum(float_weights.values()) == 17 - lm_head and float_weights["lm_head"] == 1 - lm_head  # H-LoRA x 8
-    assert per_task["com"] == per_task["gen"] and len(per_task["com"]) == 8  # base weights: one tensor, both tasks
+        # H-LoRA A, R and B x 8 linears (+ the LM head); the routers always
+        assert sum(float_weights.values()) == 25 - lm_head - 16 * adapters
+        assert float_weights["lm_head"] == 1 - lm_head
+        routers = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                   and inits[n.input[1]].dims[-1] == 4]  # [hidden, 4 experts]
+        assert len(routers) == 8
+    # base weights: one tensor, both tasks; the adapters are each task's own
+    assert len(per_task["com"] & per_task["gen"]) == 8 and len(per_task["com"]) == 8 + 16 * adapters
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
@@ -176,10 +183,12 @@ def test_full_size_benchmark_smoke_run(m3_checkpoint, m3_bundle, int4_bundle, tm
                         "--json", str(out)], capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert res["machine"]["cpu"] and set(res["contenders"]) == {"ours fp32", "ours int4", "PyTorch fp32"}
+    int4 = "ours int4 + H-LoRA int4"  # the int4 default quantizes the adapters too
+    assert res["machine"]["cpu"] and set(res["contenders"]) == {"ours fp32", int4, "PyTorch fp32"}
+    assert set(res["prepare_s"]) == {str(int4_bundle)}
     for name, c in res["contenders"].items():
         assert "error" not in c, (name, c)
         assert set(c["com"]["decode"]) == {"100", "600", "1600"} and c["com"]["ttft_s"] > 0 and c["peak_rss_gib"] > 0
-    assert res["contenders"]["ours int4"]["gen"]["image_s"] > 0 and "| ours int4 | gen |" in r.stdout
-    int4, fp32 = (res["contenders"][n]["com"]["decode"]["600"]["bytes"] for n in ("ours int4", "ours fp32"))
-    assert int4 < fp32  # %limit from the bytes the int4 decoder really reads
+    assert res["contenders"][int4]["gen"]["image_s"] > 0 and f"| {int4} | gen |" in r.stdout
+    q, fp32 = (res["contenders"][n]["com"]["decode"]["600"]["bytes"] for n in (int4, "ours fp32"))
+    assert q < fp32  # %limit from the bytes the int4 decoder really reads

@@ -350,7 +350,7 @@ def test_frame_and_window_reach_the_image_loader(ct_small):
 def test_help_explains_every_option():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict)).choices
-    assert set(subparsers) == {"ask", "chat", "generate", "info", "app", "triton", "serve"}
+    assert set(subparsers) == {"ask", "chat", "generate", "info", "prepare", "app", "triton", "serve"}
     for name, sub in subparsers.items():
         for action in sub._actions:
             assert action.help and action.help != "==SUPPRESS==", f"{name} {action.option_strings or action.dest}"

@@ -15,7 +15,7 @@ from runtime.core.generate import decode_one_token, forward
 from runtime.core.pipeline import Pipeline
 
 # Issue 25 asks for <= 30. Measured with standard ONNX ops (tiny M3 / L14, ORT_ENABLE_ALL): 54 / 57, from ~160. What
-# is left is what the model computes: per H-LoRA linear (4 a layer) the base MatMul, the [A; R] MatMul, its Split,
+# is left is what the model computes: per H-LoRA linear (4 a layer) the base MatMul, the A and R MatMuls,
 # the routing Softmax, the gate's spread MatMul, the gate Mul, the B MatMul and the Add (8 x 4 = 32), then 2 norms,
 # RoPE with its head splits (4), attention (12; 14 with GQA's reshapes) and 4 MLP/residual nodes. Fewer needs fused
 # ops (GroupQueryAttention, RotaryEmbedding, a fused H-LoRA): not standard ONNX. This bound keeps what was reached.

@@ -15,6 +15,7 @@ from calibration import calibrate as calibrate_mod
 from calibration import quantize, report, structure
 from calibration.calibrate import Plan, quantize_bundle
 from export.compile.writer import BundleWriter
+from runtime.contract.errors import UserError
 from runtime.core.bundle import Bundle
 
 ORIGINAL = quantize.quantize_weight
@@ -51,24 +52,29 @@ def swapped_nibbles(q, scale, scheme, name, original=quantize.weight_initializer
     return original(q.reshape(-1, 2)[:, ::-1].reshape(q.shape), scale, scheme, name)
 
 
-def hlora_quantized(model, graph, lm_head):
-    return [m for m in quantize.weight_matmuls(model) if m.role in ("base", "hlora")]
+def hlora_quantized(model, graph, plan):
+    return [m for m in quantize.weight_matmuls(model) if m.role in ("base", "lm_head", "hlora")]
 
 
-MUTANTS = {  # name -> (scheme, what is patched, the mutant)
-    "floor rounding": ("int4", "quantize_weight", floor_rounding),
-    "scales on the wrong axis": ("int8", "quantize_weight", scales_on_the_wrong_axis),
-    "blocks in reverse order": ("int4", "quantize_weight", blocks_in_reverse_order),
-    "doubled scales": ("int4", "quantize_weight", doubled_scales),
-    "swapped nibbles": ("int4", "weight_initializers", swapped_nibbles),
-    "H-LoRA quantized": ("int4", "_targets", hlora_quantized),
-    "a norm weight changed by 1%": ("int4", "rewrite", None),  # made in the test: it needs the source bundle
+def router_quantized(model, graph, plan):
+    return [m for m in quantize.weight_matmuls(model) if m.role in ("base", "lm_head", "hlora", "router")]
+
+
+MUTANTS = {  # name -> (scheme, H-LoRA A/B declared quantized, what is patched, the mutant)
+    "floor rounding": ("int4", False, "quantize_weight", floor_rounding),
+    "scales on the wrong axis": ("int8", False, "quantize_weight", scales_on_the_wrong_axis),
+    "blocks in reverse order": ("int4", False, "quantize_weight", blocks_in_reverse_order),
+    "doubled scales": ("int4", True, "quantize_weight", doubled_scales),
+    "swapped nibbles": ("int4", False, "weight_initializers", swapped_nibbles),
+    "H-LoRA quantized, not declared": ("int4", False, "_targets", hlora_quantized),
+    "router quantized": ("int8", True, "_targets", router_quantized),
+    "a norm weight changed by 1%": ("int4", False, "rewrite", None),  # made in the test: it needs the source bundle
 }
 
 
-def _quantized(src: Bundle, tmp, scheme: str) -> Bundle:
+def _quantized(src: Bundle, tmp, scheme: str, adapters: bool = False) -> Bundle:
     """What calibrate writes before its report (round to nearest: no calibration images needed)."""
-    plan = Plan.of(scheme, 32, ("decoder",), "rtn", lm_head=True)
+    plan = Plan.of(scheme, 32, ("decoder",), "rtn", lm_head=True, adapters=adapters)
     manifest, _ = quantize_bundle(src, BundleWriter(tmp), plan, [])
     return Bundle(tmp, manifest, "")
 
@@ -78,11 +84,12 @@ def src(m3_bundle):
     return Bundle.open(m3_bundle)
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_the_structural_check_passes_what_calibrate_writes(scheme, src, tmp_path):
-    result = structure.check(src, _quantized(src, tmp_path, scheme))
+@pytest.mark.parametrize("scheme,adapters", [("int4", False), ("int8", False), ("int4", True), ("int8", True)])
+def test_the_structural_check_passes_what_calibrate_writes(scheme, adapters, src, tmp_path):
+    result = structure.check(src, _quantized(src, tmp_path, scheme, adapters))
     assert result.passed, result.problems
-    assert result.weights == 18 and 0 < result.max_rel_error < 0.2  # 9 MatMuls in each task's decoder
+    # 9 MatMuls in each task's decoder (+ H-LoRA A and B of its 8 linears)
+    assert result.weights == 2 * (9 + 16 * adapters) and 0 < result.max_rel_error < 0.2
     for diffs in result.graphs.values():
         assert diffs["unfused"] <= structure.RUN_RTOL and diffs["fused"] <= structure.FUSED_RTOL
 
@@ -115,10 +122,10 @@ def _norm_changed(src: Bundle):
 
 @pytest.mark.parametrize("name", MUTANTS)
 def test_each_broken_quantizer_fails_the_structural_check_naming_the_tensor(name, src, tmp_path, monkeypatch):
-    scheme, target, mutant = MUTANTS[name]
+    scheme, adapters, target, mutant = MUTANTS[name]
     module = calibrate_mod if target == "_targets" else quantize
     monkeypatch.setattr(module, target, mutant or _norm_changed(src))
-    result = structure.check(src, _quantized(src, tmp_path, scheme), run=False)
+    result = structure.check(src, _quantized(src, tmp_path, scheme, adapters), run=False)
     assert not result.passed, name
     fp_model = onnx.load(str(src.path("com", "decoder")), load_external_data=False)
     tensors = {i.name for i in fp_model.graph.initializer} | {n.name for n in fp_model.graph.node}
@@ -171,3 +178,10 @@ def test_rewrite_keeps_a_graph_already_at_opset_21_or_later_and_leaves_its_input
     assert [o.version for o in out.opset_import if o.domain == ""] == [22]
     assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "MatMul"]
     assert {i.name for i in out.graph.initializer} == {"w.qint4", "w.scale"}
+
+
+def test_adapters_are_quantized_by_weight_only_schemes_only():
+    assert Plan.of("int4", 64, ("decoder",), None, None).adapters  # the default: measured (calibrate.ADAPTERS)
+    assert not Plan.of("w8a8", 64, ("decoder",), None, None).adapters
+    with pytest.raises(UserError, match="keeps the H-LoRA matrices float"):
+        Plan.of("fp8", 64, ("decoder",), None, None, adapters=True)

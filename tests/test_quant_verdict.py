@@ -105,7 +105,7 @@ def test_the_app_and_the_server_refuse_it_unless_overridden(failed_bundle, tmp_p
 
 INT8 = {"scheme": "int8", "block_size": None, "weights": "int8", "ort_only": False}  # a record consistent in itself
 FP8 = {"scheme": "fp8", "algorithm": "minmax", "block_size": None, "weights": "float8e4m3fn", "ort_only": False,
-       "activations": "float8e4m3fn", "accuracy_level": None}
+       "activations": "float8e4m3fn", "accuracy_level": None, "adapters": "float32"}
 BAD_FIELDS = {  # case -> (forged fields, what the refusal names)
     "int4 -> int8": (INT8, "int8 stores int8, but graph com.decoder holds int4"),
     "int4 -> fp8": (FP8, "fp8 stores float8_e4m3fn, but graph com.decoder holds int4"),
@@ -113,6 +113,8 @@ BAD_FIELDS = {  # case -> (forged fields, what the refusal names)
     "block_size": ({"block_size": 999}, "block_size 999"),
     "block_size 64, not the scales'": ({"block_size": 64, "ort_only": False}, "no fp32 scale of shape"),
     "lm_head": ({"lm_head": "banana"}, "lm_head 'banana'"),
+    "adapters": ({"adapters": "banana"}, "adapters 'banana'"),
+    "adapters of a Q/DQ scheme": ({**FP8, "adapters": "quantized"}, "quantized for weight-only schemes only"),
     "graphs": ({"graphs": ["nope"]}, "graphs ['nope']"),
     "report.file": ({"report": {"passed": True, "file": "../../../etc/passwd"}}, "report.file"),
     "weight_rel_error": ({"weight_rel_error": {}}, "weight_rel_error {}"),

@@ -44,8 +44,9 @@ def attach_hlora(llm: nn.Module, rank: int, alpha: int, experts: int = 4) -> Non
 
 
 class FoldedHLora(nn.Module):
-    """The exported form: base GEMM kept separate so W stays shareable between tasks (same bytes on disk),
-    A (with s folded in, exact since s is a power of two) and R stacked into one small GEMM, then gate, then B.
+    """The exported form: base GEMM kept separate so W stays shareable between tasks (same bytes on disk), A (with s
+    folded in, exact since s is a power of two), the router R, the gate, then B. A and R are two MatMuls of their own
+    (not one over [A; R] and a Split: as many nodes) so that A and B can be quantized while the router stays float.
     Every matrix is held as the [in, out] operand the graph's MatMul reads (W as a view: no copy), so each
     initializer of the exported graph is a parameter of this module, never a folded constant: the streaming export
     (export/compile/stream.py) fills them in layer by layer from the checkpoint."""
@@ -54,14 +55,13 @@ class FoldedHLora(nn.Module):
         super().__init__()
         self.rank, self.experts = layer.rank, layer.experts
         self.weight_t = _operand(layer.weight)  # [in, out], identical to the plain base model's W^T
-        a = layer.lora_A.weight * layer.scaling
-        self.a_route_t = _operand(torch.cat([a, layer.lora_route.weight]))
+        self.lora_a_t = _operand(layer.lora_A.weight * layer.scaling)
+        self.route_t = _operand(layer.lora_route.weight)
         self.lora_b_t = _operand(layer.lora_B.weight)
         self.register_buffer("spread", spread(self.rank, self.experts, layer.weight.dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, route = (x @ self.a_route_t).split([self.rank, self.experts], dim=-1)  # [.., r], [.., experts]
-        return x @ self.weight_t + experts_out(a, route, self.lora_b_t, self.spread)
+        return x @ self.weight_t + experts_out(x @ self.lora_a_t, x @ self.route_t, self.lora_b_t, self.spread)
 
 
 def _operand(w: torch.Tensor) -> nn.Parameter:

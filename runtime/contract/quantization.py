@@ -35,6 +35,7 @@ TYPES = {"int4": ("int4", "float32", "int4"), "int8": ("int8", "float32", "int8"
 QUANTIZED_DTYPES = frozenset(t[2] for t in TYPES.values())
 GRAPHS = ("decoder", "vision")  # the graphs calibrate can quantize
 LM_HEAD = ("quantized", "float32")
+ADAPTERS = ("quantized", "float32")  # the H-LoRA A/B matrices (the router stays float)
 REPORT_FILES = ("quant.json", "quant.md")  # the typed, hashed verdict first; the manifest's report points to it
 # The only ONNX Runtime session entries a bundle may ask for, with their allowed values (calibrate.py says why)
 SESSION_ENTRIES = {"session.disable_quant_qdq": ("1",)}
@@ -105,6 +106,7 @@ class Quantization(Record):
     # graph name -> ONNX Runtime session config entries its sessions need (OrtBackend sets them), e.g. fp8:
     # session.disable_quant_qdq = 1 (the CPU provider's QDQ fusions have no float8 kernels)
     session_config: dict[str, dict[str, str]] = field(default_factory=dict)
+    adapters: str = "float32"  # quantized: the H-LoRA A/B matrices in the scheme's form too (weight-only schemes)
 
     def problems(self) -> Iterator[str]:
         if self.scheme not in ALGORITHMS:
@@ -123,6 +125,8 @@ class Quantization(Record):
             yield f"weights/activations {self.weights}/{self.activations} are not {self.scheme}'s"
         if self.lm_head not in LM_HEAD:
             yield f"lm_head {self.lm_head!r} is not one of {', '.join(LM_HEAD)}"
+        if self.adapters not in ADAPTERS or (self.adapters == "quantized" and TYPES[self.scheme][1] != "float32"):
+            yield f"adapters {self.adapters!r}: one of {', '.join(ADAPTERS)}, quantized for weight-only schemes only"
         if not self.graphs or not set(self.graphs) <= set(GRAPHS) or len(set(self.graphs)) != len(self.graphs):
             yield f"graphs {list(self.graphs)} must be a subset of {', '.join(GRAPHS)}"
         weight_only = TYPES[self.scheme][1] == "float32"

@@ -50,6 +50,7 @@ class QuantSummary(Record):
     block_size: int | None
     lm_head: str
     graphs: tuple[str, ...]
+    adapters: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class QuantReport(Record):
         if q is None or q.report is None:
             raise UserError(f"{root}: the bundle has no quantization report")
         report = _read(root / q.report.file, cls, q.report.file)
-        summary = QuantSummary(q.scheme, q.algorithm, q.block_size, q.lm_head, q.graphs)
+        summary = QuantSummary(q.scheme, q.algorithm, q.block_size, q.lm_head, q.graphs, q.adapters)
         if report.bundle_files != files_digest(manifest.files) or report.quantization != summary:
             raise ManifestError(f"{root / q.report.file} was not written for this bundle (its files or quantization "
                                 "differ): re-run `build.py calibrate`")

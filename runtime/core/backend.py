@@ -21,6 +21,7 @@ from runtime.contract.errors import UserError
 from runtime.contract.graphspec import GraphSpec
 from runtime.contract.healthgpt import graph_id
 from runtime.contract.manifest import NOT_NUMPY
+from runtime.core import prepared
 from runtime.core.bundle import Bundle
 from runtime.core.providers import PROVIDERS, QUIET, VERBOSE
 
@@ -112,7 +113,8 @@ class OrtBackend:
     concurrent = True
 
     def __init__(self, providers: str = "auto", threads: int | None = None, prepack: bool | None = None,
-                 verbose: bool = False, accuracy_level: int | None = None, optimized_dir: Path | None = None):
+                 verbose: bool = False, accuracy_level: int | None = None, optimized_dir: Path | None = None,
+                 session_cache: bool | None = None):
         import onnxruntime as ort
 
         if providers not in PROVIDERS:
@@ -126,6 +128,7 @@ class OrtBackend:
         self.optimized_dir = optimized_dir  # where each session writes the graph it really runs (which nodes fused)
         self.weights: dict[Path, dict[str, object]] = {}  # bundle -> tensor name -> OrtValue over its mmap
         self.prepacks: dict[Path, bool] = {}  # bundle -> whether its sessions prepack (prepack=None: by size)
+        self.session_cache = session_cache  # None: prepared sessions for quantized bundles on the CPU (_prepared)
 
     def shared_weights(self, bundle: Bundle) -> dict[str, object]:
         """Every tensor of the bundle's weights file as an OrtValue over one read-only memory map (made once).
@@ -146,35 +149,73 @@ class OrtBackend:
 
     def load(self, bundle: Bundle, task: str, name: str, model: bytes | None = None) -> OrtGraph:
         """model: a serialized variant of the graph to run instead (same initializers; calibration adds outputs)."""
-        opts = self.ort.SessionOptions()
+        opts, entries = self.ort.SessionOptions(), self._entries(bundle, name)
         opts.intra_op_num_threads = self.threads
-        opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = min(self.severity, 3)  # 3: errors only, even when quiet
-        weights = self.shared_weights(bundle)
-        if not self.prepacks[bundle.root]:
-            opts.add_session_config_entry("session.disable_prepacking", "1")
-        quantization = bundle.manifest.precision.quantization
-        level = self.accuracy_level if self.accuracy_level is not None else quantization and quantization.accuracy_level
-        if level is not None:
-            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
-        for key, value in (quantization.session_config.get(name, {}) if quantization else {}).items():
+        available = self.ort.get_available_providers()
+        asked = [p for p in PROVIDERS[self.requested] if p in available]
+        ready = self._prepared(bundle, task, name, entries, asked) if model is None else None
+        for key, value in entries.items():
             opts.add_session_config_entry(key, value)
+        if ready is not None:  # optimized and prepacked already, its weights mapped from the cache
+            opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            return self._checked(self.ort.InferenceSession(str(ready), opts, providers=asked), bundle.spec(task, name))
+        opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.optimized_dir is not None:
             opts.optimized_model_filepath = str(Path(self.optimized_dir) / f"{graph_id(task, name)}.onnx")
         if model is not None:  # its external initializers point into the bundle's weights file, relative to the bundle
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.root))
+        weights = self.shared_weights(bundle)
         for tensor in bundle.entry(task, name).initializers:
             if tensor in weights:
                 opts.add_initializer(tensor, weights[tensor])
-        available = self.ort.get_available_providers()
-        asked = [p for p in PROVIDERS[self.requested] if p in available]
         session = self.ort.InferenceSession(model or str(bundle.path(task, name)), opts, providers=asked)
+        return self._checked(session, bundle.spec(task, name), weights)
+
+    def _entries(self, bundle: Bundle, name: str) -> dict[str, str]:
+        """The session config entries of a graph: prepacking, MatMulNBits' accuracy level, the bundle's own."""
+        self.shared_weights(bundle)  # decides self.prepacks
+        entries = {} if self.prepacks[bundle.root] else {"session.disable_prepacking": "1"}
+        quantization = bundle.manifest.precision.quantization
+        level = self.accuracy_level if self.accuracy_level is not None else quantization and quantization.accuracy_level
+        if level is not None:
+            entries["session.qdq_matmulnbits_accuracy_level"] = str(level)
+        return {**entries, **(quantization.session_config.get(name, {}) if quantization else {})}
+
+    def _prepared(self, bundle: Bundle, task: str, name: str, entries: dict, asked: list[str]) -> Path | None:
+        """This machine's prepared session of the graph (runtime/core/prepared.py), made now when missing; None when
+        not used: a provider other than the CPU's, the optimized graph asked for elsewhere, or a float graph unless
+        session_cache=True (by default only graphs with quantized MatMuls: fusing and prepacking them is what takes
+        the time, while a float graph's prepacked copy would take as much disk again as its weights)."""
+        quant = bundle.manifest.precision.quantization
+        wanted = self.session_cache if self.session_cache is not None else (
+            quant is not None and graph_id(task, name) in quant.quantized_matmuls)
+        if not wanted or asked != ["CPUExecutionProvider"] or self.optimized_dir is not None:
+            return None
+        files, entry, table = bundle.manifest.files, bundle.entry(task, name), bundle.manifest.weights
+        key = prepared.key({"graph": files[entry.file].sha256, "weights": files[table.file].sha256,
+                            "entries": entries, "ort": self.ort.__version__, "machine": prepared.machine()})
+
+        def write(folder: Path, data: str) -> None:
+            opts = self.ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.log_severity_level = 3
+            opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.optimized_model_filepath = str(folder / prepared.GRAPH)
+            for k, value in {**entries, **prepared.SAVE_ENTRIES, prepared.DATA_ENTRY: data}.items():
+                opts.add_session_config_entry(k, value)
+            self.ort.InferenceSession(str(bundle.path(task, name)), opts, providers=asked)
+
+        nbytes = sum(table.tensors[t].nbytes for t in entry.initializers if t in table.tensors)
+        return prepared.lookup(key) or prepared.prepare(key, nbytes, write, graph_id(task, name))
+
+    def _checked(self, session, spec: GraphSpec, weights: dict | None = None) -> OrtGraph:
         session.disable_fallback()  # a provider failing at run time is an error, not a silent move to the CPU
         got = session.get_providers()
         if self.requested in ("cuda", "tensorrt") and got[0] != PROVIDERS[self.requested][0]:
             raise UserError(f"{PROVIDERS[self.requested][0]} was requested but could not be loaded (the session "
                             f"got {', '.join(got)}); check the CUDA/cuDNN installation or use --providers cpu")
-        return OrtGraph(session, bundle.spec(task, name), weights)
+        return OrtGraph(session, spec, weights)
 
     def buffer(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         return np.zeros(shape, np.dtype(dtype))

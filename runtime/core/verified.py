@@ -49,7 +49,7 @@ def enabled() -> bool:
     return os.environ.get("HEALTHGPT_EDGE_NO_RECORD", "") in ("", "0")
 
 
-def _private(st: os.stat_result) -> bool:
+def private(st: os.stat_result) -> bool:
     """Owned by this user and writable by no one else."""
     return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
@@ -79,7 +79,7 @@ def _read(path: Path) -> tuple[dict, bool]:
         return {}, True
     except OSError:
         return {}, False
-    if not stat.S_ISDIR(folder.st_mode) or not _private(folder):
+    if not stat.S_ISDIR(folder.st_mode) or not private(folder):
         return {}, False
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -89,7 +89,7 @@ def _read(path: Path) -> tuple[dict, bool]:
         return {}, False
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not _private(st):
+        if not stat.S_ISREG(st.st_mode) or not private(st):
             return {}, False
         raw = f.read(MAX_BYTES + 1) if st.st_size <= MAX_BYTES else b""
     try:
@@ -121,7 +121,7 @@ class Record:
         says (unchanged while hashed, not changed within RACY_NS, private; save() drops those mapped writable)."""
         st = path.stat()
         if (not self.writable or stamp(path) != before or time.time_ns() - st.st_ctime_ns < RACY_NS
-                or not _private(st)):
+                or not private(st)):
             return
         self.data.pop(str(path.resolve()), None)
         self.data[str(path.resolve())] = [*before, context, sha256]

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from runtime.contract.errors import UserError
-from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKENS
+from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKENS, SHARED
 from runtime.core.prompt import check_question
 from runtime.core.providers import quiet_ort
 from runtime.core.verdict import OVERRIDE
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub, [bundle, run])
     _add_generate(sub, [bundle, run])
     _add_info(sub, [bundle])
+    _add_prepare(sub, [bundle])
     _add_app(sub)
     from runtime.frontends.serving.commands import add_commands  # triton, serve
 
@@ -161,6 +162,20 @@ def _add_info(sub, parents: list[argparse.ArgumentParser]) -> None:
                                    "TensorRT engines; then the ONNX Runtime providers installed here and which of "
                                    "them really load; then check every file's sha256.")
     i.set_defaults(run=cmd_info)
+
+
+def _add_prepare(sub, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("prepare", parents=parents, help="prepare a bundle's ONNX Runtime CPU sessions on this machine "
+                                                        "once, so that every later start maps them (seconds)",
+                       description="Build each graph's ONNX Runtime CPU session once and keep it, optimized and "
+                                   "with its prepacked weights, in this machine's cache ($XDG_CACHE_HOME/"
+                                   "healthgpt-edge/sessions, sealed with sha256; runtime/core/prepared.py): later "
+                                   "starts map it instead of optimizing and prepacking again, and hold less "
+                                   "anonymous memory. The graphs with quantized MatMuls are prepared on first use "
+                                   "anyway; float graphs only with --all (their prepacked copy takes as much disk "
+                                   "again as their weights).")
+    p.add_argument("--all", action="store_true", help="float graphs too (default: the quantized ones)")
+    p.set_defaults(run=cmd_prepare)
 
 
 def _add_app(sub) -> None:
@@ -320,6 +335,22 @@ def cmd_info(a) -> int:
     from runtime.frontends.info import show  # imported when asked: it probes provider libraries
 
     return show(a.bundle)
+
+
+def cmd_prepare(a) -> int:
+    from runtime.core.backend import OrtBackend
+    from runtime.core.bundle import Bundle
+
+    if a.bundle is None:
+        raise UserError("prepare needs --bundle DIR")
+    bundle, backend = Bundle.open(a.bundle), OrtBackend("cpu", session_cache=True if a.all else None)
+    for gid in bundle.manifest.graphs:
+        task, name = gid.split(".")
+        start = time.perf_counter()
+        with quiet_ort(a.verbose):  # a shared graph (shared.vqgan) is any task's
+            backend.load(bundle, bundle.tasks[0] if task == SHARED else task, name)  # prepared when missing
+        info(f"{gid}: ready in {time.perf_counter() - start:.1f} s")  # a graph not prepared: loaded all the same
+    return 0
 
 
 def cmd_app(a) -> int:

@@ -78,7 +78,7 @@ def _quantization(q) -> list[str]:
     report = f"{'passed' if q.report.passed else 'FAILED'} ({q.report.file})"
     level = "" if q.accuracy_level is None else f"; MatMulNBits accuracy level {q.accuracy_level}"
     return [f"{q.scheme} {q.algorithm} (weights {q.weights} {block}, activations {q.activations}) on "
-            f"{', '.join(q.graphs)}, LM head {q.lm_head}; {q.form}{where}",
+            f"{', '.join(q.graphs)}, LM head {q.lm_head}, H-LoRA {q.adapters}; {q.form}{where}",
             f"{sum(q.quantized_matmuls.values())} MatMuls through DequantizeLinear ("
             + ", ".join(f"{g} {n}" for g, n in q.quantized_matmuls.items()) + f"){level}; accuracy report {report}",
             *(f"ONNX Runtime {g} sessions: " + ", ".join(f"{k}={v}" for k, v in c.items())
