@@ -86,3 +86,15 @@ def test_prepare_makes_every_graph_of_a_bundle_ready(m3_bundle, cache, capsys):
     err = capsys.readouterr().err
     assert all(f"{gid}: ready in" in err for gid in graphs)
     assert main(["prepare"]) == 2 and "prepare needs --bundle" in capsys.readouterr().err
+
+
+def test_auto_providers_use_prepared_sessions_where_only_the_cpu_can_load(m3_bundle, cache, monkeypatch):
+    from runtime.core import backend as backend_mod
+
+    bundle = Bundle.open(m3_bundle)
+    monkeypatch.setattr(backend_mod, "why_not_loadable", lambda ort, p: "no CUDA here")
+    auto = OrtBackend("auto", session_cache=True)
+    auto.load(bundle, "com", "embed")
+    assert len(entries()) == 1 and auto._cpu_only(("CUDAExecutionProvider", "CPUExecutionProvider"))
+    monkeypatch.setattr(backend_mod, "why_not_loadable", lambda ort, p: None)  # a GPU that loads: not prepared
+    assert not OrtBackend("auto", session_cache=True)._cpu_only(("CUDAExecutionProvider", "CPUExecutionProvider"))

@@ -23,7 +23,7 @@ from runtime.contract.healthgpt import graph_id
 from runtime.contract.manifest import NOT_NUMPY
 from runtime.core import prepared
 from runtime.core.bundle import Bundle
-from runtime.core.providers import PROVIDERS, QUIET, VERBOSE
+from runtime.core.providers import PROVIDERS, QUIET, VERBOSE, why_not_loadable
 
 
 class Graph(Protocol):
@@ -129,6 +129,7 @@ class OrtBackend:
         self.weights: dict[Path, dict[str, object]] = {}  # bundle -> tensor name -> OrtValue over its mmap
         self.prepacks: dict[Path, bool] = {}  # bundle -> whether its sessions prepack (prepack=None: by size)
         self.session_cache = session_cache  # None: prepared sessions for quantized bundles on the CPU (_prepared)
+        self.cpu_only: dict[tuple[str, ...], bool] = {}  # providers asked for -> whether only the CPU's can load
 
     def shared_weights(self, bundle: Bundle) -> dict[str, object]:
         """Every tensor of the bundle's weights file as an OrtValue over one read-only memory map (made once).
@@ -159,7 +160,8 @@ class OrtBackend:
             opts.add_session_config_entry(key, value)
         if ready is not None:  # optimized and prepacked already, its weights mapped from the cache
             opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            return self._checked(self.ort.InferenceSession(str(ready), opts, providers=asked), bundle.spec(task, name))
+            session = self.ort.InferenceSession(str(ready), opts, providers=["CPUExecutionProvider"])
+            return self._checked(session, bundle.spec(task, name))
         opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.optimized_dir is not None:
             opts.optimized_model_filepath = str(Path(self.optimized_dir) / f"{graph_id(task, name)}.onnx")
@@ -190,7 +192,7 @@ class OrtBackend:
         quant = bundle.manifest.precision.quantization
         wanted = self.session_cache if self.session_cache is not None else (
             quant is not None and graph_id(task, name) in quant.quantized_matmuls)
-        if not wanted or asked != ["CPUExecutionProvider"] or self.optimized_dir is not None:
+        if not wanted or not self._cpu_only(tuple(asked)) or self.optimized_dir is not None:
             return None
         files, entry, table = bundle.manifest.files, bundle.entry(task, name), bundle.manifest.weights
         key = prepared.key({"graph": files[entry.file].sha256, "weights": files[table.file].sha256,
@@ -204,10 +206,17 @@ class OrtBackend:
             opts.optimized_model_filepath = str(folder / prepared.GRAPH)
             for k, value in {**entries, **prepared.SAVE_ENTRIES, prepared.DATA_ENTRY: data}.items():
                 opts.add_session_config_entry(k, value)
-            self.ort.InferenceSession(str(bundle.path(task, name)), opts, providers=asked)
+            self.ort.InferenceSession(str(bundle.path(task, name)), opts, providers=["CPUExecutionProvider"])
 
         nbytes = sum(table.tensors[t].nbytes for t in entry.initializers if t in table.tensors)
         return prepared.lookup(key) or prepared.prepare(key, nbytes, write, graph_id(task, name))
+
+    def _cpu_only(self, asked: tuple[str, ...]) -> bool:
+        """Whether the sessions land on the CPU provider alone: the others asked for cannot load here (`auto` with
+        onnxruntime-gpu on a machine without CUDA lists CUDA as available all the same)."""
+        if asked not in self.cpu_only:
+            self.cpu_only[asked] = all(p == "CPUExecutionProvider" or why_not_loadable(self.ort, p) for p in asked)
+        return self.cpu_only[asked]
 
     def _checked(self, session, spec: GraphSpec, weights: dict | None = None) -> OrtGraph:
         session.disable_fallback()  # a provider failing at run time is an error, not a silent move to the CPU
