@@ -98,3 +98,18 @@ def test_auto_providers_use_prepared_sessions_where_only_the_cpu_can_load(m3_bun
     assert len(entries()) == 1 and auto._cpu_only(("CUDAExecutionProvider", "CPUExecutionProvider"))
     monkeypatch.setattr(backend_mod, "why_not_loadable", lambda ort, p: None)  # a GPU that loads: not prepared
     assert not OrtBackend("auto", session_cache=True)._cpu_only(("CUDAExecutionProvider", "CPUExecutionProvider"))
+
+
+def test_a_failed_preparation_falls_back_to_the_plain_session(m3_bundle, cache, monkeypatch, capsys):
+    bundle = Bundle.open(m3_bundle)
+
+    def full_disk(folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepared, "_realign", full_disk)
+    graph = OrtBackend("cpu", session_cache=True).load(bundle, "com", "decoder")
+    assert "could not prepare com.decoder (OSError" in capsys.readouterr().err
+    assert entries() == [] and not any(prepared.root().iterdir())  # nothing half-written left behind
+    want = outputs(OrtBackend("cpu", session_cache=False).load(bundle, "com", "decoder"))
+    for a, b in zip(outputs(graph), want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,8 @@ fused) saved with its *prepacked* weights, so that later starts map both from di
 and prepacking again (issue 25, item 5). Measured on the full M3's int4 COM decoder, its files in the page cache
 (benchmarks/README.md): a session in 2.8 s instead of 8.5 s, holding 0.08 GiB of anonymous memory instead of 3.3
 (the prepacked weights are file-backed pages the kernel may drop and read again), the same outputs to the bit;
-preparing it took 43 s once.
+preparing it took 43-47 s once. Preparing never stands in the way of a start: when it fails (a full disk, say), the
+graph is loaded as it would be without the cache, and a warning says why.
 
 The prepacked layout is the CPU kernels' own, picked for this processor by this ONNX Runtime build (ONNX Runtime
 warns that such a file "should only be used in the same environment"), so it never goes into a bundle: it lives in
@@ -41,6 +42,7 @@ SAVE_ENTRIES = {"session.optimized_model_external_initializers_min_size_in_bytes
 # Saving writes the original weights and their prepacked copy (measured: 5.3 GB for a 2.1 GB int4 decoder)
 DISK_FACTOR = 3
 ALIGN = 4096  # every tensor and prepacked blob of the data file at a page boundary (_realign)
+FORMAT = 1  # of what prepare() writes (_realign's layout): a new one never reads an older entry
 
 
 def enabled() -> bool:
@@ -59,9 +61,6 @@ def machine() -> str:
             name, _, value = line.partition(":")
             fields.setdefault(name.strip(), value.strip())
     return f"{platform.machine()}|{fields.get('model name', '')}|{fields.get('flags', fields.get('Features', ''))}"
-
-
-FORMAT = 1  # of what prepare() writes (_realign's layout): a new one never reads an older entry
 
 
 def key(parts: dict) -> str:
@@ -121,6 +120,9 @@ def prepare(name: str, nbytes: int, write: Callable[[Path, str], None], what: st
         write_atomic(tmp / SEAL, json.dumps({f: file_digest(tmp / f) for f in (GRAPH, DATA)}))
         with contextlib.suppress(OSError):  # another process prepared it first: theirs is as good
             tmp.rename(base / name)
+    except Exception as e:  # any failure here only costs the cache: the plain load follows
+        print(f"[W] could not prepare {what} ({type(e).__name__}: {e}); loading it without the cache", file=sys.stderr)
+        return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return lookup(name)
