@@ -265,7 +265,6 @@ def _structure_lines(result: QuantReport) -> list[str]:
     runs = ", ".join(f"{g} " + ", ".join(f"{k} {v:.2g}" for k, v in d.items()) for g, d in s.graphs.items())
     head = (f"Structural check (every quantized weight re-derived from its fp32 source, nothing else changed, the "
             f"graphs run where they fit in memory): **{'passed' if s.passed else 'FAILED'}**, {s.weights} weights, "
-            f"largest relative error "
-            f"{s.max_rel_error:.3g}; relative difference of the outputs ({runs or 'not run'}).")
+            f"largest relative error {s.max_rel_error:.3g}; relative difference of the outputs ({runs or 'not run'}).")
     skipped = [f"- structure: {g}: outputs not compared: {why}" for g, why in s.not_run.items()]
     return [head, "", *(f"- structure: {p}" for p in s.findings[:20]), *skipped, ""]

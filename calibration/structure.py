@@ -9,8 +9,7 @@ Independent of how noisy random weights make the end-to-end figures, a broken qu
   source converted to opset 21, as the quantizer converts it), every other initializer byte-identical (the router
   and norms included), and exactly the declared MatMuls rewritten (the decoder's base linears and, when the
   manifest says so, its LM head and H-LoRA A/B matrices; every vision linear); w8a8/fp8: each of their activations
-  read through
-  QuantizeLinear -> DequantizeLinear of the fp32 graph's tensor (one per-tensor scale, zero point 0);
+  read through QuantizeLinear -> DequantizeLinear of the fp32 graph's tensor (one per-tensor scale, zero point 0);
 - the quantized graph computes what the fp32 graph computes with the dequantized weights (weight-only schemes:
   DequantizeLinear run unfused, RUN_RTOL), and the session the runtime builds (fused, at the manifest's accuracy
   level, with its session entries) agrees with the unfused graph (FUSED_RTOL), where that fits in memory

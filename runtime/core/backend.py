@@ -138,9 +138,6 @@ class OrtBackend:
         into it as external data)."""
         if bundle.root not in self.weights:
             table = bundle.manifest.weights
-            self.prepacks[bundle.root] = self.prepack if self.prepack is not None else (
-                bundle.manifest.precision.quantization is not None  # MatMulNBits computes from its packed layout
-                or 3 * sum(t.nbytes for t in table.tensors.values()) < available_memory())
             mm = np.memmap(bundle.file(table.file), dtype=np.uint8, mode="r")
             self.weights[bundle.root] = {
                 name: self.ort.OrtValue.ortvalue_from_numpy(
@@ -174,10 +171,17 @@ class OrtBackend:
         session = self.ort.InferenceSession(model or str(bundle.path(task, name)), opts, providers=asked)
         return self._checked(session, bundle.spec(task, name), weights)
 
+    def _prepacks(self, bundle: Bundle) -> bool:
+        """Whether the bundle's sessions prepack (prepack=None: decided by size when the bundle is first loaded)."""
+        if bundle.root not in self.prepacks:
+            self.prepacks[bundle.root] = self.prepack if self.prepack is not None else (
+                bundle.manifest.precision.quantization is not None  # MatMulNBits computes from its packed layout
+                or 3 * sum(t.nbytes for t in bundle.manifest.weights.tensors.values()) < available_memory())
+        return self.prepacks[bundle.root]
+
     def _entries(self, bundle: Bundle, name: str) -> dict[str, str]:
         """The session config entries of a graph: prepacking, MatMulNBits' accuracy level, the bundle's own."""
-        self.shared_weights(bundle)  # decides self.prepacks
-        entries = {} if self.prepacks[bundle.root] else {"session.disable_prepacking": "1"}
+        entries = {} if self._prepacks(bundle) else {"session.disable_prepacking": "1"}
         quantization = bundle.manifest.precision.quantization
         level = self.accuracy_level if self.accuracy_level is not None else quantization and quantization.accuracy_level
         if level is not None:

@@ -85,21 +85,16 @@ class Bundle:
         weights = self.manifest.weights.file
         # weights.bin's check covers the tensor table too: a record of it holds for this table only
         table = hashlib.sha256(json.dumps(self.manifest.weights.to_json(), sort_keys=True).encode()).hexdigest()
-        record = verified.Record()
+        record, tensors = verified.Record(), self.manifest.weights.tensors
         for name, want in self.manifest.files.items():
             path = self.file(name)
             if not path.is_file():
                 raise UserError(f"bundle file {path} is missing or not a regular file")
             if path.stat().st_size != want.bytes:
                 raise UserError(f"bundle file {path} is corrupt (its size differs from the manifest); re-export")
-            context = table if name == weights else ""
-            if not rehash and record.known(path, want.sha256, context):
-                continue
-            before = verified.stamp(path)  # recorded only if the file is the same after hashing
-            digest = _hash_weights(path, self.manifest.weights.tensors) if name == weights else file_digest(path)
-            if digest != want.sha256:
+            digest = (lambda p: _hash_weights(p, tensors)) if name == weights else file_digest
+            if not record.holds(path, want.sha256, table if name == weights else "", digest, rehash):
                 raise UserError(f"bundle file {path} is corrupt (sha256 differs from the manifest); re-export")
-            record.remember(path, digest, context, before)
         record.save()
 
     @property

@@ -82,15 +82,8 @@ def lookup(name: str) -> Path | None:
     if not (enabled() and _private_dir(root()) and _private_dir(entry)):
         return None
     try:
-        seal = json.loads((entry / SEAL).read_text())
-        record, ok = verified.Record(), set(seal) == {GRAPH, DATA}
-        for file, digest in seal.items() if ok else ():
-            path = entry / file
-            if not record.known(path, digest, "session"):
-                before = verified.stamp(path)
-                ok = ok and file_digest(path) == digest
-                if ok:
-                    record.remember(path, digest, "session", before)
+        seal, record = json.loads((entry / SEAL).read_text()), verified.Record()
+        ok = set(seal) == {GRAPH, DATA} and all(record.holds(entry / f, d, "session") for f, d in seal.items())
         record.save()
     except (OSError, ValueError, AttributeError):
         ok = False

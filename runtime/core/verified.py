@@ -25,9 +25,10 @@ import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from runtime.contract.files import write_atomic
+from runtime.contract.files import file_digest, write_atomic
 
 KEEP = 256  # entries: the record stays small whatever is opened
 MAX_BYTES = 1 << 20  # KEEP entries take ~60 kB
@@ -115,6 +116,18 @@ class Record:
         and has not changed since."""
         entry = self.data.get(str(path.resolve()))
         return entry is not None and entry == [*stamp(path), context, sha256]
+
+    def holds(self, path: Path, sha256: str, context: str = "", digest: Callable[[Path], str] | None = None,
+              rehash: bool = False) -> bool:
+        """Whether `path` hashes to `sha256`: known from the record (unless rehash), or hashed now with `digest`
+        (default: the file's sha256) and then remembered."""
+        if not rehash and self.known(path, sha256, context):
+            return True
+        before = stamp(path)  # recorded only if the file is the same after hashing
+        if (digest or file_digest)(path) != sha256:
+            return False
+        self.remember(path, sha256, context, before)
+        return True
 
     def remember(self, path: Path, sha256: str, context: str, before: list) -> None:
         """A file just hashed and checked, `before` its stamp() taken before hashing: recorded only as the top
