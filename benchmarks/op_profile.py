@@ -66,7 +66,7 @@ def op_class(name: str, op: str, weight_bytes: int, base: bool) -> str:
 def graph_facts(optimized: Path) -> tuple[dict[str, int], set[str]]:
     """From ONNX Runtime's optimized graph: node name -> bytes of the initializers it reads (the profiler's
     parameter_size misses prepacked weights; 4-bit tensors count half a byte per value), and the names of the base
-    linears: in an H-LoRA scope, the weight node that shares its input with another (the [A; R] one) and is added
+    linears: in an H-LoRA scope, the weight node that shares its input with another (A, R) and is added
     to (the B term, or a Gemm's C); its weights need not be the largest at tiny widths."""
     model = onnx.load(str(optimized), load_external_data=False)
     size = {}

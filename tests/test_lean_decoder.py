@@ -22,12 +22,15 @@ from runtime.core.pipeline import Pipeline
 MAX_NODES_PER_LAYER = 57
 
 
-def optimized_nodes(bundle_dir, out) -> Counter:
-    """Op counts of the COM decoder as the runtime's own ONNX Runtime session optimizes it (written to `out`)."""
+def optimized(bundle_dir, out) -> onnx.ModelProto:
+    """The COM decoder as the runtime's own ONNX Runtime session optimizes it (written to `out`)."""
     out.mkdir()
     OrtBackend("cpu", optimized_dir=out).load(Bundle.open(bundle_dir), "com", "decoder")
-    model = onnx.load(str(out / "com.decoder.onnx"), load_external_data=False)
-    return Counter(n.op_type for n in model.graph.node)
+    return onnx.load(str(out / "com.decoder.onnx"), load_external_data=False)
+
+
+def optimized_nodes(bundle_dir, out) -> Counter:
+    return Counter(n.op_type for n in optimized(bundle_dir, out).graph.node)
 
 
 @pytest.mark.parametrize("variant", ["m3", "l14"])
@@ -68,3 +71,16 @@ def test_decode_binds_only_the_cached_rows(m3_bundle, monkeypatch):
         for name, (shape, view) in pasts.items():
             assert shape[0] == length, f"{name}: {shape[0]} rows bound for a context of {length}"
             assert view, f"{name} was copied, not bound in place"
+
+
+def test_cached_rows_read_by_plain_matmuls(m3_bundle, tmp_path):
+    """The products over the cached keys and values carry no scale (alpha 1): ONNX Runtime fuses a scale into its
+    MatMul as alpha, and MLAS then leaves its M=1 kernel and packs the cached rows every step (benchmarks/README.md,
+    decode attention). The scale rides on q's rotation instead."""
+    model = optimized(m3_bundle, tmp_path / "opt")
+    cache = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
+    readers = [n for n in model.graph.node if cache & set(n.input) and n.op_type in ("MatMul", "FusedMatMul")]
+    assert sorted(i for n in readers for i in cache & set(n.input)) == sorted(cache)  # each read by one product
+    for n in readers:
+        alpha = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}.get("alpha", 1.0)
+        assert alpha == 1.0, f"{n.name} reads {sorted(cache & set(n.input))} with alpha {alpha}"

@@ -132,13 +132,13 @@ class DecoderGraph(nn.Module):
         """x [1, S, H] -> output [1, S, H] and the new rows [S, kvh, d]; GQA folds each KV head's query group into the
         row axis and reads the cache [C, kvh, d] as transposed operands (ONNX Runtime: strides, no copy)."""
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
-        qk, v = block.qkv(x).view(-1, heads + 2 * kv_heads, d).split([heads + kv_heads, kv_heads], dim=1)
-        q, k = (qk @ rot).split([heads, kv_heads], dim=1)
+        q, k, v = block.qkv(x).view(-1, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], dim=1)
+        rot_k, rot_q = rot  # q's rotation carries the scores' 1/sqrt(d) (see body)
+        q, k = q @ rot_q, k @ rot_k
         q = q.transpose(0, 1)  # [heads, S, d]
         if heads != kv_heads:
             q = q.reshape(kv_heads, -1, d)
-        scale = d ** -0.5
-        scores = torch.cat([q @ k_cache.permute(1, 2, 0) * scale, q @ k.permute(1, 2, 0) * scale], dim=-1)
+        scores = torch.cat([q @ k_cache.permute(1, 2, 0), q @ k.permute(1, 2, 0)], dim=-1)
         p_cache, p_new = SplitLast.apply(torch.softmax(scores.float() + mask, dim=-1).to(x.dtype), split)
         out = p_cache @ v_cache.transpose(0, 1) + p_new @ v.transpose(0, 1)  # [kvh, g*S, d]
         if heads != kv_heads:
@@ -153,6 +153,10 @@ class DecoderGraph(nn.Module):
         # [C, S] as a tensor traced from the inputs' shapes (a Python list would be baked in as constants)
         split = torch.cat([torch._shape_as_tensor(cache[0])[:1], torch._shape_as_tensor(inputs_embeds)[1:2]])
         rot = self.rotation(past_length + torch.arange(seq))
+        # the scores' scale goes into q's rotation, once a step: on the scores, ONNX Runtime fuses it into the MatMul
+        # over the cached keys (alpha != 1), which keeps MLAS off its M=1 kernel and packs those keys every step
+        # (benchmarks/README.md, "Decode attention"; tests/test_lean_decoder.py)
+        rot = (rot, rot * self.head_dim ** -0.5)
         mask = self.mask(past_length, seq, rows)
         h, new_rows = inputs_embeds, []
         for i, block in enumerate(self.blocks):

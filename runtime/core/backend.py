@@ -160,8 +160,11 @@ class OrtBackend:
             session = self.ort.InferenceSession(str(ready), opts, providers=["CPUExecutionProvider"])
             return self._checked(session, bundle.spec(task, name))
         opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.optimized_dir is not None:
-            opts.optimized_model_filepath = str(Path(self.optimized_dir) / f"{graph_id(task, name)}.onnx")
+        if self.optimized_dir is not None:  # its initializers in a file beside it: a full-size graph passes 2 GB
+            path = Path(self.optimized_dir) / f"{graph_id(task, name)}.onnx"
+            opts.optimized_model_filepath = str(path)
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                          f"{path.name}.data")
         if model is not None:  # its external initializers point into the bundle's weights file, relative to the bundle
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.root))
         weights = self.shared_weights(bundle)
