@@ -121,3 +121,17 @@ def test_decode_attention_smoke_run(tmp_path):
         assert list(res["contexts"][context]) == forms
         assert res["contexts"][context]["GroupQueryAttention float16"]["kv_bytes"] == 2 * 2 * int(context) * 2 * 16 * 2
     assert all(f"| {form} |" in proc.stdout for form in forms)
+
+
+def test_decode_ab_smoke_run(m3_bundle, tmp_path):
+    """benchmarks/decode_ab.py on one tiny bundle named twice: both decoders timed at each context, ratios printed."""
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, "benchmarks/decode_ab.py", "--bundle", f"a={m3_bundle}", f"b={m3_bundle}",
+                           "--contexts", "8", "40", "--threads", "1", "--warmup", "1", "--reps", "1",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(json.loads(out.read_text())["ms"]) == ["a @40", "a @8", "b @40", "b @8"]
+    assert "| a | " in proc.stdout and "| b | " in proc.stdout
+    bad = subprocess.run([sys.executable, "benchmarks/decode_ab.py", "--bundle", str(m3_bundle)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "NAME=DIR" in bad.stderr

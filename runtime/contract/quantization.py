@@ -38,7 +38,7 @@ LM_HEAD = ("quantized", "float32")
 ADAPTERS = ("quantized", "float32")  # the H-LoRA A/B matrices (the router stays float)
 REPORT_FILES = ("quant.json", "quant.md")  # the typed, hashed verdict first; the manifest's report points to it
 # The only ONNX Runtime session entries a bundle may ask for, with their allowed values (calibrate.py says why)
-SESSION_ENTRIES = {"session.disable_quant_qdq": ("1",)}
+SESSION_ENTRIES = {"session.disable_quant_qdq": ("1",), "session.x64quantprecision": ("1",)}
 INLINE_BYTES = 1024  # tensors below this stay inside the graph file (export/compile/onnx_export.py): not in the table
 
 
