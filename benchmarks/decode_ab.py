@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.contenders import OurDecoder, graph_weight_bytes  # noqa: E402
-from benchmarks.timing import bench, load_average, machine  # noqa: E402
+from benchmarks.timing import bench, load_average, machine, machine_line, markdown  # noqa: E402
 from runtime.core.backend import OrtBackend  # noqa: E402
 from runtime.core.bundle import Bundle  # noqa: E402
 from runtime.core.kvcache import KVCache  # noqa: E402
@@ -51,16 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     res["load_end"] = load_average()
     res["ms"] = {f"{name} @{c}": s for (name, c), s in stats.items()}
     names = list(decoders)
-    m = res["machine"]
-    print(f"{m['cpu']}, {a.threads} threads, flags {m['flags']}; load {res['load_start']:.2f} -> "
-          f"{res['load_end']:.2f}; {a.task} decode ms per token, median of {a.reps} after {a.warmup} warm-up, "
-          f"round-robin; ratio = {names[0]} / each")
-    print("| decoder | " + " | ".join(f"@{c}" for c in a.contexts) + " |")
-    print("|---|" + "---|" * len(a.contexts))
-    for name in names:
-        ms = [stats[name, c]["median_ms"] for c in a.contexts]
-        cells = [f"{t:.1f} ({stats[names[0], c]['median_ms'] / t:.2f}x)" for t, c in zip(ms, a.contexts)]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"{machine_line(res, a.threads)}; {a.task} decode ms per token, median of {a.reps} after {a.warmup} "
+          f"warm-up, round-robin; ratio = {names[0]} / each")
+    rows = [[name, *(f"{stats[name, c]['median_ms']:.1f} "
+                     f"({stats[names[0], c]['median_ms'] / stats[name, c]['median_ms']:.2f}x)" for c in a.contexts)]
+            for name in names]
+    print(markdown(["decoder", *(f"@{c}" for c in a.contexts)], rows))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
 

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.timing import Case, bench, load_average, machine  # noqa: E402
+from benchmarks.timing import Case, bench, load_average, machine, machine_line, markdown  # noqa: E402
 
 MS = "com.microsoft"
 
@@ -133,16 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         stats = bench(timed, a.warmup, a.reps)
         res["contexts"][context] = {k: {**stats[k], "kv_bytes": read[k]} for k in timed}
     res["load_end"] = load_average()
-    m = res["machine"]
-    print(f"{m['cpu']}, {a.threads} threads, flags {m['flags']}; load {res['load_start']:.2f} -> "
-          f"{res['load_end']:.2f}; {a.layers} layers x {a.heads} heads x d {a.head_dim}; median of {a.reps} after "
-          f"{a.warmup} warm-up, round-robin")
-    print("| form | " + " | ".join(f"ms @{c} (GB/s)" for c in a.contexts) + " |")
-    print("|---|" + "---|" * len(a.contexts))
-    for name in res["contexts"][a.contexts[0]]:
-        cells = [res["contexts"][c][name]["median_ms"] for c in a.contexts]
-        rates = [res["contexts"][c][name]["kv_bytes"] / (ms / 1e3) / 1e9 for c, ms in zip(a.contexts, cells)]
-        print(f"| {name} | " + " | ".join(f"{ms:.1f} ({gb:.1f})" for ms, gb in zip(cells, rates)) + " |")
+    print(f"{machine_line(res, a.threads)}; {a.layers} layers x {a.heads} heads x d {a.head_dim}; median of "
+          f"{a.reps} after {a.warmup} warm-up, round-robin")
+    forms = res["contexts"][a.contexts[0]]
+    rows = [[name, *(f"{r['median_ms']:.1f} ({r['kv_bytes'] / r['median_ms'] / 1e6:.1f})"
+                     for r in (res["contexts"][c][name] for c in a.contexts))] for name in forms]
+    print(markdown(["form", *(f"ms @{c} (GB/s)" for c in a.contexts)], rows))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
 

@@ -112,6 +112,17 @@ def bandwidth(threads: int, warmup: int, reps: int, gib: float = 1.0) -> dict:
     return out
 
 
+def machine_line(res: dict, threads: int) -> str:
+    """What every table is printed with: the CPU, threads, kernel flags and the load average at start and end."""
+    m = res["machine"]
+    return f"{m['cpu']}, {threads} threads, flags {m['flags']}; load {res['load_start']:.2f} -> {res['load_end']:.2f}"
+
+
+def markdown(head: list[str], rows: list[list[str]]) -> str:
+    lines = [head, ["---"] * len(head), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 
