@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,3 +136,32 @@ def test_decode_ab_smoke_run(m3_bundle, tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/decode_ab.py", "--bundle", str(m3_bundle)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "NAME=DIR" in bad.stderr
+
+
+def test_linear_kernels_smoke_run(tmp_path):
+    """benchmarks/linear_kernels.py at toy widths: every form runs and is tabulated (its figures mean nothing), and
+    the int4 Q/DQ forms run as the fused MatMulNBits they claim to time, at their accuracy level."""
+    import onnx
+    import onnxruntime as ort
+
+    from benchmarks.linear_kernels import FORMS, graph, shapes
+
+    out = tmp_path / "linears.json"
+    proc = subprocess.run([sys.executable, "benchmarks/linear_kernels.py", "--layers", "1", "--hidden", "128",
+                           "--intermediate", "256", "--rows", "1", "8", "--threads", "1", "--warmup", "1", "--reps",
+                           "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for m in ("1", "8"):
+        assert list(res["rows"][m]) == list(FORMS)
+    assert all(f"| {form} |" in proc.stdout for form in FORMS)
+    for form in ("int4 b128, accuracy 4", "int4 b64, accuracy 1"):
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(FORMS[form][3]))
+        ort.InferenceSession(graph(form, 1, shapes(128, 256), np.random.default_rng(0)), opts,
+                             providers=["CPUExecutionProvider"])
+        fused = [n for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node if n.op_type == "MatMulNBits"]
+        assert len(fused) == 4
+        assert {(a.name, a.i) for n in fused for a in n.attribute if a.name in ("accuracy_level", "block_size")} == \
+            {("accuracy_level", FORMS[form][3]), ("block_size", FORMS[form][2])}
