@@ -223,7 +223,7 @@ def spawn(kind: str, args: dict) -> dict:
     r = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(args)], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     if r.returncode:
-        return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        return {"error": f"not run: its process failed ({(r.stderr.strip().splitlines() or ['no output'])[-1][:300]})"}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -238,7 +238,7 @@ def table(res: dict) -> str:
              + " | s per image | peak RSS GiB |", "|---" * (7 + len(CONTEXTS)) + "|"]
     for name, r in res["contenders"].items():
         if "error" in r:
-            lines.append(f"| {name} | - | not run: {r['error']} |")
+            lines.append(f"| {name} | - | {r['error']} |")  # the error says 'not run: reason'
             continue
         for task in (t for t in ("com", "gen") if t in r):
             t = r[task]
@@ -256,16 +256,18 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _adapters(bundle: Path) -> str:
+def _label(bundle: Path) -> str:
+    """' b64 + H-LoRA int4': the int4 bundle's blocks and whether its adapters are quantized too."""
     quant = json.loads((bundle / "manifest.json").read_text())["precision"]["quantization"]
-    return " + H-LoRA int4" if quant.get("adapters") == "quantized" else " (H-LoRA fp32)"
+    adapters = " + H-LoRA int4" if quant.get("adapters") == "quantized" else " (H-LoRA fp32)"
+    return f" b{quant['block_size']}{adapters}"
 
 
 def contenders(a: argparse.Namespace, common: dict, first_round: bool) -> list[tuple[str, str, dict]]:
     """(name, worker, its arguments) of each contender asked for; images are generated in the first round only."""
     bundles = [("ours fp32", a.fp32, a.fp32_image, None)] if a.fp32 else []
-    bundles += [(f"ours int4{_adapters(b)}", b, True, None) for b in a.int4]
-    bundles += [(f"ours int4{_adapters(b)}, sessions not prepared", b, False, False) for b in a.unprepared]
+    bundles += [(f"ours int4{_label(b)}", b, True, None) for b in a.int4]
+    bundles += [(f"ours int4{_label(b)}, sessions not prepared", b, False, False) for b in a.unprepared]
     out = [(name, "ours", {**common, "bundle": str(bundle), "tasks": ["com", "gen"], "image": image and first_round,
                            "session_cache": cache}) for name, bundle, image, cache in bundles]
     if not a.no_torch:

@@ -84,6 +84,7 @@ def gguf(base: Path, out_dir: Path, kind: str) -> Path | str:
         py = llama_python()
         if isinstance(py, str):
             return py
+        out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".partial")
         failed = _run([str(py), str(venv_dir() / "src/vendor/llama.cpp/convert_hf_to_gguf.py"), str(base),
                        "--outfile", str(tmp), "--outtype", "bf16"], "convert_hf_to_gguf.py")

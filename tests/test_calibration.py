@@ -183,7 +183,8 @@ def test_full_size_benchmark_smoke_run(m3_checkpoint, m3_bundle, int4_bundle, tm
                         "--json", str(out)], capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())
-    int4 = "ours int4 + H-LoRA int4"  # the int4 default quantizes the adapters too
+    block = json.loads((int4_bundle / "manifest.json").read_text())["precision"]["quantization"]["block_size"]
+    int4 = f"ours int4 b{block} + H-LoRA int4"  # its blocks; the int4 default quantizes the adapters too
     assert res["machine"]["cpu"] and set(res["contenders"]) == {"ours fp32", int4, "PyTorch fp32"}
     assert set(res["prepare_s"]) == {str(int4_bundle)}
     for name, c in res["contenders"].items():
