@@ -11,7 +11,7 @@ own weights (so none is still in the CPU's caches), each form a graph of its own
 - int8 MatMulNBits, blocks of 64, accuracy level 4: the 8-bit form of the same op;
 - int8 per channel, int8 activations: DynamicQuantizeMatMul (MLAS's QGEMM), the form our w8a8 decoders fuse to.
 
-Per form: the weight bytes a layer reads, ms at M = 1 and at M = `--prefill` scaled to 32 layers, GB/s and
+Per form: the weight bytes a layer reads and, at each M of `--rows`, ms scaled to 32 layers with GB/s (M = 1) or
 GFLOP/s. Decode is bound by bytes only where a form reaches the machine's GEMV bandwidth (printed beside it).
 
     python benchmarks/linear_kernels.py [--layers 4] [--rows 1 616] [--reps 7] [--json OUT]
