@@ -109,11 +109,12 @@ def test_openvino_peer_without_its_venv_is_not_run(tmp_path, monkeypatch):
 
 
 def test_decode_attention_smoke_run(tmp_path):
-    """benchmarks/decode_attention.py at toy widths: every form runs and is tabulated (its figures mean nothing)."""
+    """benchmarks/decode_attention.py at toy widths, GQA (4 query heads on 2 KV heads): every form runs and is
+    tabulated (its figures mean nothing), and the bytes a step reads count the KV heads."""
     out = tmp_path / "attention.json"
     proc = subprocess.run([sys.executable, "benchmarks/decode_attention.py", "--contexts", "8", "40", "--layers", "2",
-                           "--heads", "2", "--head-dim", "16", "--threads", "1", "--warmup", "1", "--reps", "1",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--threads", "1", "--warmup", "1",
+                           "--reps", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     forms = ["scores, alpha = 1/sqrt(d) (before)", "scores, alpha = 1 (now)", "values (alpha = 1)",
@@ -121,6 +122,7 @@ def test_decode_attention_smoke_run(tmp_path):
     for context in ("8", "40"):
         assert list(res["contexts"][context]) == forms
         assert res["contexts"][context]["GroupQueryAttention float16"]["kv_bytes"] == 2 * 2 * int(context) * 2 * 16 * 2
+        assert res["contexts"][context]["scores, alpha = 1 (now)"]["kv_bytes"] == 2 * int(context) * 2 * 16 * 4
     assert all(f"| {form} |" in proc.stdout for form in forms)
 
 
