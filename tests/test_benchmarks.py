@@ -51,7 +51,10 @@ def test_profile_smoke_run(m3_bundle, tmp_path):
         table = res[kind]
         assert table["base linears"]["nodes"] == 4 * layers and table["LM head"]["nodes"] == 1
         assert table["norms"]["nodes"] == 2 * layers + 1
-        assert table["H-LoRA (A/R, routing, gate, B, add)"]["weight_bytes"] > 0
+        hlora, parts = table["H-LoRA (A/R, routing, gate, B, add)"], res[f"{kind} H-LoRA by op"]
+        assert hlora["weight_bytes"] > 0 and {"Softmax", "Add"} <= parts.keys()
+        assert sum(r["nodes"] for r in parts.values()) == hlora["nodes"]
+        assert abs(sum(r["ms"] for r in parts.values()) - hlora["ms"]) < 1e-6  # one run: its medians add up
         assert abs(sum(r["share"] for r in table.values()) - 1) < 1e-6 and all(r["ms"] >= 0 for r in table.values())
         weights = sum(r["weight_bytes"] for r in table.values())  # every weight of the bundle read once per step
         assert res["weight_bytes"] <= weights <= 1.1 * res["weight_bytes"], (weights, res["weight_bytes"])
@@ -138,6 +141,34 @@ def test_decode_ab_smoke_run(m3_bundle, tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/decode_ab.py", "--bundle", str(m3_bundle)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "NAME=DIR" in bad.stderr
+
+
+def test_hlora_forms_compute_the_same_and_run(tmp_path):
+    """benchmarks/hlora_forms.py at toy widths: every graph form of the adapted linears computes what the exported
+    form does (the benchmark checks it on its own inputs; int8 activations allow a little), and is tabulated."""
+    out = tmp_path / "forms.json"
+    proc = subprocess.run([sys.executable, "benchmarks/hlora_forms.py", "--layers", "1", "--hidden", "128",
+                           "--intermediate", "256", "--rank", "16", "--rows", "1", "8", "--threads", "1", "--warmup",
+                           "0", "--reps", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for m in ("1", "8"):
+        assert set(res["agreement"][m]) == {"now", "B fp32", "[W|A]", "[W;B]"}
+        assert max(res["agreement"][m].values()) < 2e-3, res["agreement"][m]
+    assert res["nodes_per_layer"]["base only"] == 4 and res["nodes_per_layer"]["now"] == 32
+    assert "| [W;B] |" in proc.stdout
+
+
+def test_fused_hlora_probe_runs():
+    """benchmarks/fused_hlora.py: one line per adapted linear, and the square one (o) computed as H-LoRA exactly."""
+    proc = subprocess.run([sys.executable, "benchmarks/fused_hlora.py", "--hidden", "64", "--intermediate", "128",
+                           "--rank", "16"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {"qkv", "o", "gate_up", "down"}
+    error = float(rows["o"].split("max |error| ")[1].split()[0])
+    assert error < 1e-5
 
 
 def test_linear_kernels_smoke_run(tmp_path):
