@@ -146,7 +146,7 @@ def agreement(outputs: dict[str, list[np.ndarray]]) -> dict[str, float]:
 
 def session(ort, model: bytes, threads: int, optimized: Path):
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads, opts.log_severity_level = threads, 3  # no warning about the saved optimized graph
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")  # as runtime/core/backend.py
     opts.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
