@@ -34,7 +34,8 @@ from runtime.core.kvcache import KVCache  # noqa: E402
 # node-name scopes of the exported decoder (export/compile/graphs.py): one H-LoRA linear each
 HLORA_SCOPE = re.compile(r"^/(qkv|o|gate_up|down)(_\d+)?/")
 WEIGHT_OPS = {"MatMul", "MatMulNBits", "FusedMatMul", "Gemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
-HLORA, HLORA_PART, HLORA_OPS = "H-LoRA (A/R, routing, gate, B, add)", "of which", "H-LoRA by op"
+# the class whose time is furthest above its bytes': also tabulated per op type, under HLORA_OPS
+HLORA, HLORA_OPS = "H-LoRA (A/R, routing, gate, B, add)", "H-LoRA by op"
 CLASSES = {"attention (scores, softmax, values, RoPE)": {"FusedMatMul", "Softmax", "MatMul"},
            "norms": {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization"},
            "MLP activation, residual adds": {"QuickGelu", "Sigmoid", "Mul", "Add"}}
@@ -87,20 +88,23 @@ def graph_facts(optimized: Path) -> tuple[dict[str, int], set[str]]:
     return weights, base
 
 
-def tabulate(events: list[dict], weights_of: dict[str, int], base: set[str]) -> dict[str, dict]:
-    """Node events of one run -> per class: ms, node count, weight and activation bytes read; the H-LoRA class (the
-    one whose time is furthest above its bytes') also broken down by op type, in rows named "  of which: OP"."""
+def tabulate(events: list[dict], weights_of: dict[str, int], base: set[str], ops_of: str | None = None) -> dict:
+    """Node events of one run -> per class: ms, node count, weight and activation bytes read; with `ops_of`, the
+    nodes of that class only, per op type."""
     table: dict[str, dict] = {}
     for e in events:
         args, name = e["args"], e["name"].removesuffix("_kernel_time")
         weights = weights_of.get(name, 0)
-        cls = op_class(name, args["op_name"], weights, name in base)
-        for key in (cls, f"  {HLORA_PART}: {args['op_name']}") if cls == HLORA else (cls,):
-            row = table.setdefault(key, {"ms": 0.0, "nodes": 0, "weight_bytes": 0, "activation_bytes": 0})
-            row["ms"] += e["dur"] / 1e3
-            row["nodes"] += 1
-            row["weight_bytes"] += weights
-            row["activation_bytes"] += int(args.get("activation_size", 0))
+        key = op_class(name, args["op_name"], weights, name in base)
+        if ops_of is not None:
+            if key != ops_of:
+                continue
+            key = args["op_name"]
+        row = table.setdefault(key, {"ms": 0.0, "nodes": 0, "weight_bytes": 0, "activation_bytes": 0})
+        row["ms"] += e["dur"] / 1e3
+        row["nodes"] += 1
+        row["weight_bytes"] += weights
+        row["activation_bytes"] += int(args.get("activation_size", 0))
     return table
 
 
@@ -117,11 +121,11 @@ def runs(profile: Path) -> list[list[dict]]:
     return grouped
 
 
-def median_table(tables: list[dict[str, dict]]) -> dict[str, dict]:
-    """Per class: the median ms over the runs (node counts and bytes are the same in every run of one kind), by
-    time; the share is of the step (the "of which" rows part of their class's)."""
+def median_table(tables: list[dict[str, dict]], step_ms: float | None = None) -> dict[str, dict]:
+    """Per row: the median ms over the runs (node counts and bytes are the same in every run of one kind), by time,
+    with its share of `step_ms` (default: the rows' own total)."""
     out = {c: {**tables[0][c], "ms": statistics.median(t[c]["ms"] for t in tables if c in t)} for c in tables[0]}
-    total = sum(r["ms"] for c, r in out.items() if not c.startswith(" "))
+    total = sum(r["ms"] for r in out.values()) if step_ms is None else step_ms
     for r in out.values():
         r["share"] = r["ms"] / total if total else 0.0
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms"]))
@@ -147,9 +151,10 @@ def profile(bundle_dir: Path, task: str, context: int, prefill_len: int, reps: i
     weights_of, base = graph_facts(workdir / f"{task}.decoder.onnx")  # OrtBackend's optimized_dir
     tables = {}
     for k in ("decode", "prefill"):
-        table = median_table([tabulate(g, weights_of, base) for g, kk in zip(grouped, kinds) if kk == k][1:])
-        tables[k] = {c: r for c, r in table.items() if not c.startswith(" ")}
-        tables[f"{k} {HLORA_OPS}"] = {c.split(": ")[1]: r for c, r in table.items() if c.startswith(" ")}
+        events = [g for g, kk in zip(grouped, kinds) if kk == k][1:]
+        tables[k] = median_table([tabulate(g, weights_of, base) for g in events])
+        step_ms = sum(r["ms"] for r in tables[k].values())
+        tables[f"{k} {HLORA_OPS}"] = median_table([tabulate(g, weights_of, base, HLORA) for g in events], step_ms)
     return {"bundle": str(bundle_dir), "task": task, "context": context, "prefill_tokens": prefill_len, "reps": reps,
             "threads": backend.threads, "weight_bytes": dec.weight_bytes, "kv_bytes": dec.kv_bytes_read(context),
             **tables}
@@ -161,7 +166,7 @@ def report(res: dict) -> str:
                        ("prefill", f"prefill of {res['prefill_tokens']} tokens")):
         lines.append(f"{res['task']} {what} (median of {res['reps']}, {res['threads']} threads)")
         lines.append(f"  {'op class':<40} {'ms':>9} {'share':>6} {'nodes':>6} {'weights MB':>11} {'activ. MB':>10}")
-        parts = {f"  {HLORA_PART}: {op}": r for op, r in res[f"{kind} {HLORA_OPS}"].items()}
+        parts = {f"  of which: {op}": r for op, r in res[f"{kind} {HLORA_OPS}"].items()}
         for cls, row in res[kind].items():
             for c, r in [(cls, row), *(parts.items() if cls == HLORA else ())]:
                 lines.append(f"  {c:<40} {r['ms']:9.3f} {r['share']:6.1%} {r['nodes']:6d} "
