@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from engines.build import add_engines_command
-from runtime.contract.errors import UserError
+from runtime.contract.errors import UserError, stopping
 from runtime.contract.healthgpt import TASKS
 from runtime.contract.quantization import INT4_BLOCKS
 from runtime.frontends.args import Parser, non_negative_int, positive_int
@@ -246,6 +246,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # outputs are staged and swapped in whole: nothing half-written is left behind
+        stopping()
         terminated = isinstance(e, Terminated)
         print("terminated" if terminated else "interrupted", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)

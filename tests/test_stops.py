@@ -32,6 +32,29 @@ def test_sigterm_during_calibrate_leaves_nothing(m3_bundle, tmp_path):
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_a_stop_inside_a_constructor_prints_one_line(tmp_path):
+    """CI once caught SIGTERM landing inside tqdm's constructor: the half-built bar's __del__ then failed as the unwound
+    frames were freed, and its traceback followed "terminated". The same, made to happen every time."""
+    code = """
+import sys
+import build
+
+class HalfBuilt:
+    def __init__(self):
+        raise build.Terminated  # the signal lands here, before the attribute that __del__ reads is set
+        self.pos = 0
+
+    def __del__(self):
+        self.pos
+
+build.cmd_synth = lambda args: HalfBuilt()
+sys.exit(build.main(["synth", "--out", sys.argv[1]]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (143, "terminated\n"), proc.stderr
+
+
 LONG_RUN = r"""
 import sys, time, types
 import numpy as np, onnxruntime as ort

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.contract.errors import UserError
+from runtime.contract.errors import UserError, stopping
 from runtime.contract.healthgpt import COM, GEN, IMAGE_TOKENS, SHARED
 from runtime.core.prompt import check_question
 from runtime.core.providers import quiet_ort
@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        stopping()
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed early (`... | head`): stop quietly, as Python's docs recommend
         devnull = os.open(os.devnull, os.O_WRONLY)
