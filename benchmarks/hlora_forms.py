@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
            "nodes_per_layer": {}, "agreement": {}, "rows": {}}
     sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for form in FORMS:
-            optimized = Path(tmp) / f"{FORMS.index(form)}.onnx"
+        for i, form in enumerate(FORMS):
+            optimized = Path(tmp) / f"{i}.onnx"
             sessions[form] = session(ort, graph(form, linears, a.hidden), a.threads, optimized)
             res["nodes_per_layer"][form] = len(onnx.load(str(optimized)).graph.node) / a.layers
     for m in a.rows:
