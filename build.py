@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # outputs are staged and swapped in whole: nothing half-written is left behind
-        stopping()
+        stopping(e)
         terminated = isinstance(e, Terminated)
         print("terminated" if terminated else "interrupted", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)

@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        stopping()
+    except KeyboardInterrupt as e:
+        stopping(e)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed early (`... | head`): stop quietly, as Python's docs recommend
         devnull = os.open(os.devnull, os.O_WRONLY)
